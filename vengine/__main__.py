@@ -1,0 +1,3 @@
+from vengine.cli.main import main
+
+raise SystemExit(main())

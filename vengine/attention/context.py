@@ -1,0 +1,24 @@
+"""Per-step attention metadata: built once per forward by the engine, read by every layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class StepContext:
+    """What one forward step attends over.
+
+    Prefill steps carry one sequence (a chunk of its prompt); decode steps one token per sequence.
+    """
+
+    backend: Any  # AttentionBackend
+    is_prefill: bool
+    slots: torch.Tensor  # [T] flat KV slots (page * page_size + offset) of the new tokens
+    block_tables: torch.Tensor  # [B, max_pages] page ids, padded with page 0
+    context_lens: torch.Tensor  # [B] tokens in context after this step, new ones included
+    seq_ids: tuple[int, ...]  # engine ids of the B sequences, for per-sequence backend state
+    cached_len: int = 0  # prefill only: tokens of this sequence cached before this chunk

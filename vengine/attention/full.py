@@ -1,0 +1,61 @@
+"""Exact attention over every cached row (torch SDPA): the reference every sparse path must match."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vengine.attention.context import StepContext
+from vengine.offload.kv_pool import KVPool
+
+
+def causal_attention(q, k, v, cached_len: int) -> torch.Tensor:
+    """q: [T, Hq, D] new queries at positions cached_len..; k, v: [S, Hkv, D] -> [T, Hq, D]."""
+    T, S = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    if cached_len == 0 and S == T:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
+    else:
+        rows = torch.arange(T, device=q.device)[:, None] + cached_len
+        mask = torch.arange(S, device=q.device)[None, :] <= rows
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
+    return o[0].transpose(0, 1)
+
+
+def decode_attention(q, k, v, context_lens) -> torch.Tensor:
+    """q: [B, Hq, D]; k, v: [B, Hkv, S, D] padded; context_lens: [B] -> [B, Hq, D].
+
+    The query heads of a GQA group share their KV head, so q is viewed as [B, Hkv, group, D].
+    """
+    B, Hq, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    mask = (torch.arange(S, device=q.device)[None, :] < context_lens[:, None])[:, None, None, :]
+    o = F.scaled_dot_product_attention(q.view(B, Hkv, Hq // Hkv, D), k, v, attn_mask=mask)
+    return o.reshape(B, Hq, D)
+
+
+class FullAttention:
+    """Stores new K/V in the pool and attends exactly over all of a sequence's rows."""
+
+    name = "full"
+
+    def __init__(self, pool: KVPool) -> None:
+        self.pool = pool
+
+    def forward(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
+        self.pool.store(layer, ctx.slots, k, v)
+        if ctx.is_prefill:
+            if ctx.cached_len == 0:  # the whole context is in this chunk: no gather needed
+                return causal_attention(q, k, v, 0)
+            kc, vc = self.pool.gather_pages(layer, ctx.block_tables)
+            S = ctx.cached_len + q.shape[0]
+            kc, vc = kc[0, :, :S].transpose(0, 1), vc[0, :, :S].transpose(0, 1)
+            return causal_attention(q, kc.to(q.dtype), vc.to(q.dtype), ctx.cached_len)
+        kc, vc = self.pool.gather_pages(layer, ctx.block_tables)
+        return decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), ctx.context_lens)
+
+    def free(self, seq_id: int) -> None:
+        """Nothing per sequence beyond its pages, which the engine frees."""
+
+    def seq_stats(self, seq_id: int) -> dict[str, float]:
+        return {"density": 1.0}

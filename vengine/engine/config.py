@@ -1,0 +1,100 @@
+"""EngineConfig: how an LLM runs (device, dtype, context, attention, memory), checked once."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vengine.attention.config import VAttention
+from vengine.errors import ConfigError
+from vengine.offload.kv_pool import parse_bytes
+
+
+def parse_context(value: int | str, flag: str = "--ctx") -> int:
+    """8192, '8192', '8k', '128K' -> tokens."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*([kK]?)\s*", str(value))
+        if not m:
+            raise ConfigError(f"{flag}: cannot read '{value}' as a context length (e.g. 8192, 8k, 128K)")
+        n = int(m.group(1)) * (1024 if m.group(2) else 1)
+    if n < 16:
+        raise ConfigError(f"{flag}: context length must be at least 16 tokens, got {value}")
+    return n
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device: unknown device '{device}' (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' asked for, but no CUDA GPU is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device: '{device}' is not supported (cpu or cuda)")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ConfigError(f"dtype: {dtype} is not supported (float32, bfloat16, float16)")
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype: unknown dtype '{dtype}' (auto, float32, bfloat16, float16)")
+    return _DTYPES[dtype]
+
+
+def resolve_attention(attention: str | VAttention) -> str | VAttention:
+    if isinstance(attention, VAttention):
+        return attention
+    if attention == "full":
+        return "full"
+    if attention == "vattention":
+        return VAttention()
+    raise ConfigError(
+        f"attention: expected 'full', 'vattention' or vengine.VAttention(...), got {attention!r}"
+    )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | Path | None = None
+    device: str | torch.device = "auto"
+    dtype: str | torch.dtype = "auto"
+    max_context: int | str = 8192
+    attention: str | VAttention = "full"
+    host_mem: int | str | None = None  # KV pool budget; None: max_batch full contexts
+    max_batch: int = 8
+    page_size: int = 64
+    prefill_chunk: int = 2048
+
+    def __post_init__(self) -> None:
+        device = resolve_device(self.device)
+        object.__setattr__(self, "device", device)
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, device))
+        object.__setattr__(self, "max_context", parse_context(self.max_context, "max_context"))
+        object.__setattr__(self, "attention", resolve_attention(self.attention))
+        if self.host_mem is not None:
+            object.__setattr__(self, "host_mem", parse_bytes(self.host_mem))
+        for name in ("max_batch", "page_size", "prefill_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+
+    @property
+    def offloaded(self) -> bool:
+        """Sparse attention keeps the KV in host memory; full attention keeps it on the device."""
+        return isinstance(self.attention, VAttention)

@@ -1,0 +1,23 @@
+"""Typed errors: the CLI turns any VengineError into one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+
+class VengineError(Exception):
+    """Base class for every error vengine raises on bad input."""
+
+
+class ModelLoadError(VengineError):
+    """A model path, file or format that cannot be loaded."""
+
+
+class ConfigError(VengineError, ValueError):
+    """An argument or flag with an invalid value."""
+
+
+class ContextLengthError(VengineError):
+    """A prompt or conversation that does not fit the context."""
+
+
+class HostMemoryError(VengineError, MemoryError):
+    """The host KV pool's byte budget is exhausted."""

