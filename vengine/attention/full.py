@@ -54,6 +54,9 @@ class FullAttention:
         kc, vc = self.pool.gather_pages(layer, ctx.block_tables)
         return decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), ctx.context_lens)
 
+    def end_step(self, ctx: StepContext) -> None:
+        """No per-step statistics to fold."""
+
     def free(self, seq_id: int) -> None:
         """Nothing per sequence beyond its pages, which the engine frees."""
 

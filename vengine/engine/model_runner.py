@@ -47,6 +47,7 @@ class ModelRunner:
                 block_tables=table[None],
                 context_lens=torch.tensor([end], device=self.device),
                 seq_ids=(seq.seq_id,),
+                host_context_lens=(end,),
                 cached_len=start,
             )
             input_ids = torch.tensor(ids[start:end], device=self.device)
@@ -73,9 +74,11 @@ class ModelRunner:
             block_tables=tables,
             context_lens=positions + 1,
             seq_ids=tuple(s.seq_id for s in seqs),
+            host_context_lens=tuple(s.num_cached + 1 for s in seqs),
         )
         input_ids = torch.tensor([s.all_ids[-1] for s in seqs], device=self.device)
         hidden = self.model(input_ids, positions, ctx)
+        self.backend.end_step(ctx)
         for seq in seqs:
             seq.num_cached += 1
         return self.model.compute_logits(hidden)

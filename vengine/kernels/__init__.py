@@ -1,0 +1,25 @@
+"""Kernel backends by name: 'torch' (reference), 'numba' (CPU), 'triton' (GPU); imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from vengine.errors import ConfigError
+
+_MODULES = {"torch": "vengine.kernels.reference", "numba": "vengine.kernels.numba_cpu"}
+
+
+def get_kernels(device: torch.device, dtype: torch.dtype, name: str | None = None):
+    """The kernel module for a device: numba for float32 on CPU, else the torch reference.
+
+    VENGINE_KERNELS=torch|numba overrides the choice.
+    """
+    name = name or os.environ.get("VENGINE_KERNELS")
+    if name is None:
+        name = "numba" if device.type == "cpu" and dtype == torch.float32 else "torch"
+    if name not in _MODULES:
+        raise ConfigError(f"VENGINE_KERNELS: unknown kernel backend '{name}' ({', '.join(_MODULES)})")
+    return importlib.import_module(_MODULES[name])

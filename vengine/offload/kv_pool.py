@@ -86,9 +86,12 @@ class KVPool:
                 f"host_mem: {budget_bytes} bytes is less than one KV page ({page_bytes} bytes)"
             )
         shape = (num_layers, num_pages, num_kv_heads, page_size, head_dim)
-        # torch.empty on CPU only reserves address space: pages are committed as tokens arrive.
-        self.k = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
-        self.v = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+        # Unwritten slots are read (and masked) by padded gathers, so they must hold finite values.
+        # A large CPU torch.empty is a fresh mmap: zero pages, committed only as tokens arrive.
+        alloc = torch.zeros if device.type == "cuda" or pin else torch.empty
+        self.k = alloc(shape, dtype=dtype, device=device, pin_memory=pin)
+        self.v = alloc(shape, dtype=dtype, device=device, pin_memory=pin)
+        self.num_pages = num_pages
         self.allocator = PageAllocator(num_pages, page_size, num_pages * page_bytes)
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -102,3 +105,25 @@ class KVPool:
         k, v = self.k[layer, block_tables], self.v[layer, block_tables]  # [B, n, H, P, D]
         B, n, H, P, D = k.shape
         return (k.transpose(1, 2).reshape(B, H, n * P, D), v.transpose(1, 2).reshape(B, H, n * P, D))
+
+
+class SignaturePool:
+    """Per-token key signatures [layers, pages, kv_heads, page_size, nbytes] uint8, paged like KV.
+
+    Small (nbytes per token and head, vs 2 * D * dtype bytes of K/V), so it stays on the GPU.
+    """
+
+    def __init__(self, kv: KVPool, nbytes: int, device: torch.device) -> None:
+        L, pages, H, P, _ = kv.k.shape
+        self.page_size = P
+        self.sig = torch.zeros((L, pages, H, P, nbytes), dtype=torch.uint8, device=device)
+
+    def store(self, layer: int, slots: torch.Tensor, sig: torch.Tensor) -> None:
+        """slots: [T]; sig: [T, kv_heads, nbytes]."""
+        self.sig[layer, slots // self.page_size, :, slots % self.page_size] = sig
+
+    def gather(self, layer: int, block_tables: torch.Tensor) -> torch.Tensor:
+        """-> [B, kv_heads, max_pages * page_size, nbytes]."""
+        s = self.sig[layer, block_tables]  # [B, n, H, P, nbytes]
+        B, n, H, P, nb = s.shape
+        return s.transpose(1, 2).reshape(B, H, n * P, nb)

@@ -1,0 +1,227 @@
+"""vAttention decode: exact rows + predicted top-k + a CLT-sized uniform sample of the rest.
+
+Per decode step, layer, sequence and KV head (the query heads of a GQA group share one row set):
+1. exact rows F: sink, recent window, and the union of each query head's predicted top-k
+   (hash signatures scored against the query);
+2. residual R = the other rows (n_R of them); a pilot Bernoulli sample of R (rate base_rate, at
+   least MIN_BASE rows) gives each head sigma and D_hat = D_F + n_R * mean(exp(s));
+3. budget b = (z * n_R * sigma_up / (epsilon * D_hat))^2 per head, the group takes the largest,
+   clipped to [pilot size, n_R]; delta is split between the pilot (sigma_up, an upper confidence
+   bound on sigma at level delta/2) and the sample (z = z_{1-delta/4});
+4. a fresh Bernoulli sample S of R, inclusion probability about b / n_R, independent of the pilot.
+   Given |S| = s, S is a uniform sample without replacement of size s, so weighting each row by
+   n_R / s (a log-weight score bias) makes D_hat and N_hat unbiased conditional on s.
+Prefill is exact attention; it writes the K/V rows and their signatures.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import torch
+
+from vengine.attention.config import VAttention
+from vengine.attention.context import StepContext
+from vengine.attention.full import causal_attention
+from vengine.kernels import get_kernels
+from vengine.kernels.reference import merge_partials, pack_signatures
+from vengine.models.config import ModelConfig
+from vengine.offload.kv_pool import KVPool, SignaturePool
+
+MIN_BASE = 32  # pilot rows at least, so that sigma is estimated from more than a handful
+
+
+@dataclass
+class DecodeResult:
+    out: torch.Tensor  # [B, Hq, D]
+    log_scale: torch.Tensor  # [B, Hq] the max used to scale the denominators below
+    d_hat: torch.Tensor  # [B, Hq] estimated denominator, at exp(-log_scale)
+    density: torch.Tensor  # [B, Hkv] attended rows / context length
+    over_eps: torch.Tensor  # [B, Hq] predicted relative error of D_hat above epsilon (0/1)
+
+
+def sigma_upper_factor(n: torch.Tensor, alpha: float) -> torch.Tensor:
+    """sqrt((n-1) / chi2_alpha(n-1)): a sample std times this bounds sigma with prob 1 - alpha.
+
+    chi2 quantile by the Wilson-Hilferty approximation (accurate to ~1% from 10 degrees of freedom).
+    """
+    k = (n - 1).clamp(min=1)
+    z = NormalDist().inv_cdf(alpha)
+    chi2 = k * (1 - 2 / (9 * k) + z * torch.sqrt(2 / (9 * k))) ** 3
+    return torch.sqrt(k / chi2.clamp(min=1e-3))
+
+
+def compact(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask [B, H, S] -> sorted row ids [B, H, width] (padded with 0) and counts [B, H], no sync."""
+    B, H, S = mask.shape
+    counts = mask.sum(-1)
+    slot = torch.where(mask, mask.cumsum(-1) - 1, width)
+    rows = torch.zeros(B, H, width + 1, dtype=torch.long, device=mask.device)
+    rows.scatter_(-1, slot, torch.arange(S, device=mask.device).expand(B, H, S))
+    return rows[..., :width], counts
+
+
+def vattention_decode(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    host_context_lens: tuple[int, ...],
+    sig: torch.Tensor,
+    planes: torch.Tensor,
+    cfg: VAttention,
+    generator: torch.Generator | None,
+    kernels,
+) -> DecodeResult:
+    """One layer of vAttention decode. q [B, Hq, D]; k/v_pool [pages, Hkv, P, D] (one layer);
+    sig [B, Hkv, S, nbytes] signatures of the padded context; planes [Hkv, D, nbits]."""
+    B, Hq, D = q.shape
+    Hkv, S = sig.shape[1], sig.shape[2]
+    G = Hq // Hkv
+    dev = q.device
+    scale = 1.0 / math.sqrt(D)
+    pos = torch.arange(S, device=dev)
+    n = context_lens[:, None]
+    valid = pos < n  # [B, S]
+    fixed = valid & ((pos < cfg.sink) | (pos >= n - cfg.window))
+
+    # 1. predicted top-k per query head, united over the group
+    k_rows = [min(cfg.top_k_rows(c), max(c - cfg.sink - cfg.window, 0)) for c in host_context_lens]
+    k_max = max(k_rows)
+    exact = fixed[:, None].expand(B, Hkv, S)
+    if k_max > 0:
+        candidates = valid & ~fixed
+        scores = kernels.hash_scores(q, planes, sig).masked_fill(~candidates[:, None], -math.inf)
+        top = scores.topk(k_max, dim=-1).indices  # [B, Hq, k_max]
+        keep = torch.arange(k_max, device=dev) < torch.tensor(k_rows, device=dev)[:, None, None]
+        picked = torch.zeros(B, Hq, S, dtype=torch.bool, device=dev)
+        picked.scatter_(-1, top, keep.expand(B, Hq, k_max))
+        exact = exact | (picked.view(B, Hkv, G, S).any(2) & candidates[:, None])
+    exact_width = min(S, cfg.sink + cfg.window + G * k_max)
+    rows_f, count_f = compact(exact, exact_width)
+    m_f, l_f, acc_f = kernels.partial_attention(
+        q, k_pool, v_pool, block_tables, rows_f, count_f, None, scale
+    )
+
+    # 2. pilot sample of the residual: statistics of exp(s - m) per query head
+    resid = valid[:, None] & ~exact  # [B, Hkv, S]
+    n_r = resid.sum(-1).float()  # [B, Hkv]
+    u = torch.rand(2, B, Hkv, S, device=dev, generator=generator)
+    base_rate = torch.clamp(torch.clamp(MIN_BASE / n_r, min=cfg.base_rate), max=1.0)
+    rows_b, count_b = compact(resid & (u[0] < base_rate[..., None]), S)
+    s_b = kernels.row_scores(q, k_pool, block_tables, rows_b, count_b, scale)  # [B, Hq, S]
+    m = torch.maximum(m_f, s_b.amax(-1))  # any per-head constant works: use the largest seen
+    x = torch.exp(s_b - m[..., None])  # 0 past the counts
+    nb = count_b.repeat_interleave(G, dim=1).float()  # [B, Hq]
+    live = torch.arange(S, device=dev) < nb[..., None]
+    n_rq = n_r.repeat_interleave(G, dim=1)
+    mean = x.sum(-1) / nb.clamp(min=1)
+    var = ((x - mean[..., None]) ** 2 * live).sum(-1) / (nb - 1).clamp(min=1)
+    d_f = l_f * torch.exp(m_f - m)
+    d_pilot = d_f + n_rq * mean
+
+    # 3. CLT budget per head; the group takes its largest. delta is split: with probability
+    # 1 - delta/2 the pilot's sigma bound holds, and given it the sample meets epsilon with
+    # probability 1 - delta/2. (Point estimates of sigma from a small pilot of heavy-tailed
+    # exp-scores run low, and the guarantee then fails in measurement.)
+    z = NormalDist().inv_cdf(1 - cfg.delta / 4)
+    sigma = var.sqrt() * sigma_upper_factor(nb, cfg.delta / 2)
+    budget = (z * n_rq * sigma / (cfg.epsilon * d_pilot)) ** 2
+    budget = torch.where(nb >= 2, budget, n_rq)  # too few pilot rows: take everything
+    b_group = budget.view(B, Hkv, G).amax(-1)
+    b_group = torch.minimum(torch.maximum(b_group, count_b.float()), n_r)
+
+    # 4. the sample, weighted n_R / |S|; its size is Binomial(n_R, p), so p carries a 2-sigma
+    # margin to keep |S| >= b in ~98% of draws
+    p = torch.where(n_r > 0, (b_group + 2 * b_group.sqrt()) / n_r.clamp(min=1), 0.0).clamp(max=1)
+    rows_s, count_s = compact(resid & (u[1] < p[..., None]), S)
+    logw = torch.log(n_r / count_s.clamp(min=1))[..., None].expand(B, Hkv, S)
+    m_s, l_s, acc_s = kernels.partial_attention(
+        q, k_pool, v_pool, block_tables, rows_s, count_s, logw, scale
+    )
+    out = merge_partials([(m_f, l_f, acc_f), (m_s, l_s, acc_s)])
+
+    d_hat = d_f + l_s * torch.exp(m_s - m)
+    s_q = count_s.repeat_interleave(G, dim=1).float()
+    fpc = (1 / s_q.clamp(min=1) - 1 / n_rq.clamp(min=1)).clamp(min=0)
+    rel_err = z * n_rq * sigma * fpc.sqrt() / d_hat
+    over_eps = ((rel_err > cfg.epsilon) & (n_rq > 0)).float()
+    density = (count_f + count_s).float() / context_lens[:, None].float()
+    return DecodeResult(out.to(q.dtype), m, d_hat, density, over_eps)
+
+
+class VAttentionBackend:
+    """Prefill: exact attention, K/V and signatures written to the pools. Decode: vAttention."""
+
+    name = "vattention"
+
+    def __init__(self, cfg: VAttention, pool: KVPool, mc: ModelConfig, device: torch.device) -> None:
+        self.cfg, self.pool, self.device = cfg, pool, device
+        self.kernels = get_kernels(device, pool.dtype)
+        planes_gen = torch.Generator().manual_seed(0x5EED)  # fixed: signatures must stay comparable
+        self.planes = torch.randn(
+            mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.hash_bits, generator=planes_gen
+        ).to(device)
+        self.signatures = SignaturePool(pool, cfg.hash_bits // 8, device)
+        self.generator = torch.Generator(device)
+        self.generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+        self._step_stats: torch.Tensor | None = None  # [B, 3]: density, over-eps, heads
+        self._seq_stats: dict[int, torch.Tensor] = {}
+        self._steps: dict[int, int] = {}
+
+    def forward(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
+        self.pool.store(layer, ctx.slots.to(self.pool.device), k, v)
+        self.signatures.store(layer, ctx.slots, pack_signatures(k, self.planes[layer]))
+        if ctx.is_prefill:
+            if ctx.cached_len == 0:
+                return causal_attention(q, k, v, 0)
+            kc, vc = self.pool.gather_pages(layer, ctx.block_tables.to(self.pool.device))
+            S = ctx.cached_len + q.shape[0]
+            kc = kc[0, :, :S].transpose(0, 1).to(q.device, q.dtype)
+            vc = vc[0, :, :S].transpose(0, 1).to(q.device, q.dtype)
+            return causal_attention(q, kc, vc, ctx.cached_len)
+        r = vattention_decode(
+            q,
+            self.pool.k[layer],
+            self.pool.v[layer],
+            ctx.block_tables,
+            ctx.context_lens,
+            ctx.host_context_lens,
+            self.signatures.gather(layer, ctx.block_tables),
+            self.planes[layer],
+            self.cfg,
+            self.generator,
+            self.kernels,
+        )
+        step = torch.stack([r.density.mean(1), r.over_eps.sum(1), torch.full_like(r.density[:, 0], r.over_eps.shape[1])], 1)
+        self._step_stats = step if self._step_stats is None else self._step_stats + step
+        return r.out
+
+    def end_step(self, ctx: StepContext) -> None:
+        """Fold this step's per-layer statistics into each sequence's totals (device tensors)."""
+        if self._step_stats is None:
+            return
+        for i, seq_id in enumerate(ctx.seq_ids):
+            total = self._seq_stats.get(seq_id)
+            self._seq_stats[seq_id] = self._step_stats[i] if total is None else total + self._step_stats[i]
+            self._steps[seq_id] = self._steps.get(seq_id, 0) + 1
+        self._step_stats = None
+
+    def seq_stats(self, seq_id: int) -> dict[str, float]:
+        total, steps = self._seq_stats.get(seq_id), self._steps.get(seq_id, 0)
+        if total is None:
+            return {"density": 1.0, "certificate_violation_rate": 0.0, "sparse_steps": 0}
+        density_sum, over, heads = total.tolist()
+        layers = len(self.planes)
+        return {
+            "density": density_sum / (steps * layers),
+            "certificate_violation_rate": over / heads,
+            "sparse_steps": steps,
+        }
+
+    def free(self, seq_id: int) -> None:
+        self._seq_stats.pop(seq_id, None)
+        self._steps.pop(seq_id, None)

@@ -1,0 +1,112 @@
+"""Real attention inputs for tests and benchmarks: Q/K/V captured from a model's prefill, and a
+deterministic long text (Python standard-library docstrings) that needs no download."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vengine.attention.context import StepContext
+from vengine.attention.full import causal_attention
+from vengine.kernels.reference import pack_signatures
+
+_DOC_MODULES = ("argparse", "collections", "json", "email", "typing", "logging", "asyncio",
+                "functools", "itertools", "pathlib", "subprocess", "threading", "unittest",
+                "datetime", "decimal", "fractions", "statistics", "random", "re", "string",
+                "textwrap", "shutil", "tempfile", "csv", "sqlite3", "zipfile", "tarfile", "heapq",
+                "bisect", "contextlib", "dataclasses", "enum", "inspect", "pickle", "socket")
+
+
+def corpus_text() -> str:
+    """Some 60K tokens of English prose and code from standard-library docstrings."""
+    parts = []
+    for name in _DOC_MODULES:
+        module = importlib.import_module(name)
+        parts.append(inspect.getdoc(module) or "")
+        for _, obj in sorted(vars(module).items()):
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(
+                obj, "__module__", ""
+            ).startswith(name):
+                parts.append(inspect.getdoc(obj) or "")
+    return "\n\n".join(p for p in parts if p)
+
+
+@dataclass
+class LayerActivations:
+    q: torch.Tensor  # [Tq, Hq, D] queries of the last Tq positions
+    k: torch.Tensor  # [T, Hkv, D] keys after RoPE, all positions
+    v: torch.Tensor  # [T, Hkv, D]
+
+
+class _Capture:
+    def __init__(self, keep_queries: int) -> None:
+        self.keep, self.layers = keep_queries, []
+
+    def forward(self, layer, q, k, v, ctx):
+        self.layers.append(LayerActivations(q[-self.keep :].float(), k.float(), v.float()))
+        return causal_attention(q, k, v, 0)
+
+
+@torch.inference_mode()
+def capture(model, token_ids: list[int], keep_queries: int = 16) -> list[LayerActivations]:
+    """Run one exact prefill of token_ids and keep every layer's K, V and last queries."""
+    cap = _Capture(keep_queries)
+    dev = next(model.parameters()).device
+    ids = torch.tensor(token_ids, device=dev)
+    ctx = StepContext(cap, True, ids, ids[None], ids[-1:], (0,))
+    model(ids, torch.arange(len(token_ids), device=dev), ctx)
+    return cap.layers
+
+
+@dataclass
+class DecodeProblem:
+    """Layer activations laid out as a paged pool: B queries at the last B positions."""
+
+    q: torch.Tensor  # [B, Hq, D]
+    k_pool: torch.Tensor  # [pages, Hkv, P, D]
+    v_pool: torch.Tensor
+    block_tables: torch.Tensor  # [B, pages]
+    context_lens: torch.Tensor  # [B]
+    sig: torch.Tensor  # [B, Hkv, S, nbytes]
+    planes: torch.Tensor  # [Hkv, D, nbits]
+
+    def exact(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact scores [B, Hq, S] (-inf past each context) and outputs [B, Hq, D]."""
+        B, Hq, D = self.q.shape
+        pages, Hkv, P, _ = self.k_pool.shape
+        k = self.k_pool.transpose(0, 1).reshape(Hkv, pages * P, D)
+        v = self.v_pool.transpose(0, 1).reshape(Hkv, pages * P, D)
+        G = Hq // Hkv
+        s = torch.einsum("bhgd,hsd->bhgs", self.q.view(B, Hkv, G, D), k) / math.sqrt(D)
+        live = torch.arange(pages * P) < self.context_lens[:, None]
+        s = s.masked_fill(~live[:, None, None], float("-inf"))
+        out = torch.einsum("bhgs,hsd->bhgd", s.softmax(-1), v)
+        return s.reshape(B, Hq, -1), out.reshape(B, Hq, D)
+
+
+def decode_problem(act: LayerActivations, planes: torch.Tensor, page_size: int = 64) -> DecodeProblem:
+    """Queries at the last B positions, each attending over the keys up to its own position."""
+    T, Hkv, D = act.k.shape
+    B = act.q.shape[0]
+    pages = -(-T // page_size)
+    pad = pages * page_size - T
+
+    def paged(x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([x, x.new_zeros(pad, Hkv, D)])
+        return x.view(pages, page_size, Hkv, D).transpose(1, 2).contiguous()
+
+    sig = pack_signatures(torch.cat([act.k, act.k.new_zeros(pad, Hkv, D)]), planes)
+    sig = sig.transpose(0, 1)[None].expand(B, -1, -1, -1).contiguous()
+    return DecodeProblem(
+        q=act.q,
+        k_pool=paged(act.k),
+        v_pool=paged(act.v),
+        block_tables=torch.arange(pages)[None].expand(B, pages).contiguous(),
+        context_lens=torch.arange(T - B + 1, T + 1),
+        sig=sig,
+        planes=planes,
+    )

@@ -1,0 +1,86 @@
+"""Sparse-attention baselines at a given density, for comparison with vAttention.
+
+All take exact scores s [B, Hq, S] (-inf past the context) of a DecodeProblem and return the
+attention output [B, Hq, D] and the estimated denominator at scale exp(-log_scale).
+- oracle top-k: sink + window + the true top rows per query head, exact over them;
+- hash top-k: the same with rows ranked by the hash signatures;
+- uniform: sink + window exact + a uniform sample of the rest weighted n_R / b.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vengine.eval.activations import DecodeProblem
+from vengine.kernels.reference import hash_scores
+
+
+def _fixed(S: int, n: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    pos = torch.arange(S)
+    return (pos < n[:, None]) & ((pos < sink) | (pos >= n[:, None] - window))  # [B, S]
+
+
+def _attend(s: torch.Tensor, logw: torch.Tensor, v: torch.Tensor, log_scale: torch.Tensor):
+    """s, logw: [B, Hq, S] (-inf = row not used); v: [Hkv, S, D]."""
+    B, Hq, S = s.shape
+    Hkv = v.shape[0]
+    z = s + logw
+    w = torch.exp(z - log_scale[..., None])
+    out = torch.einsum("bhgs,hsd->bhgd", w.view(B, Hkv, Hq // Hkv, S), v).reshape(B, Hq, -1)
+    d = w.sum(-1)
+    return out / d[..., None], d
+
+
+def _values(p: DecodeProblem) -> torch.Tensor:
+    pages, Hkv, P, D = p.v_pool.shape
+    return p.v_pool.transpose(0, 1).reshape(Hkv, pages * P, D)
+
+
+def topk_attention(p: DecodeProblem, s: torch.Tensor, density: float, sink: int, window: int,
+                   log_scale: torch.Tensor, use_hash: bool):
+    B, Hq, S = s.shape
+    fixed = _fixed(S, p.context_lens, sink, window)[:, None].expand(B, Hq, S)
+    k = max(int(density * int(p.context_lens.min())) - int(fixed[0, 0].sum()), 0)
+    rank = hash_scores(p.q, p.planes, p.sig) if use_hash else s
+    rank = rank.masked_fill(fixed | torch.isinf(s), float("-inf"))
+    chosen = fixed.clone()
+    if k > 0:
+        chosen.scatter_(-1, rank.topk(k, dim=-1).indices, True)
+    chosen &= ~torch.isinf(s)
+    return _attend(s.masked_fill(~chosen, float("-inf")), torch.zeros_like(s), _values(p), log_scale)
+
+
+def uniform_attention(p: DecodeProblem, s: torch.Tensor, density: float, sink: int, window: int,
+                      log_scale: torch.Tensor, generator: torch.Generator):
+    B, Hq, S = s.shape
+    Hkv = p.k_pool.shape[1]
+    fixed = _fixed(S, p.context_lens, sink, window)
+    live = ~torch.isinf(s[:, 0])
+    resid = live & ~fixed  # [B, S]
+    n_r = resid.sum(-1, keepdim=True).float()
+    b = (density * p.context_lens[:, None].float() - fixed.sum(-1, keepdim=True)).clamp(min=1)
+    keys = torch.rand(B, Hkv, S, generator=generator).masked_fill(~resid[:, None], 2.0)
+    rank = keys.argsort(-1).argsort(-1)  # uniform without replacement: the b smallest keys
+    sampled = (rank < b[:, None]) & resid[:, None]  # [B, Hkv, S]
+    count = sampled.sum(-1, keepdim=True).clamp(min=1).float()
+    logw = torch.where(sampled, torch.log(n_r[:, None] / count), 0.0)
+    use = (sampled | fixed[:, None]).repeat_interleave(Hq // Hkv, dim=1)
+    logw = logw.repeat_interleave(Hq // Hkv, dim=1)
+    return _attend(s.masked_fill(~use, float("-inf")), logw, _values(p), log_scale)
+
+
+def relative_errors(out: torch.Tensor, d_hat: torch.Tensor, exact_out: torch.Tensor,
+                    s: torch.Tensor, log_scale: torch.Tensor):
+    """Per (query, head): relative output error ||o_hat - o|| / ||o|| and |D_hat - D| / D."""
+    d = torch.exp(s - log_scale[..., None]).sum(-1)
+    out_err = (out - exact_out).norm(dim=-1) / exact_out.norm(dim=-1).clamp(min=1e-30)
+    return out_err, (d_hat - d).abs() / d
+
+
+def log_scale_of(s: torch.Tensor) -> torch.Tensor:
+    return s.amax(-1)
+
+
+

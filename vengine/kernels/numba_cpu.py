@@ -1,0 +1,122 @@
+"""numba CPU kernels for vAttention decode, parallel over (sequence, KV head).
+
+Same interface as vengine.kernels.reference (which documents the shapes); float32 only. Each K/V
+row is read once for all query heads of its GQA group, with an online softmax.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+import torch
+
+from vengine.kernels.reference import _BYTE_SIGNS, pack_signatures  # noqa: F401  (re-export)
+
+
+@nb.njit(parallel=True, cache=True)
+def _hash_scores(table, sig, out):
+    B, Hkv, G, nbytes, _ = table.shape
+    S = sig.shape[2]
+    for bh in nb.prange(B * Hkv):
+        b, h = bh // Hkv, bh % Hkv
+        for s in range(S):
+            for g in range(G):
+                acc = np.float32(0.0)
+                for p in range(nbytes):
+                    acc += table[b, h, g, p, sig[b, h, s, p]]
+                out[b, h * G + g, s] = acc
+
+
+@nb.njit(parallel=True, cache=True)
+def _row_scores(q, k_pool, tables, rows, counts, scale, out):
+    B, Hq, D = q.shape
+    Hkv, R = rows.shape[1], rows.shape[2]
+    G, P = Hq // Hkv, k_pool.shape[2]
+    for bh in nb.prange(B * Hkv):
+        b, h = bh // Hkv, bh % Hkv
+        n = counts[b, h]
+        for i in range(R):
+            if i >= n:
+                for g in range(G):
+                    out[b, h * G + g, i] = -np.inf
+                continue
+            r = rows[b, h, i]
+            page, off = tables[b, r // P], r % P
+            for g in range(G):
+                acc = np.float32(0.0)
+                for d in range(D):
+                    acc += q[b, h * G + g, d] * k_pool[page, h, off, d]
+                out[b, h * G + g, i] = acc * scale
+
+
+@nb.njit(parallel=True, cache=True)
+def _partial_attention(q, k_pool, v_pool, tables, rows, counts, logw, has_w, scale, m_out, l_out,
+                       acc_out):
+    B, Hq, D = q.shape
+    Hkv = rows.shape[1]
+    G, P = Hq // Hkv, k_pool.shape[2]
+    for bh in nb.prange(B * Hkv):
+        b, h = bh // Hkv, bh % Hkv
+        m = np.full(G, -np.inf, dtype=np.float32)
+        l = np.zeros(G, dtype=np.float32)
+        acc = np.zeros((G, D), dtype=np.float32)
+        for i in range(counts[b, h]):
+            r = rows[b, h, i]
+            page, off = tables[b, r // P], r % P
+            for g in range(G):
+                s = np.float32(0.0)
+                for d in range(D):
+                    s += q[b, h * G + g, d] * k_pool[page, h, off, d]
+                s = s * scale
+                if has_w:
+                    s += logw[b, h, i]
+                if s > m[g]:
+                    corr = math.exp(m[g] - s) if m[g] > -np.inf else 0.0
+                    l[g] *= corr
+                    for d in range(D):
+                        acc[g, d] *= corr
+                    m[g] = s
+                p = math.exp(s - m[g])
+                l[g] += p
+                for d in range(D):
+                    acc[g, d] += p * v_pool[page, h, off, d]
+        for g in range(G):
+            m_out[b, h * G + g] = m[g]
+            l_out[b, h * G + g] = l[g]
+            for d in range(D):
+                acc_out[b, h * G + g, d] = acc[g, d]
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+def hash_scores(q, planes, sig):
+    B, Hq, D = q.shape
+    _, Hkv, S, nbytes = sig.shape
+    G = Hq // Hkv
+    w = torch.einsum("bhgd,hdn->bhgn", q.float().view(B, Hkv, G, D), planes)
+    table = w.view(B, Hkv, G, nbytes, 8) @ _BYTE_SIGNS.T  # [B, Hkv, G, nbytes, 256]
+    out = torch.empty(B, Hq, S, dtype=torch.float32)
+    _hash_scores(_np(table), _np(sig), out.numpy())
+    return out
+
+
+def row_scores(q, k_pool, block_tables, rows, counts, scale):
+    B, Hq, _ = q.shape
+    out = torch.empty(B, Hq, rows.shape[2], dtype=torch.float32)
+    _row_scores(_np(q.float()), _np(k_pool), _np(block_tables), _np(rows), _np(counts),
+                np.float32(scale), out.numpy())
+    return out
+
+
+def partial_attention(q, k_pool, v_pool, block_tables, rows, counts, logw, scale):
+    B, Hq, D = q.shape
+    m, l, acc = torch.empty(B, Hq), torch.empty(B, Hq), torch.empty(B, Hq, D)
+    w = _np(logw.float()) if logw is not None else np.zeros((1, 1, 1), np.float32)
+    _partial_attention(_np(q.float()), _np(k_pool), _np(v_pool), _np(block_tables), _np(rows),
+                       _np(counts), w, logw is not None, np.float32(scale), m.numpy(), l.numpy(),
+                       acc.numpy())
+    return m, l, acc
