@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,14 +26,20 @@ def corpus_text() -> str:
     """Some 60K tokens of English prose and code from standard-library docstrings."""
     parts = []
     for name in _DOC_MODULES:
-        module = importlib.import_module(name)
-        parts.append(inspect.getdoc(module) or "")
-        for _, obj in sorted(vars(module).items()):
-            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(
-                obj, "__module__", ""
-            ).startswith(name):
-                parts.append(inspect.getdoc(obj) or "")
+        with warnings.catch_warnings():  # typing.io and friends warn on attribute access
+            warnings.simplefilter("ignore", DeprecationWarning)
+            parts.extend(_docs(importlib.import_module(name), name))
     return "\n\n".join(p for p in parts if p)
+
+
+def _docs(module, name: str) -> list[str]:
+    parts = [inspect.getdoc(module) or ""]
+    for _, obj in sorted(vars(module).items()):
+        if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(
+            obj, "__module__", ""
+        ).startswith(name):
+            parts.append(inspect.getdoc(obj) or "")
+    return parts
 
 
 @dataclass
@@ -74,18 +81,23 @@ class DecodeProblem:
     sig: torch.Tensor  # [B, Hkv, S, nbytes]
     planes: torch.Tensor  # [Hkv, D, nbits]
 
+    def rows(self, pool: torch.Tensor) -> torch.Tensor:
+        """A pool's rows of each query's sequence: [B, Hkv, S, D]."""
+        x = pool[self.block_tables]  # [B, pages, Hkv, P, D]
+        B, n, H, P, D = x.shape
+        return x.transpose(1, 2).reshape(B, H, n * P, D)
+
     def exact(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact scores [B, Hq, S] (-inf past each context) and outputs [B, Hq, D]."""
         B, Hq, D = self.q.shape
-        pages, Hkv, P, _ = self.k_pool.shape
-        k = self.k_pool.transpose(0, 1).reshape(Hkv, pages * P, D)
-        v = self.v_pool.transpose(0, 1).reshape(Hkv, pages * P, D)
+        k, v = self.rows(self.k_pool), self.rows(self.v_pool)
+        Hkv, S = k.shape[1], k.shape[2]
         G = Hq // Hkv
-        s = torch.einsum("bhgd,hsd->bhgs", self.q.view(B, Hkv, G, D), k) / math.sqrt(D)
-        live = torch.arange(pages * P) < self.context_lens[:, None]
+        s = torch.einsum("bhgd,bhsd->bhgs", self.q.view(B, Hkv, G, D), k) / math.sqrt(D)
+        live = torch.arange(S) < self.context_lens[:, None]
         s = s.masked_fill(~live[:, None, None], float("-inf"))
-        out = torch.einsum("bhgs,hsd->bhgd", s.softmax(-1), v)
-        return s.reshape(B, Hq, -1), out.reshape(B, Hq, D)
+        out = torch.einsum("bhgs,bhsd->bhgd", s.softmax(-1), v)
+        return s.reshape(B, Hq, S), out.reshape(B, Hq, D)
 
 
 def decode_problem(act: LayerActivations, planes: torch.Tensor, page_size: int = 64) -> DecodeProblem:

@@ -2,7 +2,7 @@
 
 All take exact scores s [B, Hq, S] (-inf past the context) of a DecodeProblem and return the
 attention output [B, Hq, D] and the estimated denominator at scale exp(-log_scale).
-- oracle top-k: sink + window + the true top rows per query head, exact over them;
+- oracle top-k: sink + window + the true top rows (one set per GQA group), exact over them;
 - hash top-k: the same with rows ranked by the hash signatures;
 - uniform: sink + window exact + a uniform sample of the rest weighted n_R / b.
 """
@@ -23,33 +23,39 @@ def _fixed(S: int, n: torch.Tensor, sink: int, window: int) -> torch.Tensor:
 
 
 def _attend(s: torch.Tensor, logw: torch.Tensor, v: torch.Tensor, log_scale: torch.Tensor):
-    """s, logw: [B, Hq, S] (-inf = row not used); v: [Hkv, S, D]."""
+    """s, logw: [B, Hq, S] (-inf = row not used); v: [B, Hkv, S, D]."""
     B, Hq, S = s.shape
-    Hkv = v.shape[0]
+    Hkv = v.shape[1]
     z = s + logw
     w = torch.exp(z - log_scale[..., None])
-    out = torch.einsum("bhgs,hsd->bhgd", w.view(B, Hkv, Hq // Hkv, S), v).reshape(B, Hq, -1)
+    out = torch.einsum("bhgs,bhsd->bhgd", w.view(B, Hkv, Hq // Hkv, S), v).reshape(B, Hq, -1)
     d = w.sum(-1)
     return out / d[..., None], d
 
 
-def _values(p: DecodeProblem) -> torch.Tensor:
-    pages, Hkv, P, D = p.v_pool.shape
-    return p.v_pool.transpose(0, 1).reshape(Hkv, pages * P, D)
-
-
 def topk_attention(p: DecodeProblem, s: torch.Tensor, density: float, sink: int, window: int,
                    log_scale: torch.Tensor, use_hash: bool):
+    """Exact attention over sink, window and the top rows; the query heads of a GQA group share
+    one row set (the union of their best rows, filled to the density), as vAttention's do, so
+    that equal density means equal bytes."""
     B, Hq, S = s.shape
-    fixed = _fixed(S, p.context_lens, sink, window)[:, None].expand(B, Hq, S)
-    k = max(int(density * int(p.context_lens.min())) - int(fixed[0, 0].sum()), 0)
+    Hkv = p.k_pool.shape[1]
+    G = Hq // Hkv
+    live = ~torch.isinf(s[:, 0])  # [B, S]
+    fixed = _fixed(S, p.context_lens, sink, window) & live
+    k = max(int(density * int(p.context_lens.min())) - int(fixed[0].sum()), 0)
     rank = hash_scores(p.q, p.planes, p.sig) if use_hash else s
-    rank = rank.masked_fill(fixed | torch.isinf(s), float("-inf"))
-    chosen = fixed.clone()
+    rank = rank.masked_fill(fixed[:, None] | ~live[:, None], float("-inf"))
+    order = rank.argsort(-1, descending=True).argsort(-1)  # 0 = best row of that query head
+    best = order.view(B, Hkv, G, S).amin(2).float()  # a row's best rank in the group
+    best = best.masked_fill(fixed[:, None] | ~live[:, None], float("inf"))
+    chosen = fixed[:, None].expand(B, Hkv, S).clone()
     if k > 0:
-        chosen.scatter_(-1, rank.topk(k, dim=-1).indices, True)
-    chosen &= ~torch.isinf(s)
-    return _attend(s.masked_fill(~chosen, float("-inf")), torch.zeros_like(s), _values(p), log_scale)
+        chosen.scatter_(-1, best.topk(k, dim=-1, largest=False).indices, True)
+    chosen &= live[:, None]
+    use = chosen.repeat_interleave(G, dim=1)
+    return _attend(s.masked_fill(~use, float("-inf")), torch.zeros_like(s), p.rows(p.v_pool),
+                   log_scale)
 
 
 def uniform_attention(p: DecodeProblem, s: torch.Tensor, density: float, sink: int, window: int,
@@ -68,7 +74,7 @@ def uniform_attention(p: DecodeProblem, s: torch.Tensor, density: float, sink: i
     logw = torch.where(sampled, torch.log(n_r[:, None] / count), 0.0)
     use = (sampled | fixed[:, None]).repeat_interleave(Hq // Hkv, dim=1)
     logw = logw.repeat_interleave(Hq // Hkv, dim=1)
-    return _attend(s.masked_fill(~use, float("-inf")), logw, _values(p), log_scale)
+    return _attend(s.masked_fill(~use, float("-inf")), logw, p.rows(p.v_pool), log_scale)
 
 
 def relative_errors(out: torch.Tensor, d_hat: torch.Tensor, exact_out: torch.Tensor,
