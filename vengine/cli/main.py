@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from vengine.errors import VengineError
@@ -23,7 +25,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epsilon", type=float, default=0.05, help="vAttention relative error bound")
     p.add_argument("--delta", type=float, default=0.05, help="vAttention failure probability")
     p.add_argument("--host-mem", help="host KV budget, e.g. 64GiB")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default 512, or 32768 with --input")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -37,32 +40,63 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="talk to a model (reads one turn per line when piped)")
     _add_model_args(chat)
     chat.add_argument("--system", help="system prompt")
-    gen = sub.add_parser("generate", help="complete one prompt")
+    gen = sub.add_parser("generate", help="complete one prompt, or a jsonl file of them")
     _add_model_args(gen)
-    gen.add_argument("--prompt", required=True, help="the prompt text")
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the prompt text")
+    what.add_argument("--input", type=Path, help="jsonl: {\"id\", \"prompt\" or \"messages\"} rows")
+    gen.add_argument("--output", type=Path, help="jsonl to append finished rows to (with --input)")
+    gen.add_argument("--batch-size", type=int, default=16, help="most requests decoded at once")
+    gen.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                     help="skip ids already in --output (default); --no-resume starts it afresh")
+    info = sub.add_parser("info", help="device, memory budgets, model and kernel backend")
+    info.add_argument("--model", help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    info.add_argument("--device", default="auto")
+    bench = sub.add_parser("bench", help="run the benchmark scripts with default settings")
+    bench.add_argument("name", nargs="?", choices=("decode", "attention_error"), default="decode")
     return parser
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, **options: Any):
     from vengine import LLM, VAttention
 
     attention: Any = "full"
     if args.attention == "vattention":
         attention = VAttention(epsilon=args.epsilon, delta=args.delta)
-    options = {"host_mem": args.host_mem} if args.host_mem else {}
+    if args.host_mem:
+        options["host_mem"] = args.host_mem
     return LLM(model=args.model, device=args.device, dtype=args.dtype, max_context=args.ctx,
                attention=attention, **options)
 
 
-def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+def _sampling(args: argparse.Namespace, max_new_tokens: int = 512) -> dict[str, Any]:
+    from vengine.engine.sampling import SamplingParams
+
+    sampling = {"max_new_tokens": args.max_new_tokens or max_new_tokens, "temperature": args.temperature,
             "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
             "repetition_penalty": args.repetition_penalty}
+    SamplingParams(**sampling)  # bad flags fail before the model loads
+    return sampling
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from vengine.errors import ConfigError
+
+    if args.input is not None:
+        from vengine.cli.batch import run_batch
+
+        if args.output is None:
+            raise ConfigError("--output is required with --input")
+        if not args.input.is_file():
+            raise ConfigError(f"--input: {args.input}: no such file")
+        if args.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+        sampling = _sampling(args, max_new_tokens=32768)
+        llm = _load(args, max_batch=args.batch_size)
+        return run_batch(llm, args.input, args.output, args.resume, sampling)
+    sampling = _sampling(args)
     llm = _load(args)
-    for piece in llm.stream(args.prompt, **_sampling(args)):
+    for piece in llm.stream(args.prompt, **sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -73,16 +107,64 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from vengine.cli.chat import run_chat
 
     sampling = _sampling(args)
-    from vengine.engine.sampling import SamplingParams
-
-    SamplingParams(**sampling)  # bad flags fail before the model loads
     return run_chat(_load(args), args.system, sampling)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from vengine.engine.config import resolve_device
+    from vengine.kernels import get_kernels
+    from vengine.models.loader import load_model, resolve_model
+
+    device = resolve_device(args.device)
+    source = resolve_model(args.model)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, tok = load_model(source, device, dtype)
+    c = model.config
+    params = sum(p.numel() for p in model.parameters())
+    rows = [
+        ("device", f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'})"),
+        ("torch", torch.__version__),
+        ("model", f"{source.path} ({source.kind})"),
+        ("architecture", f"{c.arch}: {c.num_layers} layers, {c.num_heads} heads / {c.num_kv_heads} KV, "
+                         f"head dim {c.head_dim}, hidden {c.hidden_size}, vocab {c.vocab_size}"),
+        ("parameters", f"{params / 1e6:.1f} M"),
+        ("context (trained)", str(c.max_position_embeddings)),
+        ("KV per token", f"{c.kv_bytes_per_token(dtype.itemsize) / 1024:.1f} KiB in {dtype}"),
+        ("sparse kernels", get_kernels(device, dtype).__name__),
+        ("host memory available", f"{_avail_host() / 2**30:.1f} GiB"),
+    ]
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        rows.append(("GPU memory", f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _avail_host() -> int:
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vengine.errors import ConfigError
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / f"{args.name}.py"
+    if not script.is_file():
+        raise ConfigError(f"bench: {script} not found (benchmarks ship with the source tree)")
+    return subprocess.call([sys.executable, str(script)])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"chat": cmd_chat, "generate": cmd_generate}[args.command](args)
+        commands = {"chat": cmd_chat, "generate": cmd_generate, "info": cmd_info,
+                    "bench": cmd_bench}
+        return commands[args.command](args)
     except VengineError as e:
         print(f"vengine: error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence as SequenceT
+from collections.abc import Iterable, Iterator, Sequence as SequenceT
 from typing import Any
 
 import torch
@@ -93,6 +93,18 @@ class LLM:
             pass
         return [self._completion(s) for s in seqs]
 
+    def completions(
+        self, requests: Iterable[tuple[Any, Prompt, SamplingParams]]
+    ) -> Iterator[tuple[Any, Completion]]:
+        """Yield (key, Completion) for (key, prompt, params) requests in the order they finish.
+
+        Requests are read lazily, as slots free up, so the iterable may be long or endless.
+        """
+        seqs = (self._new_sequence(self._encode(p), params, key) for key, p, params in requests)
+        for seq, _ in self._run(seqs):
+            if seq.finish_reason is not None:
+                yield seq.key, self._completion(seq)
+
     def chat(self, messages: list[dict[str, str]], **sampling: Any) -> Completion:
         """One assistant reply to a conversation, through the model's chat template."""
         return self.generate([self.chat_ids(messages)], **sampling)[0]
@@ -131,32 +143,83 @@ class LLM:
             raise ConfigError(f"token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")
         return ids
 
-    def _new_sequence(self, ids: list[int], params: SamplingParams) -> Sequence:
-        gen = None
-        if not params.greedy:
-            gen = torch.Generator(self.config.device)
-            gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
-        seq = Sequence(self._next_id, ids, params, gen, decoder=StreamDecoder(self.tokenizer))
+    def _new_sequence(self, ids: list[int], params: SamplingParams, key: Any = None) -> Sequence:
+        seq = Sequence(self._next_id, ids, params, key=key)
         self._next_id += 1
+        self._start_turn(seq, params)
         return seq
 
-    def _run(self, seqs: list[Sequence]) -> Iterator[tuple[Sequence, str]]:
-        """Continuous batching over seqs; yields (sequence, newly final text) after every token."""
-        waiting, running = deque(seqs), []
+    def _start_turn(self, seq: Sequence, params: SamplingParams) -> None:
+        """Fresh sampling state for a request (or a new turn of a chat session)."""
+        seq.params, seq.generator = params, None
+        if not params.greedy:
+            seq.generator = torch.Generator(self.config.device)
+            seq.generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        seq.decoder = StreamDecoder(self.tokenizer)
+        seq.output_ids, seq.text, seq.emitted, seq.finish_reason = [], "", 0, None
+        seq.t_arrival = time.perf_counter()
+
+    def _run(self, seqs: Iterable[Sequence]) -> Iterator[tuple[Sequence, str]]:
+        """Continuous batching; yields (sequence, newly final text) after every token.
+
+        Requests are pulled from seqs only when a slot and enough free pages are there; when
+        the pages run short mid-decode, the newest sequence is preempted (its pages freed, its
+        tokens recomputed later), as vLLM does.
+        """
+        incoming, waiting, running = iter(seqs), deque(), []
+        live: set[int] = set()  # ids of sequences holding pages, freed whatever happens
+        by_id: dict[int, Sequence] = {}
         try:
-            while waiting or running:
-                while waiting and len(running) < self.config.max_batch:
-                    seq = waiting.popleft()
+            while True:
+                while len(running) < self.config.max_batch:
+                    if not waiting:
+                        nxt = next(incoming, None)
+                        if nxt is None:
+                            break
+                        waiting.append(nxt)
+                    seq = waiting[0]
+                    if running and not self._fits(seq, len(running)):
+                        break
+                    waiting.popleft()
+                    live.add(seq.seq_id)
+                    by_id[seq.seq_id] = seq
                     yield from self._advance([seq], self.runner.prefill(seq)[None])
                     if seq.finish_reason is None:
                         running.append(seq)
-                if running:
-                    yield from self._advance(running, self.runner.decode(running))
-                    running = [s for s in running if s.finish_reason is None]
+                    else:
+                        live.discard(seq.seq_id)
+                if not running:
+                    return
+                self._make_room(running, waiting, live)
+                yield from self._advance(running, self.runner.decode(running))
+                for seq in running:
+                    if seq.finish_reason is not None:
+                        live.discard(seq.seq_id)
+                        by_id.pop(seq.seq_id)
+                running = [s for s in running if s.finish_reason is None]
         finally:  # an error or an abandoned stream must not leak pages
-            for seq in seqs:
-                if seq.block_table:
+            for seq_id in live:
+                seq = by_id[seq_id]
+                if seq.block_table and not (seq.keep_cache and seq.finish_reason):
                     self.runner.release(seq)
+
+    def _fits(self, seq: Sequence, num_running: int) -> bool:
+        """Enough free pages for seq's prefill, keeping one page of headroom per running one."""
+        alloc = self.pool.allocator
+        need = alloc.pages_for(seq.num_tokens + 1) - len(seq.block_table)
+        return alloc.num_free >= need + num_running
+
+    def _make_room(self, running: list[Sequence], waiting: deque, live: set[int]) -> None:
+        """Preempt the newest sequences until this decode step's new pages fit."""
+        alloc = self.pool.allocator
+        while len(running) > 1:
+            need = sum(alloc.pages_for(s.num_cached + 1) > len(s.block_table) for s in running)
+            if alloc.num_free >= need:
+                return
+            victim = running.pop()
+            self.runner.release(victim)
+            live.discard(victim.seq_id)
+            waiting.appendleft(victim)
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor):
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
@@ -183,7 +246,8 @@ class LLM:
                     self._check_stop_strings(seq)
                 seq.t_finish = now
                 seq.stats = self._stats(seq)
-                self.runner.release(seq)
+                if not seq.keep_cache:
+                    self.runner.release(seq)
             yield seq, self._emit(seq)
 
     @staticmethod

@@ -83,6 +83,11 @@ class ModelRunner:
             seq.num_cached += 1
         return self.model.compute_logits(hidden)
 
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Keep only the first num_tokens cached tokens of seq (a chat turn rewrote the rest)."""
+        seq.num_cached = min(seq.num_cached, num_tokens)
+        self.pool.allocator.shrink(seq.block_table, seq.num_cached)
+
     def release(self, seq: Sequence) -> None:
         """Give the sequence's pages and any backend state back at once."""
         self.pool.allocator.free(seq.block_table)

@@ -36,6 +36,8 @@ class Sequence:
     t_finish: float = 0.0
     decoder: Any = None  # StreamDecoder
     stats: dict[str, Any] = field(default_factory=dict)
+    key: Any = None  # the caller's id for the request
+    keep_cache: bool = False  # a chat session keeps its KV between turns
 
     @property
     def all_ids(self) -> list[int]:

@@ -59,6 +59,12 @@ class PageAllocator:
         for _ in range(max(need, 0)):
             block_table.append(self.free_pages.pop())
 
+    def shrink(self, block_table: list[int], num_tokens: int) -> None:
+        """Free the pages past the first num_tokens tokens."""
+        keep = self.pages_for(num_tokens)
+        self.free_pages.extend(reversed(block_table[keep:]))
+        del block_table[keep:]
+
     def free(self, block_table: list[int]) -> None:
         self.free_pages.extend(reversed(block_table))
         block_table.clear()
