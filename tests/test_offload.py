@@ -75,3 +75,26 @@ def test_vattention_decode_is_sparse_and_reports_its_certificate(full_llm):
     assert 0.0 <= out.stats["certificate_violation_rate"] <= 1.0
     assert out.stats["sparse_steps"] == 7  # the first token comes from the exact prefill
     assert sparse.pool.allocator.num_free == sparse.pool.num_pages, "pages must be freed"
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.slow
+def test_long_generation_grows_memory_only_by_its_kv():
+    """Over a long vAttention generation the process grows by the KV rows written and no more:
+    no per-token state accumulates outside the paged pool."""
+    llm = vengine.LLM(max_context=2048, attention=vengine.VAttention(
+        epsilon=0.2, delta=0.1, sink=32, window=32, top_k=0.02, base_rate=0.02, seed=0))
+    per_token = llm.model.config.kv_bytes_per_token(4)
+    samples = {}
+    for i, _ in enumerate(llm.stream("Tell me a very long story.", max_new_tokens=400,
+                                     ignore_eos=True)):
+        if i in (100, 380):
+            samples[i] = _rss_bytes()
+    grown = samples[380] - samples[100]
+    kv = 280 * per_token
+    print(f"RSS grew {grown / 2**20:.1f} MiB over 280 tokens; their KV is {kv / 2**20:.1f} MiB")
+    assert grown < kv + 16 * 2**20

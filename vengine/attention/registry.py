@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from vengine.attention.config import VAttention
 from vengine.models.config import ModelConfig
 from vengine.offload.kv_pool import KVPool
 
 
-def make_backend(spec: str | VAttention, pool: KVPool, cfg: ModelConfig, device: torch.device):
+def make_backend(spec, pool: KVPool, cfg: ModelConfig, device: torch.device):
+    """spec: "full", a VAttention, or any object with make_backend(pool, cfg, device) (a plug-in,
+    e.g. the sparse baselines of vengine.eval)."""
+    if hasattr(spec, "make_backend"):
+        return spec.make_backend(pool, cfg, device)
     if spec == "full":
         from vengine.attention.full import FullAttention
 

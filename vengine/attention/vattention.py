@@ -183,7 +183,14 @@ class VAttentionBackend:
             kc = kc[0, :, :S].transpose(0, 1).to(q.device, q.dtype)
             vc = vc[0, :, :S].transpose(0, 1).to(q.device, q.dtype)
             return causal_attention(q, kc, vc, ctx.cached_len)
-        r = vattention_decode(
+        r = self.decode(layer, q, ctx)
+        heads = torch.full_like(r.density[:, 0], r.over_eps.shape[1])
+        step = torch.stack([r.density.mean(1), r.over_eps.sum(1), heads], 1)
+        self._step_stats = step if self._step_stats is None else self._step_stats + step
+        return r.out
+
+    def decode(self, layer: int, q: torch.Tensor, ctx: StepContext) -> DecodeResult:
+        return vattention_decode(
             q,
             self.pool.k[layer],
             self.pool.v[layer],
@@ -196,9 +203,6 @@ class VAttentionBackend:
             self.generator,
             self.kernels,
         )
-        step = torch.stack([r.density.mean(1), r.over_eps.sum(1), torch.full_like(r.density[:, 0], r.over_eps.shape[1])], 1)
-        self._step_stats = step if self._step_stats is None else self._step_stats + step
-        return r.out
 
     def end_step(self, ctx: StepContext) -> None:
         """Fold this step's per-layer statistics into each sequence's totals (device tensors)."""
@@ -206,7 +210,8 @@ class VAttentionBackend:
             return
         for i, seq_id in enumerate(ctx.seq_ids):
             total = self._seq_stats.get(seq_id)
-            self._seq_stats[seq_id] = self._step_stats[i] if total is None else total + self._step_stats[i]
+            step = self._step_stats[i]
+            self._seq_stats[seq_id] = step if total is None else total + step
             self._steps[seq_id] = self._steps.get(seq_id, 0) + 1
         self._step_stats = None
 

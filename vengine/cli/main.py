@@ -52,6 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="device, memory budgets, model and kernel backend")
     info.add_argument("--model", help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
     info.add_argument("--device", default="auto")
+    ev = sub.add_parser("eval", help="RULER-style accuracy of full, vAttention and baselines")
+    ev.add_argument("--model", help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--tasks", default="all", help="comma-separated task names, or all")
+    ev.add_argument("--context", default="2k", help="haystack length in tokens")
+    ev.add_argument("--cases", type=int, default=5, help="cases per task")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--epsilons", default="0.05,0.1,0.2")
+    ev.add_argument("--delta", type=float, default=0.1)
+    ev.add_argument("--haystack", choices=("essay", "noise"), default="essay")
+    ev.add_argument("--no-baselines", action="store_true", help="skip top-k/uniform baselines")
+    ev.add_argument("--out", type=Path, default=Path("eval.json"))
+    ev.add_argument("--plot-dir", type=Path, help="write PNG plots here (needs matplotlib)")
     bench = sub.add_parser("bench", help="run the benchmark scripts with default settings")
     bench.add_argument("name", nargs="?", choices=("decode", "attention_error"), default="decode")
     return parser
@@ -150,6 +163,41 @@ def _avail_host() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vengine import LLM
+    from vengine.engine.config import parse_context
+    from vengine.errors import ConfigError
+    from vengine.eval.run import EvalSettings, plot, print_table, run_eval, save
+    from vengine.eval.tasks import TASKS
+
+    tasks = tuple(TASKS) if args.tasks == "all" else tuple(args.tasks.split(","))
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ConfigError(f"--tasks: unknown task '{unknown[0]}' (known: {', '.join(TASKS)})")
+    try:
+        epsilons = tuple(float(e) for e in args.epsilons.split(","))
+    except ValueError:
+        raise ConfigError(f"--epsilons: expected numbers like 0.05,0.1, got '{args.epsilons}'") from None
+    if args.cases < 1:
+        raise ConfigError(f"--cases must be >= 1, got {args.cases}")
+    context = parse_context(args.context, "--context")
+    settings = EvalSettings(tasks=tasks, context=context, cases=args.cases, seed=args.seed,
+                            epsilons=epsilons, delta=args.delta, haystack=args.haystack,
+                            baselines=not args.no_baselines)
+    for eps in epsilons:  # bad values fail before the model loads
+        from vengine.eval.run import vattention_settings
+
+        vattention_settings(settings, eps)
+    llm = LLM(model=args.model, device=args.device, max_context=context + 512, max_batch=8)
+    results = run_eval(llm, settings)
+    print_table(results)
+    save(results, args.out)
+    if args.plot_dir:
+        for png in plot(results, args.plot_dir):
+            print(f"wrote {png}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from vengine.errors import ConfigError
 
@@ -163,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"chat": cmd_chat, "generate": cmd_generate, "info": cmd_info,
-                    "bench": cmd_bench}
+                    "eval": cmd_eval, "bench": cmd_bench}
         return commands[args.command](args)
     except VengineError as e:
         print(f"vengine: error: {e}", file=sys.stderr)

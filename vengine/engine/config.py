@@ -58,7 +58,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 
 def resolve_attention(attention: str | VAttention) -> str | VAttention:
-    if isinstance(attention, VAttention):
+    if isinstance(attention, VAttention) or hasattr(attention, "make_backend"):
         return attention
     if attention == "full":
         return "full"
@@ -97,4 +97,4 @@ class EngineConfig:
     @property
     def offloaded(self) -> bool:
         """Sparse attention keeps the KV in host memory; full attention keeps it on the device."""
-        return isinstance(self.attention, VAttention)
+        return self.attention != "full"

@@ -6,6 +6,7 @@ once and the next waiting one is prefilled into the batch.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -59,7 +60,11 @@ class LLM:
             **engine_options,
         )
         self.model, self.tokenizer = load_model(resolve_model(model), cfg.device, cfg.dtype)
-        mc = self.model.config
+        self._build_runtime()
+
+    def _build_runtime(self) -> None:
+        """The KV pool, attention backend and runner for self.config (the model is separate)."""
+        cfg, mc = self.config, self.model.config
         kv_device = torch.device("cpu") if cfg.offloaded else cfg.device
         pin = cfg.offloaded and cfg.device.type == "cuda"
         token_bytes = mc.kv_bytes_per_token(cfg.dtype.itemsize)
@@ -72,6 +77,14 @@ class LLM:
         self.backend = make_backend(cfg.attention, self.pool, mc, cfg.device)
         self.runner = ModelRunner(self.model, self.pool, self.backend, cfg.device, cfg.prefill_chunk)
         self._next_id = 0
+
+    def with_attention(self, attention: Any) -> LLM:
+        """Another LLM over the same loaded model and tokenizer with a different attention."""
+        other = object.__new__(LLM)
+        other.config = dataclasses.replace(self.config, attention=attention)
+        other.model, other.tokenizer = self.model, self.tokenizer
+        other._build_runtime()
+        return other
 
     # -- public API ---------------------------------------------------------------------------
 

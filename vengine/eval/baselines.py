@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import math
 
+from dataclasses import dataclass
+
 import torch
 
+from vengine.attention.config import VAttention
+from vengine.attention.vattention import DecodeResult, VAttentionBackend
+from vengine.errors import ConfigError
 from vengine.eval.activations import DecodeProblem
 from vengine.kernels.reference import hash_scores
 
@@ -90,3 +95,57 @@ def log_scale_of(s: torch.Tensor) -> torch.Tensor:
 
 
 
+
+
+@dataclass(frozen=True)
+class SparseBaseline:
+    """A sparse-attention baseline to run end to end in the engine, at a fixed density:
+    kind "oracle_topk", "hash_topk" or "uniform". Pass it as LLM(attention=...). It computes
+    exact scores densely to pick rows, so it is for measuring quality, not speed."""
+
+    kind: str
+    density: float
+    sink: int = 64
+    window: int = 64
+    hash_bits: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("oracle_topk", "hash_topk", "uniform"):
+            raise ConfigError(f"unknown sparse baseline '{self.kind}'")
+        if not 0 < self.density <= 1:
+            raise ConfigError(f"baseline density must be in (0, 1], got {self.density}")
+
+    def make_backend(self, pool, cfg, device):
+        return _BaselineBackend(self, pool, cfg, device)
+
+
+class _BaselineBackend(VAttentionBackend):
+    """Prefill and signatures as vAttention; decode with the baseline's row choice."""
+
+    def __init__(self, spec: SparseBaseline, pool, cfg, device) -> None:
+        settings = VAttention(sink=spec.sink, window=spec.window, hash_bits=spec.hash_bits,
+                              seed=spec.seed)
+        super().__init__(settings, pool, cfg, device)
+        self.spec = spec
+        self.rng = torch.Generator().manual_seed(spec.seed)
+
+    def decode(self, layer: int, q: torch.Tensor, ctx) -> DecodeResult:
+        p = DecodeProblem(q.float().cpu(), self.pool.k[layer], self.pool.v[layer],
+                          ctx.block_tables.cpu(), ctx.context_lens.cpu(),
+                          self.signatures.gather(layer, ctx.block_tables).cpu(),
+                          self.planes[layer].cpu())
+        p.k_pool, p.v_pool = p.k_pool.float(), p.v_pool.float()
+        s, _ = p.exact()
+        ls = s.amax(-1)
+        spec = self.spec
+        if spec.kind == "uniform":
+            out, d = uniform_attention(p, s, spec.density, spec.sink, spec.window, ls, self.rng)
+        else:
+            out, d = topk_attention(p, s, spec.density, spec.sink, spec.window, ls,
+                                    use_hash=spec.kind == "hash_topk")
+        B, Hq = out.shape[:2]
+        Hkv = p.k_pool.shape[1]
+        density = torch.full((B, Hkv), spec.density)
+        return DecodeResult(out.to(q), ls, d, density.to(q.device),
+                            torch.zeros(B, Hq, device=q.device))
