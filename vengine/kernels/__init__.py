@@ -9,17 +9,28 @@ import torch
 
 from vengine.errors import ConfigError
 
-_MODULES = {"torch": "vengine.kernels.reference", "numba": "vengine.kernels.numba_cpu"}
+_MODULES = {"torch": "vengine.kernels.reference", "numba": "vengine.kernels.numba_cpu",
+            "triton": "vengine.kernels.triton_gpu"}
 
 
 def get_kernels(device: torch.device, dtype: torch.dtype, name: str | None = None):
-    """The kernel module for a device: numba for float32 on CPU, else the torch reference.
+    """The kernel module for a device: triton on CUDA, numba for float32 on CPU, else the torch
+    reference.
 
-    VENGINE_KERNELS=torch|numba overrides the choice.
+    VENGINE_KERNELS=torch|numba|triton overrides the choice.
     """
     name = name or os.environ.get("VENGINE_KERNELS")
     if name is None:
-        name = "numba" if device.type == "cpu" and dtype == torch.float32 else "torch"
+        if device.type == "cuda":
+            name = "triton"
+        else:
+            name = "numba" if device.type == "cpu" and dtype == torch.float32 else "torch"
     if name not in _MODULES:
         raise ConfigError(f"VENGINE_KERNELS: unknown kernel backend '{name}' ({', '.join(_MODULES)})")
-    return importlib.import_module(_MODULES[name])
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError as e:
+        if name != "triton":
+            raise
+        raise ConfigError(f"kernel backend 'triton' needs the triton package ({e}); install it or "
+                          "set VENGINE_KERNELS=torch") from e

@@ -1,0 +1,158 @@
+"""Triton kernels against the torch reference; on CPU they run under the Triton interpreter."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # before triton is imported: its jit reads this on decoration
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed: no Triton kernels to test")
+
+from vengine.attention.config import VAttention  # noqa: E402
+from vengine.attention.vattention import compact, vattention_decode  # noqa: E402
+from vengine.eval.activations import DecodeProblem  # noqa: E402
+from vengine.kernels import reference, triton_gpu  # noqa: E402
+from vengine.kernels.reference import pack_signatures  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 and no CUDA GPU: nowhere to run the kernels",
+                allow_module_level=True)
+DEV = "cpu" if INTERPRET else "cuda"
+
+
+def problem(B=2, Hkv=2, G=4, D=32, P=16, n=300, bits=64, seed=0) -> DecodeProblem:
+    """Random K/V over shuffled pages; context lengths n, n - 37, ..."""
+    g = torch.Generator().manual_seed(seed)
+    pages = -(-n // P)
+    k = torch.randn(B, Hkv, pages * P, D, generator=g)
+    v = torch.randn(B, Hkv, pages * P, D, generator=g)
+    planes = torch.randn(Hkv, D, bits, generator=g)
+    tables = torch.randperm(B * pages, generator=g).view(B, pages)
+    k_pool, v_pool = torch.empty(B * pages, Hkv, P, D), torch.empty(B * pages, Hkv, P, D)
+    k_pool[tables] = k.view(B, Hkv, pages, P, D).transpose(1, 2)
+    v_pool[tables] = v.view(B, Hkv, pages, P, D).transpose(1, 2)
+    sig = torch.stack([pack_signatures(k[b].transpose(0, 1), planes).transpose(0, 1)
+                       for b in range(B)])
+    return DecodeProblem(torch.randn(B, Hkv * G, D, generator=g), k_pool, v_pool, tables,
+                         torch.tensor([n - 37 * b for b in range(B)]), sig, planes)
+
+
+def row_lists(p: DecodeProblem, frac: float, width: int, seed: int = 1):
+    """Sorted random rows in an odd-width buffer; the last (b, h) gets none."""
+    g = torch.Generator().manual_seed(seed)
+    B, Hkv, S = p.sig.shape[:3]
+    mask = torch.rand(B, Hkv, S, generator=g) < frac
+    mask &= torch.arange(S) < p.context_lens[:, None, None]
+    mask &= mask.cumsum(-1) <= width
+    mask[-1, -1] = False
+    return compact(mask, width)
+
+
+def err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| where b is finite; a and b must be infinite at the same places."""
+    assert torch.equal(a.isinf(), b.isinf()), "-inf entries differ"
+    return (a - b).abs()[b.isfinite()]
+
+
+def check(name, out, ref, ref_lowp=None, rtol=1e-5, atol=1e-5):
+    """fp32: close to the reference. Low precision: error vs the fp32 reference at most twice the
+    reference's own error on the same low-precision inputs, plus 1e-6."""
+    e = err(out.cpu(), ref)
+    if ref_lowp is None:
+        bound = atol + rtol * ref.abs()[ref.isfinite()]
+    else:
+        bound = 2 * err(ref_lowp, ref).max() + 1e-6
+    assert bool((e <= bound).all()), \
+        f"{name}: max abs diff {e.max():.3g}, mean {e.mean():.3g} (bound {bound.max():.3g})"
+
+
+def cast(p: DecodeProblem, dtype, dev) -> tuple:
+    """q, k_pool, v_pool in dtype and block_tables, on dev."""
+    return (p.q.to(dev, dtype), p.k_pool.to(dev, dtype), p.v_pool.to(dev, dtype),
+            p.block_tables.to(dev))
+
+
+@pytest.mark.parametrize("P", [16, 64])
+@pytest.mark.parametrize("D", [32, 64])
+@pytest.mark.parametrize("Hkv,G", [(1, 1), (2, 4), (3, 3)])
+def test_kernels_match_reference(Hkv, G, D, P):
+    p = problem(Hkv=Hkv, G=G, D=D, P=P, bits=64 if D == 64 else 40)  # 40 bits: 5 bytes
+    rows, counts = row_lists(p, 0.5, width=199)
+    logw = torch.rand(rows.shape, generator=torch.Generator().manual_seed(2)) * 3 - 1
+    scale = 1 / math.sqrt(D)
+    ref32 = cast(p, torch.float32, "cpu")
+    rd, cd = rows.to(DEV), counts.to(DEV)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, kp, vp, bt = cast(p, dtype, DEV)
+        lowp = (q.cpu(), kp.cpu(), vp.cpu(), bt.cpu()) if dtype != torch.float32 else None
+
+        def compare(name, fn, args, tri, **tol):
+            """fn(*fp32 inputs, *args) vs tri (tuples); fn on low-precision inputs: the bound."""
+            ref = fn(*ref32, *args)
+            ref_lowp = fn(*lowp, *args) if lowp else [None] * len(ref)
+            for i, (t, r, rl) in enumerate(zip(tri, ref, ref_lowp)):
+                check(f"{name}[{i}] {dtype}", t, r, rl, **tol)
+
+        if P == 16:  # hash_scores does not read the pool
+            compare("hash_scores", lambda q, *_: (reference.hash_scores(q, p.planes, p.sig),),
+                    (), (triton_gpu.hash_scores(q, p.planes.to(DEV), p.sig.to(DEV)),), atol=1e-4)
+        compare("row_scores", lambda q, k, v, bt, *a: (reference.row_scores(q, k, bt, *a),),
+                (rows, counts, scale), (triton_gpu.row_scores(q, kp, bt, rd, cd, scale),))
+        for w in (None, logw.to(dtype)):
+            wd = None if w is None else w.to(DEV)
+            compare(f"partial_attention (m, l, acc) logw={w is not None}",
+                    reference.partial_attention, (rows, counts, w, scale),
+                    triton_gpu.partial_attention(q, kp, vp, bt, rd, cd, wd, scale, chunk=128),
+                    rtol=1e-4)
+
+
+def test_split_sizes_agree():
+    """One split per list, several, and splits past the counts give the same partials."""
+    p = problem(B=1, Hkv=1, G=2, n=200)
+    rows, counts = row_lists(p, 0.6, width=151)
+    args = (*cast(p, torch.float32, DEV), rows.to(DEV), counts.to(DEV), None, 0.125)
+    base = triton_gpu.partial_attention(*args, chunk=256)
+    for chunk in (16, 32):
+        for a, b in zip(triton_gpu.partial_attention(*args, chunk=chunk), base):
+            check(f"chunk {chunk}", a, b.cpu(), rtol=1e-5)
+
+
+def test_decode_matches_reference_kernels():
+    p = problem(B=2, Hkv=2, G=2, D=32, P=16, n=300)
+    cfg = VAttention(epsilon=0.1, delta=0.1, sink=8, window=8, top_k=0.05, base_rate=0.05)
+
+    def run(kernels, dev):
+        t = [x.to(dev) for x in (p.q, p.k_pool, p.v_pool, p.block_tables, p.context_lens, p.sig,
+                                 p.planes)]
+        g = torch.Generator(device=dev).manual_seed(3)
+        return vattention_decode(*t[:5], tuple(p.context_lens.tolist()), *t[5:], cfg, g, kernels)
+
+    a, b = run(reference, DEV), run(triton_gpu, DEV)  # one generator stream: the same samples
+    assert torch.equal(a.density, b.density)
+    check("decode output", b.out, a.out.cpu(), rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
+                    reason="needs a CUDA GPU with compiled kernels (TRITON_INTERPRET unset or 0)")
+def test_partial_attention_reads_pinned_host_pool_over_uva():
+    p = problem(Hkv=2, G=4, D=64, P=16, n=300)
+    rows, counts = row_lists(p, 0.5, width=199)
+    args = (rows, counts, torch.rand(rows.shape, generator=torch.Generator().manual_seed(2)), 0.125)
+    k16, v16 = p.k_pool.half().pin_memory(), p.v_pool.half().pin_memory()
+    k_uva, v_uva = triton_gpu.uva_view(k16), triton_gpu.uva_view(v16)
+    assert k_uva.is_cuda and k_uva.data_ptr() == k16.data_ptr()
+    outs = triton_gpu.partial_attention(p.q.half().cuda(), k_uva, v_uva, p.block_tables.cuda(),
+                                        *(a.cuda() for a in args[:3]), 0.125, chunk=64)
+    refs = reference.partial_attention(*cast(p, torch.float32, "cpu"), *args)
+    refs_lowp = reference.partial_attention(p.q.half(), k16, v16, p.block_tables, *args)
+    for name, a, r, rl in zip(["m", "l", "acc"], outs, refs, refs_lowp):
+        check(f"uva {name}", a, r, rl)
