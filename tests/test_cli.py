@@ -139,7 +139,6 @@ SUBPARSER_PROG_BUG = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=SUBPARSER_PROG_BUG)
 @pytest.mark.parametrize("args", [("chat", "--max-new-tokens", "many"), ("generate",)],
                          ids=["chat-bad-int", "generate-no-prompt"])
 def test_error_argparse_subcommand_is_one_line(args):

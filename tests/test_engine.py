@@ -359,7 +359,6 @@ ARCH_BUG = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=ARCH_BUG)
 @pytest.mark.parametrize("shape", ["gpt2-config", "llama-shaped-config"])
 def test_unsupported_architecture_message(tiny_llama_dir, shape):
     if shape == "gpt2-config":

@@ -290,7 +290,6 @@ def test_tiny_safetensors_logit_parity(hf_tok, tiny_ids, tmp_path, case):
     _check_tiny(model, path, tiny_ids, case)
 
 
-@pytest.mark.xfail(strict=True, reason=V5_CONFIG_BUG)
 @pytest.mark.parametrize("case", ["llama3-rope", "qwen2-theta1e6"])
 def test_tiny_transformers5_rope_parameters(hf_tok, tiny_ids, tmp_path, case):
     if case == "llama3-rope":

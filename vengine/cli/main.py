@@ -13,7 +13,7 @@ from vengine.errors import VengineError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"vengine: error: {message}\n")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

@@ -59,6 +59,11 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         arch = cfg.get("model_type", "")
+        if arch not in SUPPORTED_ARCHS:
+            raise ModelLoadError(
+                f"unsupported architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHS)})"
+            )
+        rope = cfg.get("rope_parameters") or {}  # transformers 5 keeps theta and scaling here
         try:
             hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
             head_dim = cfg.get("head_dim") or hidden // heads
@@ -72,11 +77,11 @@ class ModelConfig:
                 num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
                 head_dim=int(head_dim),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(cfg.get("rope_theta", 10000.0)),
+                rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta", 10000.0)),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
-                rope_scaling=_rope_scaling(cfg.get("rope_scaling")),
+                rope_scaling=_rope_scaling(cfg.get("rope_scaling") or rope),
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks the field {e}") from None
@@ -121,7 +126,7 @@ def _rope_scaling(spec: dict[str, Any] | None) -> RopeScaling | None:
     if not spec:
         return None
     kind = spec.get("rope_type") or spec.get("type")
-    if kind == "default":
+    if kind in (None, "default"):
         return None
     if kind == "linear":
         return RopeScaling("linear", float(spec["factor"]))

@@ -112,7 +112,11 @@ def load_model(
         numpy_weights = gguf_tensors(reader, source.path, cfg.num_heads, cfg.num_kv_heads, cfg.arch)
         weights = ((_hf_name(n), torch.from_numpy(w)) for n, w in numpy_weights)
     else:
-        cfg = ModelConfig.from_hf(_read_json(source.path / "config.json"))
+        config_path = source.path / "config.json"
+        try:
+            cfg = ModelConfig.from_hf(_read_json(config_path))
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{config_path}: {e}") from None
         tokenizer = Tokenizer.from_dir(source.path)
         weights = _safetensors(source.path)
     with torch.device("meta"):  # no random init: every parameter is overwritten below
