@@ -241,7 +241,6 @@ def run(args) -> dict:
         s, exact_out = p.exact()
         B = p.q.shape[0]
         ls = s.amax(-1)
-        hosts = tuple(p.context_lens.tolist())
         k_c = act.k - act.k.mean(0, keepdim=True)  # per-(layer, head) mean key removed
         pad = p.sig.shape[2] - T
         sig128c = pack_signatures(torch.cat([k_c, k_c.new_zeros(pad, Hkv, D)]), planes128[layer])
@@ -260,7 +259,7 @@ def run(args) -> dict:
             for i, cfg in enumerate(cfgs):
                 g = torch.Generator().manual_seed(seed_of(t, layer, i))
                 r = vattention_decode(p.q, p.k_pool, p.v_pool, p.block_tables, p.context_lens,
-                                      hosts, p.sig, p.planes, cfg, g, kernels)
+                                      p.sig, p.planes, cfg, g, kernels)
                 oe, de = relative_errors(r.out, r.d_hat, exact_out, s, r.log_scale)
                 d = per[i]
                 d["viol"].append((de > cfg.epsilon).float().flatten())
@@ -291,7 +290,7 @@ def run(args) -> dict:
                                  base_rate=BASE_RATE, hash_bits=pl.shape[-1], seed=0)
                 g = torch.Generator().manual_seed(seed_of(t, layer, 200 + j))
                 r = vattention_decode(p.q, p.k_pool, p.v_pool, p.block_tables, p.context_lens,
-                                      hosts, sig, pl, cfg, g, kern)
+                                      sig, pl, cfg, g, kern)
                 oe, de = relative_errors(r.out, r.d_hat, exact_out, s, r.log_scale)
                 d = pred_stats.setdefault((name, eps, dl, tk), {k: [] for k in (
                     "viol", "den", "out", "cert", "dens", "topk_out", "topk_den")})

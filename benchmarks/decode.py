@@ -80,7 +80,7 @@ def one_layer(args, context: int, cfg) -> list[dict]:
         return decode_attention(q, kk, vv, lens)
 
     def sparse():
-        return vattention_decode(q, k, v, tables, lens, (context,), sig, planes, cfg, gen, kernels)
+        return vattention_decode(q, k, v, tables, lens, sig, planes, cfg, gen, kernels)
 
     rows = []
     for name, fn in (("full", full), ("vattention", sparse)):

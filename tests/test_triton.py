@@ -20,6 +20,7 @@ from vengine.attention.vattention import compact, vattention_decode  # noqa: E40
 from vengine.eval.activations import DecodeProblem  # noqa: E402
 from vengine.kernels import reference, triton_gpu  # noqa: E402
 from vengine.kernels.reference import pack_signatures  # noqa: E402
+from vengine.offload.uva import uva_view  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
@@ -133,7 +134,7 @@ def test_decode_matches_reference_kernels():
         t = [x.to(dev) for x in (p.q, p.k_pool, p.v_pool, p.block_tables, p.context_lens, p.sig,
                                  p.planes)]
         g = torch.Generator(device=dev).manual_seed(3)
-        return vattention_decode(*t[:5], tuple(p.context_lens.tolist()), *t[5:], cfg, g, kernels)
+        return vattention_decode(*t, cfg, g, kernels)
 
     a, b = run(reference, DEV), run(triton_gpu, DEV)  # one generator stream: the same samples
     assert torch.equal(a.density, b.density)
@@ -148,7 +149,7 @@ def test_partial_attention_reads_pinned_host_pool_over_uva():
     rows, counts = row_lists(p, 0.5, width=199)
     args = (rows, counts, torch.rand(rows.shape, generator=torch.Generator().manual_seed(2)), 0.125)
     k16, v16 = p.k_pool.half().pin_memory(), p.v_pool.half().pin_memory()
-    k_uva, v_uva = triton_gpu.uva_view(k16), triton_gpu.uva_view(v16)
+    k_uva, v_uva = uva_view(k16), uva_view(v16)
     assert k_uva.is_cuda and k_uva.data_ptr() == k16.data_ptr()
     outs = triton_gpu.partial_attention(p.q.half().cuda(), k_uva, v_uva, p.block_tables.cuda(),
                                         *(a.cuda() for a in args[:3]), 0.125, chunk=64)

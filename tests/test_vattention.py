@@ -119,8 +119,8 @@ CFG = dict(sink=16, window=16, top_k=0.02, base_rate=0.05)
 
 def run(p: DecodeProblem, cfg: VAttention, seed: int, kernels=reference):
     g = torch.Generator().manual_seed(seed)
-    return vattention_decode(p.q, p.k_pool, p.v_pool, p.block_tables, p.context_lens,
-                             tuple(p.context_lens.tolist()), p.sig, p.planes, cfg, g, kernels)
+    return vattention_decode(p.q, p.k_pool, p.v_pool, p.block_tables, p.context_lens, p.sig,
+                             p.planes, cfg, g, kernels)
 
 
 def test_denominator_estimate_is_unbiased():

@@ -19,6 +19,9 @@ class VAttention:
         also the floor of the sample size.
     hash_bits: bits of the per-token key signature used to predict the top-k.
     seed: seed of the sampler (None: a random one per engine).
+    max_sample: cap on the sample, a fraction of the context (None: as large as the CLT asks).
+        It bounds each step's PCIe bytes; where it binds epsilon is not guaranteed, and the
+        certificate (Completion.stats) counts those heads.
     """
 
     epsilon: float = 0.05
@@ -29,6 +32,7 @@ class VAttention:
     base_rate: float = 0.05
     hash_bits: int = 64
     seed: int | None = None
+    max_sample: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("epsilon", "delta"):
@@ -54,6 +58,14 @@ class VAttention:
             raise ConfigError(f"VAttention.hash_bits must be a multiple of 8 in [8, 1024], got {b!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigError(f"VAttention.seed must be an int or None, got {self.seed!r}")
+        c = self.max_sample
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1):
+            raise ConfigError(f"VAttention.max_sample must be in (0, 1] or None, got {c!r}")
 
-    def top_k_rows(self, context_len: int) -> int:
+    def top_k_rows(self, context_len):
+        """Predicted rows for a context length: an int, or a tensor of them (device-side)."""
+        if not isinstance(context_len, int):  # a tensor: no torch import here, import stays cheap
+            if isinstance(self.top_k, float):
+                return (context_len.double() * self.top_k).long()
+            return context_len * 0 + self.top_k
         return int(self.top_k * context_len) if isinstance(self.top_k, float) else self.top_k

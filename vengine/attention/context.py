@@ -21,5 +21,4 @@ class StepContext:
     block_tables: torch.Tensor  # [B, max_pages] page ids, padded with page 0
     context_lens: torch.Tensor  # [B] tokens in context after this step, new ones included
     seq_ids: tuple[int, ...]  # engine ids of the B sequences, for per-sequence backend state
-    host_context_lens: tuple[int, ...] = ()  # context_lens known to the host: sizes, no sync
     cached_len: int = 0  # prefill only: tokens of this sequence cached before this chunk

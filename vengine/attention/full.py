@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from vengine.attention.context import StepContext
 from vengine.offload.kv_pool import KVPool
 
 
 def causal_attention(q, k, v, cached_len: int) -> torch.Tensor:
-    """q: [T, Hq, D] new queries at positions cached_len..; k, v: [S, Hkv, D] -> [T, Hq, D]."""
+    """q: [T, Hq, D] new queries at positions cached_len..; k, v: [S, Hkv, D] -> [T, Hq, D].
+
+    A chunk after a cached prefix uses a lower-right causal bias, which the flash and
+    memory-efficient kernels take directly (no [T, S] mask); they want K/V per query head.
+    """
     T, S = q.shape[0], k.shape[0]
     qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     if cached_len == 0 and S == T:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
     else:
-        rows = torch.arange(T, device=q.device)[:, None] + cached_len
-        mask = torch.arange(S, device=q.device)[None, :] <= rows
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
+        group = q.shape[1] // k.shape[1]
+        kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(T, S))
     return o[0].transpose(0, 1)
 
 

@@ -69,15 +69,17 @@ def vattention_decode(
     v_pool: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
-    host_context_lens: tuple[int, ...],
     sig: torch.Tensor,
     planes: torch.Tensor,
     cfg: VAttention,
     generator: torch.Generator | None,
     kernels,
 ) -> DecodeResult:
-    """One layer of vAttention decode. q [B, Hq, D]; k/v_pool [pages, Hkv, P, D] (one layer);
-    sig [B, Hkv, S, nbytes] signatures of the padded context; planes [Hkv, D, nbits]."""
+    """One layer of vAttention decode. q [B, Hq, D]; k/v_pool [pages, Hkv, P, D] (one layer, in
+    GPU memory, CPU memory or a UVA view of pinned host memory); sig [B, Hkv, S, nbytes] signatures
+    of the padded context; planes [Hkv, D, nbits]. Buffers are sized by S, the padded width (a
+    host int that bounds context_lens), and masked by per-row counts: nothing waits for the device,
+    and a step of fixed S has fixed shapes (CUDA graphs)."""
     B, Hq, D = q.shape
     Hkv, S = sig.shape[1], sig.shape[2]
     G = Hq // Hkv
@@ -89,14 +91,14 @@ def vattention_decode(
     fixed = valid & ((pos < cfg.sink) | (pos >= n - cfg.window))
 
     # 1. predicted top-k per query head, united over the group
-    k_rows = [min(cfg.top_k_rows(c), max(c - cfg.sink - cfg.window, 0)) for c in host_context_lens]
-    k_max = max(k_rows)
+    k_max = min(cfg.top_k_rows(S), max(S - cfg.sink - cfg.window, 0))
     exact = fixed[:, None].expand(B, Hkv, S)
     if k_max > 0:
+        k_rows = torch.minimum(cfg.top_k_rows(context_lens), context_lens - cfg.sink - cfg.window)
         candidates = valid & ~fixed
         scores = kernels.hash_scores(q, planes, sig).masked_fill(~candidates[:, None], -math.inf)
         top = scores.topk(k_max, dim=-1).indices  # [B, Hq, k_max]
-        keep = torch.arange(k_max, device=dev) < torch.tensor(k_rows, device=dev)[:, None, None]
+        keep = torch.arange(k_max, device=dev) < k_rows[:, None, None]
         picked = torch.zeros(B, Hq, S, dtype=torch.bool, device=dev)
         picked.scatter_(-1, top, keep.expand(B, Hq, k_max))
         exact = exact | (picked.view(B, Hkv, G, S).any(2) & candidates[:, None])
@@ -133,6 +135,8 @@ def vattention_decode(
     budget = torch.where(nb >= 2, budget, n_rq)  # too few pilot rows: take everything
     b_group = budget.view(B, Hkv, G).amax(-1)
     b_group = torch.minimum(torch.maximum(b_group, count_b.float()), n_r)
+    if cfg.max_sample is not None:
+        b_group = torch.minimum(b_group, cfg.max_sample * context_lens[:, None].float())
 
     # 4. the sample, weighted n_R / |S|; its size is Binomial(n_R, p), so p carries a 2-sigma
     # margin to keep |S| >= b in ~98% of draws
@@ -166,37 +170,39 @@ class VAttentionBackend:
             mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.hash_bits, generator=planes_gen
         ).to(device)
         self.signatures = SignaturePool(pool, cfg.hash_bits // 8, device)
-        self.generator = torch.Generator(device)
+        self.generator = torch.Generator(device)  # a CUDA graph registers it (graph-safe Philox)
         self.generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-        self._step_stats: torch.Tensor | None = None  # [B, 3]: density, over-eps, heads
+        self.step_stats: torch.Tensor | None = None  # [B, 3]: density, over-eps, heads
         self._seq_stats: dict[int, torch.Tensor] = {}
         self._steps: dict[int, int] = {}
 
     def forward(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
-        self.pool.store(layer, ctx.slots.to(self.pool.device), k, v)
+        self.pool.store(layer, ctx.slots, k, v)
         self.signatures.store(layer, ctx.slots, pack_signatures(k, self.planes[layer]))
         if ctx.is_prefill:
             if ctx.cached_len == 0:
                 return causal_attention(q, k, v, 0)
-            kc, vc = self.pool.gather_pages(layer, ctx.block_tables.to(self.pool.device))
+            kc, vc = self.pool.gather_pages(layer, ctx.block_tables)
             S = ctx.cached_len + q.shape[0]
-            kc = kc[0, :, :S].transpose(0, 1).to(q.device, q.dtype)
-            vc = vc[0, :, :S].transpose(0, 1).to(q.device, q.dtype)
+            kc = kc[0, :, :S].transpose(0, 1).to(q.dtype)
+            vc = vc[0, :, :S].transpose(0, 1).to(q.dtype)
             return causal_attention(q, kc, vc, ctx.cached_len)
         r = self.decode(layer, q, ctx)
         heads = torch.full_like(r.density[:, 0], r.over_eps.shape[1])
         step = torch.stack([r.density.mean(1), r.over_eps.sum(1), heads], 1)
-        self._step_stats = step if self._step_stats is None else self._step_stats + step
+        if layer == 0:  # a new tensor each step (under a CUDA graph: the graph's output)
+            self.step_stats = step
+        else:
+            self.step_stats += step
         return r.out
 
     def decode(self, layer: int, q: torch.Tensor, ctx: StepContext) -> DecodeResult:
         return vattention_decode(
             q,
-            self.pool.k[layer],
-            self.pool.v[layer],
+            self.pool.k_view[layer],
+            self.pool.v_view[layer],
             ctx.block_tables,
             ctx.context_lens,
-            ctx.host_context_lens,
             self.signatures.gather(layer, ctx.block_tables),
             self.planes[layer],
             self.cfg,
@@ -205,15 +211,16 @@ class VAttentionBackend:
         )
 
     def end_step(self, ctx: StepContext) -> None:
-        """Fold this step's per-layer statistics into each sequence's totals (device tensors)."""
-        if self._step_stats is None:
+        """Fold this step's statistics (summed over layers) into each sequence's totals; device
+        tensors throughout, read only when seq_stats is asked."""
+        if self.step_stats is None:
             return
         for i, seq_id in enumerate(ctx.seq_ids):
             total = self._seq_stats.get(seq_id)
-            step = self._step_stats[i]
+            step = self.step_stats[i]
             self._seq_stats[seq_id] = step if total is None else total + step
             self._steps[seq_id] = self._steps.get(seq_id, 0) + 1
-        self._step_stats = None
+        self.step_stats = None
 
     def seq_stats(self, seq_id: int) -> dict[str, float]:
         total, steps = self._seq_stats.get(seq_id), self._steps.get(seq_id, 0)

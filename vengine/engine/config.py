@@ -79,7 +79,8 @@ class EngineConfig:
     host_mem: int | str | None = None  # KV pool budget; None: max_batch full contexts
     max_batch: int = 8
     page_size: int = 64
-    prefill_chunk: int = 2048
+    prefill_chunk: int | None = None  # tokens per prefill chunk; None: 2048 on CPU, 32768 on GPU
+    cuda_graphs: bool = True  # capture decode steps in CUDA graphs (GPU only)
 
     def __post_init__(self) -> None:
         device = resolve_device(self.device)
@@ -87,6 +88,9 @@ class EngineConfig:
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype, device))
         object.__setattr__(self, "max_context", parse_context(self.max_context, "max_context"))
         object.__setattr__(self, "attention", resolve_attention(self.attention))
+        if self.prefill_chunk is None:
+            # Bigger chunks on a GPU: each chunk re-reads the cached prefix over PCIe
+            object.__setattr__(self, "prefill_chunk", 32768 if device.type == "cuda" else 2048)
         if self.host_mem is not None:
             object.__setattr__(self, "host_mem", parse_bytes(self.host_mem))
         for name in ("max_batch", "page_size", "prefill_chunk"):

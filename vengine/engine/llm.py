@@ -75,7 +75,8 @@ class LLM:
         self.pool = KVPool(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.page_size, budget,
                            cfg.dtype, kv_device, pin)
         self.backend = make_backend(cfg.attention, self.pool, mc, cfg.device)
-        self.runner = ModelRunner(self.model, self.pool, self.backend, cfg.device, cfg.prefill_chunk)
+        self.runner = ModelRunner(self.model, self.pool, self.backend, cfg.device, cfg.prefill_chunk,
+                                  cfg.cuda_graphs)
         self._next_id = 0
 
     def with_attention(self, attention: Any) -> LLM:

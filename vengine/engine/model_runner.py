@@ -1,10 +1,14 @@
 """Runs the model over sequences: chunked prefill of one sequence, batched decode of many.
 
 It turns each sequence's page list into the flat slots and block tables of a StepContext; the
-attention backend does the rest.
+attention backend does the rest. On a GPU the decode step is captured in CUDA graphs, one per
+(batch size, block-table width bucket): a step is then one graph launch instead of ~30 kernel
+launches per layer, and its inputs are the only host-to-device traffic.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -12,6 +16,21 @@ from vengine.attention.context import StepContext
 from vengine.engine.sequence import Sequence
 from vengine.models.llama import LlamaForCausalLM
 from vengine.offload.kv_pool import KVPool
+
+
+def width_bucket(pages: int) -> int:
+    """Round a block-table width up to 8 steps per octave (<= 12.5% padding), so that a
+    generation to 128K tokens captures a few dozen graphs, not one per page."""
+    step = 1 << max(0, pages.bit_length() - 4)
+    return -(-pages // step) * step
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: dict[str, torch.Tensor]  # static input buffers, refilled before each replay
+    logits: torch.Tensor
+    step_stats: torch.Tensor | None  # the backend's per-step statistics, written by the graph
 
 
 class ModelRunner:
@@ -22,17 +41,27 @@ class ModelRunner:
         backend,
         device: torch.device,
         prefill_chunk: int = 2048,
+        cuda_graphs: bool = True,
     ) -> None:
         self.model, self.pool, self.backend, self.device = model, pool, backend, device
         self.prefill_chunk = prefill_chunk
         self.page_size = pool.page_size
+        self.use_graphs = (cuda_graphs and device.type == "cuda"
+                           and getattr(backend, "graphable", True))
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.graph_error: str | None = None  # why capture failed (decode then stays eager)
+        self._graph_pool = None
 
     def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return block_table[positions // self.page_size] * self.page_size + positions % self.page_size
 
     @torch.inference_mode()
     def prefill(self, seq: Sequence, all_logits: bool = False) -> torch.Tensor:
-        """Cache every not-yet-cached token of seq; logits of the last one [V] (or all: [T, V])."""
+        """Cache every not-yet-cached token of seq; logits of the last one [V] (or all: [T, V]).
+
+        Layer by layer within a chunk: the model runs each layer over the whole chunk, so only one
+        layer's K/V of the chunk is on the GPU at a time; the pool streams it to the host.
+        """
         ids = seq.all_ids
         self.pool.allocator.grow(seq.block_table, len(ids))
         table = torch.tensor(seq.block_table, device=self.device)
@@ -47,7 +76,6 @@ class ModelRunner:
                 block_tables=table[None],
                 context_lens=torch.tensor([end], device=self.device),
                 seq_ids=(seq.seq_id,),
-                host_context_lens=(end,),
                 cached_len=start,
             )
             input_ids = torch.tensor(ids[start:end], device=self.device)
@@ -62,26 +90,71 @@ class ModelRunner:
         for seq in seqs:
             self.pool.allocator.grow(seq.block_table, seq.num_tokens)
         width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor(
-            [s.block_table + [0] * (width - len(s.block_table)) for s in seqs], device=self.device
-        )
-        positions = torch.tensor([s.num_cached for s in seqs], device=self.device)
+        if self.use_graphs:
+            width = width_bucket(width)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
+        positions = torch.tensor([s.num_cached for s in seqs])
         slot_pages = tables.gather(1, (positions // self.page_size)[:, None])[:, 0]
+        inputs = {
+            "input_ids": torch.tensor([s.all_ids[-1] for s in seqs]),
+            "positions": positions,
+            "tables": tables,
+            "slots": slot_pages * self.page_size + positions % self.page_size,
+        }
+        seq_ids = tuple(s.seq_id for s in seqs)
+        self.pool.wait_writes()  # prefill's side-stream writes land before decode reads them
+        key = (len(seqs), width)
+        entry = self.graphs.get(key)
+        if entry is not None:
+            for name, t in inputs.items():
+                entry.inputs[name].copy_(t, non_blocking=True)
+            entry.graph.replay()
+            self.backend.step_stats = entry.step_stats
+            logits = entry.logits.clone()
+        else:
+            dev_inputs = {name: t.to(self.device) for name, t in inputs.items()}
+            logits = self._forward(dev_inputs, seq_ids)
+        self.backend.end_step(StepContext(self.backend, False, None, None, None, seq_ids))
+        if entry is None and self.use_graphs and self.graph_error is None:
+            self._capture(key, dev_inputs, seq_ids)
+        for seq in seqs:
+            seq.num_cached += 1
+        return logits
+
+    def _forward(self, inputs: dict[str, torch.Tensor], seq_ids: tuple[int, ...]) -> torch.Tensor:
         ctx = StepContext(
             backend=self.backend,
             is_prefill=False,
-            slots=slot_pages * self.page_size + positions % self.page_size,
-            block_tables=tables,
-            context_lens=positions + 1,
-            seq_ids=tuple(s.seq_id for s in seqs),
-            host_context_lens=tuple(s.num_cached + 1 for s in seqs),
+            slots=inputs["slots"],
+            block_tables=inputs["tables"],
+            context_lens=inputs["positions"] + 1,
+            seq_ids=seq_ids,
         )
-        input_ids = torch.tensor([s.all_ids[-1] for s in seqs], device=self.device)
-        hidden = self.model(input_ids, positions, ctx)
-        self.backend.end_step(ctx)
-        for seq in seqs:
-            seq.num_cached += 1
+        hidden = self.model(inputs["input_ids"], inputs["positions"], ctx)
         return self.model.compute_logits(hidden)
+
+    def _capture(self, key, inputs: dict[str, torch.Tensor], seq_ids) -> None:
+        """Record the decode step for this (batch, width) just run eagerly (so every kernel is
+        compiled and warm). Capture only records: it writes no KV and draws no samples."""
+        graph = torch.cuda.CUDAGraph()
+        generator = getattr(self.backend, "generator", None)
+        try:
+            if generator is not None:
+                graph.register_generator_state(generator)
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                logits = self._forward(inputs, seq_ids)
+        except Exception as e:  # an op that cannot be captured: stay eager, say why in /stats
+            self.graph_error = f"{type(e).__name__}: {e}"
+            self.use_graphs = False
+            torch.cuda.synchronize()
+            return
+        finally:
+            stats = getattr(self.backend, "step_stats", None)
+            if hasattr(self.backend, "step_stats"):
+                self.backend.step_stats = None  # capture's tensors hold nothing yet
+        self.graphs[key] = _Graph(graph, inputs, logits, stats)
 
     def truncate(self, seq: Sequence, num_tokens: int) -> None:
         """Keep only the first num_tokens cached tokens of seq (a chat turn rewrote the rest)."""

@@ -123,6 +123,8 @@ class SparseBaseline:
 class _BaselineBackend(VAttentionBackend):
     """Prefill and signatures as vAttention; decode with the baseline's row choice."""
 
+    graphable = False  # it scores on the CPU: not a CUDA-graph step
+
     def __init__(self, spec: SparseBaseline, pool, cfg, device) -> None:
         settings = VAttention(sink=spec.sink, window=spec.window, hash_bits=spec.hash_bits,
                               seed=spec.seed)

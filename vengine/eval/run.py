@@ -84,9 +84,8 @@ def calibration(llm, s: EvalSettings, cases: list) -> dict[str, Any]:
         errs, viol = [], []
         for i, p in enumerate(problems):
             sc, out = p.exact()
-            r = vattention_decode(p.q, p.k_pool, p.v_pool, p.block_tables, p.context_lens,
-                                  tuple(p.context_lens.tolist()), p.sig, p.planes, cfg,
-                                  torch.Generator().manual_seed(i), reference)
+            r = vattention_decode(p.q, p.k_pool, p.v_pool, p.block_tables, p.context_lens, p.sig,
+                                  p.planes, cfg, torch.Generator().manual_seed(i), reference)
             _, d_err = relative_errors(r.out, r.d_hat, out, sc, r.log_scale)
             errs.append(d_err.flatten())
             viol.append((d_err > eps).float().flatten())

@@ -1,9 +1,9 @@
 """Triton GPU kernels for vAttention decode; same interface as vengine.kernels.reference.
 
-Why: on the GPU the K/V pool may live in pinned host memory read through a UVA view (uva_view),
-so every byte a kernel reads is PCIe traffic. Each program therefore owns one (sequence, KV head)
-and reads each selected K/V row once for all G = Hq / Hkv query heads of the GQA group (the group
-is padded to >= 16 rows so tl.dot applies). Row lists are sorted ascending by construction
+Why: on the GPU the K/V pool may live in pinned host memory read through a UVA view
+(vengine.offload.uva), so every byte a kernel reads is PCIe traffic. Each program therefore owns
+one (sequence, KV head) and reads each selected K/V row once for all G = Hq / Hkv query heads of
+the GQA group (the group is padded to >= 16 rows so tl.dot applies). Row lists are sorted ascending by construction
 (vattention.compact), which keeps the reads sequential-ish. Long row lists are split over
 programs flash-decoding style: each split writes unnormalised online-softmax partials and the
 splits are combined in torch. The number of splits comes from the padded row-buffer width R (a
@@ -28,18 +28,6 @@ BLOCK_S = 64  # signatures per hash_scores program
 
 def _p2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
-
-
-def uva_view(t: torch.Tensor) -> torch.Tensor:
-    """A CUDA tensor aliasing the pinned host tensor t (UVA): kernels reading it go over PCIe."""
-    assert t.is_pinned() and t.is_contiguous(), "uva_view needs a contiguous pinned tensor"
-
-    class _Interface:  # holds t so the memory outlives the view
-        base = t
-        __cuda_array_interface__ = {"shape": tuple(t.shape), "typestr": f"<i{t.element_size()}",
-                                    "data": (t.data_ptr(), False), "version": 3, "strides": None}
-
-    return torch.as_tensor(_Interface(), device="cuda").view(t.dtype)
 
 
 @triton.jit

@@ -4,6 +4,10 @@ Layout [layers, pages, kv_heads, page_size, head_dim]: the rows of one (layer, K
 are contiguous, so gathers of one head's rows read long runs. The pool lives in pinned host memory
 when a GPU will read it, in ordinary memory on CPU-only boxes, or on the GPU for the resident
 full-attention baseline. Page bookkeeping is plain Python (PageAllocator).
+
+With a pinned pool the GPU addresses it through UVA views (k_view, v_view): kernels read the rows
+they need straight over PCIe, and new rows are written by GPU stores, so no step waits for the
+host. Large writes (prefill) go on a side stream, overlapping the next layer's compute.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ import re
 import torch
 
 from vengine.errors import ConfigError, HostMemoryError
+from vengine.offload.uva import uva_view
+
+_SIDE_STREAM_ROWS = 1024  # writes of at least this many tokens go on the side stream
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
           "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
@@ -71,7 +78,9 @@ class PageAllocator:
 
 
 class KVPool:
-    """K/V storage: k, v are [layers, pages, kv_heads, page_size, head_dim]."""
+    """K/V storage: k, v are [layers, pages, kv_heads, page_size, head_dim] on `device`;
+    k_view, v_view are the same memory as the compute device addresses it (a UVA view when the
+    pool is pinned host memory for a GPU, else k and v themselves)."""
 
     def __init__(
         self,
@@ -97,18 +106,38 @@ class KVPool:
         alloc = torch.zeros if device.type == "cuda" or pin else torch.empty
         self.k = alloc(shape, dtype=dtype, device=device, pin_memory=pin)
         self.v = alloc(shape, dtype=dtype, device=device, pin_memory=pin)
+        self.k_view, self.v_view = (uva_view(self.k), uva_view(self.v)) if pin else (self.k, self.v)
+        self.side_stream = torch.cuda.Stream() if pin else None
         self.num_pages = num_pages
         self.allocator = PageAllocator(num_pages, page_size, num_pages * page_bytes)
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """slots: [T] flat token slots (page * page_size + offset); k, v: [T, kv_heads, D]."""
+        """slots: [T] flat token slots (page * page_size + offset) on the compute device;
+        k, v: [T, kv_heads, D]."""
+        if self.side_stream is None or k.shape[0] < _SIDE_STREAM_ROWS:
+            self._write(layer, slots, k, v)
+            return
+        self.side_stream.wait_stream(torch.cuda.current_stream())  # k, v are ready
+        with torch.cuda.stream(self.side_stream):
+            self._write(layer, slots, k, v)
+        for t in (slots, k, v):  # keep their memory from reuse until the side stream is done
+            t.record_stream(self.side_stream)
+
+    def _write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         pages, offsets = slots // self.page_size, slots % self.page_size
-        self.k[layer, pages, :, offsets] = k.to(self.device, self.dtype)
-        self.v[layer, pages, :, offsets] = v.to(self.device, self.dtype)
+        self.k_view[layer, pages, :, offsets] = k.to(self.k_view.device, self.dtype)
+        self.v_view[layer, pages, :, offsets] = v.to(self.v_view.device, self.dtype)
+
+    def wait_writes(self) -> None:
+        """Make the current stream wait for side-stream writes (a device-side wait, no sync)."""
+        if self.side_stream is not None:
+            torch.cuda.current_stream().wait_stream(self.side_stream)
 
     def gather_pages(self, layer: int, block_tables: torch.Tensor):
-        """block_tables: [B, n] -> K, V: [B, kv_heads, n * page_size, D] (padding pages included)."""
-        k, v = self.k[layer, block_tables], self.v[layer, block_tables]  # [B, n, H, P, D]
+        """block_tables: [B, n] -> K, V: [B, kv_heads, n * page_size, D] (padding pages included),
+        on the compute device."""
+        self.wait_writes()
+        k, v = self.k_view[layer, block_tables], self.v_view[layer, block_tables]  # [B, n, H, P, D]
         B, n, H, P, D = k.shape
         return (k.transpose(1, 2).reshape(B, H, n * P, D), v.transpose(1, 2).reshape(B, H, n * P, D))
 

@@ -1,0 +1,413 @@
+"""Decode on the GPU at Llama-3.1-8B shapes (random bf16 weights), three ways side by side.
+
+(a) resident:  full attention with the KV in GPU memory ([B, Hkv, S, D] per layer, SDPA), the
+               step captured in a CUDA graph: the ceiling when the KV fits on the GPU.
+(b) offloaded: full attention over the pinned host KV, each layer's KV copied to the GPU on a side
+               stream one layer ahead (double buffer) - what transformers' OffloadedCache does.
+               Our own equivalent (not transformers' class), so that (b) and (c) read the very same
+               pinned pages and share the model code.
+(c) vengine:   the engine's own parts: pinned paged pool read through UVA views by the Triton
+               kernels, VAttentionBackend, ModelRunner (eager and CUDA graph), at a fixed budget
+               (max_sample caps the sample, so random weights do not decide the density) and at
+               epsilon = 0.05 (the CLT budget decides).
+
+The host KV is filled with random rows (the shapes decide the speed); the GPU's signatures are
+computed from them. Per config: tokens/s, ms per step, for (c) the split of a step into
+selection / fetch+attention / rest (one layer timed with CUDA events, times the layers), bytes
+read over PCIe per step and their GB/s against a bulk pinned-to-GPU copy timed in the same run,
+and GPU memory for KV state per token. Also prefill tokens/s of a long prompt (layer by layer).
+Writes JSON (--out); the last line printed is the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from datetime import date
+
+import torch
+import torch.nn.functional as F
+
+import vengine
+from vengine.attention.context import StepContext
+from vengine.attention.vattention import VAttentionBackend, vattention_decode
+from vengine.engine.model_runner import ModelRunner
+from vengine.engine.sampling import SamplingParams
+from vengine.engine.sequence import Sequence
+from vengine.kernels import triton_gpu
+from vengine.kernels.reference import pack_signatures
+from vengine.models.config import ModelConfig, RopeScaling
+from vengine.models.llama import LlamaForCausalLM
+from vengine.offload.kv_pool import KVPool
+
+LLAMA_8B = ModelConfig(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                       rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+                       tie_word_embeddings=False, attention_bias=False,
+                       rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192))
+PAGE = 64
+DEV = torch.device("cuda")
+DTYPE = torch.bfloat16
+
+
+def fixed_budget() -> vengine.VAttention:
+    return vengine.VAttention(epsilon=0.05, delta=0.05, sink=128, window=128, top_k=0.02,
+                              base_rate=0.01, max_sample=0.015, seed=0)
+
+
+def clt_budget() -> vengine.VAttention:
+    return vengine.VAttention(epsilon=0.05, delta=0.05, sink=128, window=128, top_k=0.02,
+                              base_rate=0.01, seed=0)
+
+
+def build_model(cfg: ModelConfig) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    torch.set_default_dtype(DTYPE)
+    with DEV:
+        model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    for p in model.parameters():
+        if p.dim() == 2:
+            p.data.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm (compiles, captures)
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def bulk_copy_gbs(nbytes: int = 2 << 30) -> float:
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=DEV)
+    ms = median_ms(lambda: dev.copy_(host, non_blocking=True), 5)
+    return nbytes / ms / 1e6
+
+
+def fill_pool(pool: KVPool, backend: VAttentionBackend, pages: int) -> None:
+    """Random K/V rows in the first `pages` pages of every layer, and their signatures."""
+    g = torch.Generator(DEV).manual_seed(0)
+    L, _, H, P, D = pool.k.shape
+    step = 4096
+    for layer in range(L):
+        for p0 in range(0, pages, step):
+            p1 = min(p0 + step, pages)
+            k = torch.randn(p1 - p0, H, P, D, device=DEV, dtype=DTYPE, generator=g)
+            pool.k[layer, p0:p1].copy_(k, non_blocking=True)
+            pool.v[layer, p0:p1].copy_(torch.randn_like(k), non_blocking=True)
+            sig = pack_signatures(k.transpose(1, 2).reshape(-1, H, D), backend.planes[layer])
+            backend.signatures.sig[layer, p0:p1] = sig.view(p1 - p0, P, H, -1).transpose(1, 2)
+    torch.cuda.synchronize()
+
+
+def step_context(backend, B: int, context: int, tables=None) -> StepContext:
+    lens = torch.full((B,), context + 1, device=DEV)
+    return StepContext(backend, False, torch.zeros(B, dtype=torch.long, device=DEV), tables, lens,
+                       tuple(range(B)))
+
+
+class Resident:
+    """(a) KV in GPU memory, one [B, Hkv, S, D] tensor per layer; the decode token at `pos`."""
+
+    def __init__(self, cfg: ModelConfig, B: int, context: int) -> None:
+        shape = (cfg.num_layers, B, cfg.num_kv_heads, context + 1, cfg.head_dim)
+        self.k = torch.randn(shape, device=DEV, dtype=DTYPE)
+        self.v = torch.randn(shape, device=DEV, dtype=DTYPE)
+        self.pos = context
+
+    def forward(self, layer, q, k, v, ctx):
+        self.k[layer, :, :, self.pos], self.v[layer, :, :, self.pos] = k, v
+        return gqa_decode(q, self.k[layer], self.v[layer])
+
+    def end_step(self, ctx) -> None:
+        pass
+
+
+def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q [B, Hq, D] over k, v [B, Hkv, S, D]: the group's query heads as G query rows (flash)."""
+    B, Hq, D = q.shape
+    Hkv = k.shape[1]
+    return F.scaled_dot_product_attention(q.view(B, Hkv, Hq // Hkv, D), k, v).reshape(B, Hq, D)
+
+
+class Streamed:
+    """(b) Full attention over the pinned pool: layer i+1's pages are copied to the GPU on a side
+    stream while layer i computes (two buffers); the new token's K/V written back to the host."""
+
+    def __init__(self, pool: KVPool, B: int, context: int) -> None:
+        self.pool, self.B, self.context = pool, B, context
+        self.pages = B * (context // PAGE + 1)  # the B sequences' pages: one contiguous range
+        _, _, H, P, D = pool.k.shape
+        self.bufs = [(torch.empty(self.pages, H, P, D, device=DEV, dtype=DTYPE),
+                      torch.empty(self.pages, H, P, D, device=DEV, dtype=DTYPE)) for _ in range(2)]
+        self.stream = torch.cuda.Stream()
+        self.ready = [torch.cuda.Event(), torch.cuda.Event()]
+
+    def _prefetch(self, layer: int) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream())  # the buffer's last reader is done
+        with torch.cuda.stream(self.stream):
+            kb, vb = self.bufs[layer % 2]
+            kb.copy_(self.pool.k[layer, : self.pages], non_blocking=True)
+            vb.copy_(self.pool.v[layer, : self.pages], non_blocking=True)
+            self.ready[layer % 2].record()
+
+    def forward(self, layer, q, k, v, ctx):
+        if layer == 0:
+            self._prefetch(0)
+        torch.cuda.current_stream().wait_event(self.ready[layer % 2])
+        if layer + 1 < len(self.pool.k):
+            self._prefetch(layer + 1)
+        self.pool.store(layer, ctx.slots, k, v)
+        kb, vb = self.bufs[layer % 2]
+        n, H, P, D = kb.shape
+        per_seq = n // self.B
+        kk = kb.view(self.B, per_seq, H, P, D).transpose(1, 2).reshape(self.B, H, -1, D)
+        vv = vb.view(self.B, per_seq, H, P, D).transpose(1, 2).reshape(self.B, H, -1, D)
+        kk, vv = kk[:, :, : self.context + 1], vv[:, :, : self.context + 1]
+        kk[:, :, self.context], vv[:, :, self.context] = k, v
+        return gqa_decode(q, kk, vv)
+
+    def end_step(self, ctx) -> None:
+        pass
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph (after warm-up runs on a side stream); returns replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+class TimedKernels:
+    """The Triton kernels, with CUDA events around the ones that read K/V rows (the fetch)."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.rows_kv, self.rows_k = [], []
+
+    def hash_scores(self, *args):
+        return triton_gpu.hash_scores(*args)
+
+    def _timed(self, fn, *args):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn(*args)
+        end.record()
+        self.spans.append((start, end))
+        return out
+
+    def row_scores(self, q, k_pool, tables, rows, counts, scale):
+        self.rows_k.append(counts.sum())
+        return self._timed(triton_gpu.row_scores, q, k_pool, tables, rows, counts, scale)
+
+    def partial_attention(self, q, k_pool, v_pool, tables, rows, counts, logw, scale):
+        self.rows_kv.append(counts.sum())
+        return self._timed(triton_gpu.partial_attention, q, k_pool, v_pool, tables, rows, counts,
+                           logw, scale)
+
+
+def layer_split(cfg: ModelConfig, spec, backend: VAttentionBackend, tables, B: int,
+                context: int, repeats: int = 7) -> dict:
+    """One layer's vAttention decode: total and fetch (row_scores + partial_attention) GPU ms,
+    and the bytes those kernels read over PCIe."""
+    q = torch.randn(B, cfg.num_heads, cfg.head_dim, device=DEV, dtype=DTYPE) * 1.3
+    lens = torch.full((B,), context + 1, device=DEV)
+    sig = backend.signatures.gather(0, tables)
+    gen = torch.Generator(DEV).manual_seed(0)
+    totals, fetches, kernels = [], [], TimedKernels()
+    for i in range(repeats + 1):
+        kernels.spans.clear()
+        kernels.rows_kv.clear()
+        kernels.rows_k.clear()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        vattention_decode(q, backend.pool.k_view[0], backend.pool.v_view[0], tables, lens, sig,
+                          backend.planes[0], spec, gen, kernels)
+        end.record()
+        torch.cuda.synchronize()
+        if i:  # the first compiles
+            totals.append(start.elapsed_time(end))
+            fetches.append(sum(a.elapsed_time(b) for a, b in kernels.spans))
+    row_bytes = cfg.head_dim * DTYPE.itemsize
+    nbytes = (2 * sum(int(r) for r in kernels.rows_kv) + sum(int(r) for r in kernels.rows_k))
+    return {"layer_ms": statistics.median(totals), "fetch_ms": statistics.median(fetches),
+            "layer_bytes": nbytes * row_bytes}
+
+
+def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: float) -> list[dict]:
+    cfg = model.config
+    L = cfg.num_layers
+    kv_token_bytes = cfg.kv_bytes_per_token(DTYPE.itemsize)
+    rows, ids = [], torch.zeros(B, dtype=torch.long, device=DEV)
+    positions = torch.full((B,), context, device=DEV)
+    base = {"context": context, "batch": B}
+
+    # (a) resident, if it fits next to the weights
+    free = torch.cuda.mem_get_info()[0]
+    if B * (context + 1) * kv_token_bytes < free - (6 << 30):
+        before = torch.cuda.memory_allocated()
+        res = Resident(cfg, B, context)
+        kv_bytes = torch.cuda.memory_allocated() - before
+        ctx = step_context(res, B, context)
+        step = graphed(lambda: model.compute_logits(model(ids, positions, ctx)))
+        ms = median_ms(step, args.repeats)
+        rows.append({**base, "mode": "a resident", "ms_per_step": ms,
+                     "gpu_kv_bytes_per_token": kv_bytes / (B * (context + 1))})
+        del res, step, ctx
+        torch.cuda.empty_cache()
+    else:
+        rows.append({**base, "mode": "a resident", "ms_per_step": None,
+                     "note": "KV does not fit in GPU memory next to the weights"})
+
+    # (b) offloaded, streamed layer by layer
+    st = Streamed(pool, B, context)
+    tables = (torch.arange(st.pages, device=DEV).view(B, -1))
+    ctx = StepContext(st, False, tables[:, context // PAGE] * PAGE + context % PAGE, tables,
+                      positions + 1, tuple(range(B)))
+    ms = median_ms(lambda: model.compute_logits(model(ids, positions, ctx)), args.stream_repeats)
+    nbytes = B * (context // PAGE + 1) * PAGE * kv_token_bytes
+    rows.append({**base, "mode": "b offloaded", "ms_per_step": ms, "pcie_bytes_per_step": nbytes,
+                 "pcie_gbs": nbytes / ms / 1e6,
+                 "gpu_kv_bytes_per_token": 2 * kv_token_bytes / L})
+    del st
+    torch.cuda.empty_cache()
+
+    # (c) vengine, at a fixed budget and at epsilon = 0.05; eager and CUDA graph
+    for name, backend in backends.items():
+        split = layer_split(cfg, backend.cfg, backend, tables, B, context)
+        for graphs in (False, True):
+            runner = ModelRunner(model, pool, backend, DEV, cuda_graphs=graphs)
+            seqs = [Sequence(i, [1] * (context + 1), SamplingParams()) for i in range(B)]
+            for i, s in enumerate(seqs):
+                s.block_table, s.num_cached = tables[i].tolist(), context
+
+            def step():
+                runner.decode(seqs)
+                for s in seqs:
+                    s.num_cached = context
+
+            ms = median_ms(step, args.repeats)
+            stats = backend.seq_stats(0)
+            select = split["layer_ms"] - split["fetch_ms"]
+            pcie = L * split["layer_bytes"]
+            sig_bytes = L * cfg.num_kv_heads * backend.cfg.hash_bits // 8
+            rows.append({**base, "mode": f"c vengine {name}" + (" graph" if graphs else ""),
+                         "ms_per_step": ms, "density": stats["density"],
+                         "certificate_violation_rate": stats["certificate_violation_rate"],
+                         "select_ms": L * select, "fetch_attn_ms": L * split["fetch_ms"],
+                         "rest_ms": ms - L * split["layer_ms"], "pcie_bytes_per_step": pcie,
+                         "pcie_gbs": pcie / (L * split["fetch_ms"]) / 1e6,
+                         "gpu_kv_bytes_per_token": sig_bytes,
+                         "graph_error": runner.graph_error})
+            for i in range(B):
+                backend.free(i)
+            del runner
+    for r in rows:
+        if r["ms_per_step"]:
+            r["tokens_per_s"] = B * 1e3 / r["ms_per_step"]
+        if "pcie_gbs" in r:
+            r["pcie_fraction_of_bulk"] = r["pcie_gbs"] / bulk_gbs
+    return rows
+
+
+def prefill_rate(model, pool, backend, tokens: int) -> dict:
+    runner = ModelRunner(model, pool, backend, DEV, prefill_chunk=32768)
+    seq = Sequence(10**6, torch.randint(0, 1000, (tokens,)).tolist(), SamplingParams())
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    runner.prefill(seq)
+    pool.wait_writes()
+    torch.cuda.synchronize()
+    s = time.perf_counter() - t
+    runner.release(seq)
+    return {"mode": "prefill (vengine, layer by layer, 32K chunks)", "context": tokens,
+            "seconds": s, "tokens_per_s": tokens / s,
+            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default="8192x1,8192x4,8192x16,32768x1,32768x4,32768x16,"
+                   "131072x1,131072x4", help="context x batch, comma separated")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--stream-repeats", type=int, default=3)
+    p.add_argument("--prefill", default="32768,131072", help="prompt lengths to prefill ('' none)")
+    p.add_argument("--layers", type=int, default=32, help="fewer layers for a quick look")
+    p.add_argument("--out", default="docs/decode_gpu.json")
+    args = p.parse_args()
+
+    configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
+    cfg = ModelConfig(**{**LLAMA_8B.__dict__, "num_layers": args.layers})
+    model = build_model(cfg)
+    bulk = bulk_copy_gbs()
+    print(f"bulk pinned->GPU copy: {bulk:.1f} GB/s", flush=True)
+    pages = max(B * (c // PAGE + 1) for c, B in configs)
+    budget = pages * PAGE * cfg.kv_bytes_per_token(DTYPE.itemsize)
+    t = time.perf_counter()
+    pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, PAGE, budget, DTYPE,
+                  torch.device("cpu"), pin=True)
+    backends = {"fixed": VAttentionBackend(fixed_budget(), pool, cfg, DEV)}
+    clt = VAttentionBackend(clt_budget(), pool, cfg, DEV)
+    clt.signatures = backends["fixed"].signatures  # the same planes (fixed seed), one copy
+    backends["eps0.05"] = clt
+    fill_pool(pool, backends["fixed"], pages)
+    print(f"pinned pool {budget / 2**30:.1f} GiB allocated and filled in "
+          f"{time.perf_counter() - t:.1f} s", flush=True)
+
+    rows = []
+    for context, B in configs:
+        for r in run_config(model, pool, backends, B, context, args, bulk):
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    for n in (int(x) for x in args.prefill.split(",") if x):
+        torch.cuda.reset_peak_memory_stats()
+        rows.append(prefill_rate(model, pool, backends["fixed"], n))
+        print(json.dumps(rows[-1]), flush=True)
+
+    print(f"\n{'context':>7} {'B':>3} {'mode':<26} {'ms/step':>8} {'tok/s':>7} {'density':>7} "
+          f"{'select':>7} {'fetch':>7} {'rest':>7} {'GB/s':>6} {'KV B/tok':>9}")
+    for r in rows:
+        if "batch" not in r:
+            continue
+
+        def f(key, fmt):
+            return format(r[key], fmt) if r.get(key) is not None else "-"
+
+        print(f"{r['context']:>7} {r['batch']:>3} {r['mode']:<26} {f('ms_per_step', '8.2f'):>8} "
+              f"{f('tokens_per_s', '7.1f'):>7} {f('density', '7.3f'):>7} "
+              f"{f('select_ms', '7.2f'):>7} {f('fetch_attn_ms', '7.2f'):>7} "
+              f"{f('rest_ms', '7.2f'):>7} {f('pcie_gbs', '6.1f'):>6} "
+              f"{f('gpu_kv_bytes_per_token', '9.0f'):>9}")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    result = {"device": torch.cuda.get_device_name(), "date": date.today().isoformat(),
+              "commit": commit, "torch": torch.__version__, "bulk_copy_gbs": bulk,
+              "model": "Llama-3.1-8B shapes, random bf16 weights, layers=%d" % cfg.num_layers,
+              "settings": {"fixed": fixed_budget().__dict__, "eps0.05": clt_budget().__dict__},
+              "command": "python benchmarks/decode_gpu.py " + " ".join(
+                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+              "rows": rows}
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

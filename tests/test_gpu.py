@@ -1,0 +1,156 @@
+"""The GPU path, on the GPU machine (`pytest -m gpu`): the engine on CUDA against the CPU path,
+CUDA-graph decode against eager decode, vAttention over the pinned host pool (UVA reads by the
+Triton kernels) against full attention, and vAttention's (epsilon, delta) guarantee computed by the
+Triton kernels on bf16 pools in pinned host memory."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import vengine
+from vengine.attention.vattention import vattention_decode
+from vengine.eval.activations import DecodeProblem, capture, corpus_text, decode_problem
+from vengine.eval.baselines import relative_errors
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="needs a CUDA GPU")]
+
+PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+GREEDY = dict(max_new_tokens=64, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def cpu_llm():
+    return vengine.LLM(device="cpu", dtype="float32", max_context=2048)
+
+
+@pytest.fixture(scope="module")
+def story(cpu_llm):
+    ids = cpu_llm.chat_ids(PROMPT)
+    return ids, cpu_llm.generate(ids, **GREEDY)[0].token_ids
+
+
+def test_full_attention_greedy_same_on_cpu_and_gpu(cpu_llm, story):
+    ids, cpu_tokens = story
+    gpu32 = vengine.LLM(device="cuda", dtype="float32", max_context=2048)
+    assert gpu32.generate(ids, **GREEDY)[0].token_ids == cpu_tokens
+    # bf16: teacher-forced on the CPU's tokens, the same argmax almost everywhere and log-probs
+    # of the CPU's tokens within bf16 noise; free-running greedy agrees on a prefix.
+    gpu16 = vengine.LLM(device="cuda", dtype="bfloat16", max_context=2048)
+    seq = ids + cpu_tokens
+    span = slice(len(ids) - 1, len(seq) - 1)
+    ref, got = (llm.logits(seq)[span].log_softmax(-1) for llm in (cpu_llm, gpu16))
+    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    target = torch.tensor(cpu_tokens)[:, None]
+    gap = (got.gather(1, target) - ref.gather(1, target)).abs().max().item()
+    free = gpu16.generate(ids, **GREEDY)[0].token_ids
+    prefix = next((i for i, (a, b) in enumerate(zip(free, cpu_tokens)) if a != b), len(free))
+    print(f"bf16 GPU vs fp32 CPU: argmax agreement {agree:.3f}, max log-prob gap {gap:.3f}, "
+          f"greedy prefix {prefix}/{len(free)}")
+    assert agree >= 0.95 and gap < 0.5 and prefix >= 8
+
+
+def test_cuda_graph_decode_matches_eager(story):
+    ids, _ = story
+    eager = vengine.LLM(device="cuda", dtype="float32", max_context=2048, cuda_graphs=False)
+    graphed = vengine.LLM(device="cuda", dtype="float32", max_context=2048)
+    a, b = (llm.generate(ids, **GREEDY)[0].token_ids for llm in (eager, graphed))
+    assert graphed.runner.graph_error is None and graphed.runner.graphs
+    assert not eager.runner.graphs
+    assert a == b
+
+
+def test_vattention_over_pinned_pool_is_exact_when_every_row_is_fixed(story):
+    ids, _ = story
+    spec = vengine.VAttention(sink=1024, window=1024, seed=0)  # every row is sink or window
+    sparse = vengine.LLM(device="cuda", dtype="float32", max_context=2048, attention=spec)
+    full = vengine.LLM(device="cuda", dtype="float32", max_context=2048)
+    pool = sparse.pool
+    assert pool.k.is_pinned() and not pool.k.is_cuda and pool.k_view.is_cuda
+    a, b = (llm.generate(ids, **GREEDY)[0] for llm in (sparse, full))
+    assert sparse.runner.graph_error is None and sparse.runner.graphs
+    assert a.token_ids == b.token_ids
+    assert a.stats["density"] == pytest.approx(1.0)
+
+
+def test_vattention_long_context_on_gpu():
+    spec = vengine.VAttention(epsilon=0.1, delta=0.1, sink=64, window=64, top_k=0.03,
+                              base_rate=0.02, seed=0)
+    sparse = vengine.LLM(device="cuda", max_context=8192, attention=spec)
+    full = sparse.with_attention("full")
+    ids = sparse.tokenizer.encode(corpus_text())[:4000]
+    a, b = (llm.generate(ids, max_new_tokens=32, ignore_eos=True)[0] for llm in (sparse, full))
+    prefix = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), 32)
+    print(f"4K context bf16: density {a.stats['density']:.3f}, certificate "
+          f"{a.stats['certificate_violation_rate']:.4f}, greedy agreement prefix {prefix}/32")
+    assert sparse.runner.graph_error is None and sparse.runner.graphs
+    assert a.stats["sparse_steps"] == 32 and a.stats["density"] < 0.6
+    assert a.token_ids[0] == b.token_ids[0]  # from the exact prefill
+
+
+# -- the guarantee, on the GPU's kernels and memory ---------------------------------------------
+
+def on_gpu(p: DecodeProblem) -> tuple[DecodeProblem, DecodeProblem]:
+    """(exact problem in float32 on the GPU, the same rows as bf16 pools in pinned host memory
+    read through UVA views); the exact one holds the bf16-rounded values."""
+    from vengine.offload.uva import uva_view
+
+    k16, v16 = p.k_pool.bfloat16().pin_memory(), p.v_pool.bfloat16().pin_memory()
+    exact = dataclasses.replace(p, k_pool=k16.float(), v_pool=v16.float())
+    exact = DecodeProblem(*(getattr(exact, f.name).cuda() for f in dataclasses.fields(exact)))
+    host = dataclasses.replace(exact, k_pool=uva_view(k16), v_pool=uva_view(v16))
+    return exact, host
+
+
+def gpu_violation_rate(problems, cfg: vengine.VAttention, seeds: int):
+    from vengine.kernels import triton_gpu
+
+    viol = []
+    for i, p in enumerate(problems):
+        exact, host = on_gpu(p)
+        s, out = exact.exact()
+        for seed in range(seeds):
+            g = torch.Generator("cuda").manual_seed(1000 * i + seed)
+            r = vattention_decode(host.q, host.k_pool, host.v_pool, host.block_tables,
+                                  host.context_lens, host.sig, host.planes, cfg, g, triton_gpu)
+            _, d_err = relative_errors(r.out.float(), r.d_hat, out, s, r.log_scale)
+            viol.append((d_err > cfg.epsilon).flatten().float())
+    viol = torch.cat(viol)
+    return viol.mean().item(), len(viol)
+
+
+@pytest.mark.parametrize("epsilon", [0.02, 0.05, 0.1])
+@pytest.mark.parametrize("delta", [0.05, 0.1])
+def test_guarantee_on_gpu_synthetic(epsilon, delta):
+    from test_vattention import CFG, SYNTHETIC, random_problem, slack
+
+    problems = [random_problem(B=4, n=4000, seed=s, **SYNTHETIC[kind])
+                for s in range(2) for kind in sorted(SYNTHETIC)]
+    rate, n = gpu_violation_rate(problems, vengine.VAttention(epsilon=epsilon, delta=delta, **CFG),
+                                 seeds=4)
+    print(f"GPU synthetic eps={epsilon} delta={delta}: violations {rate:.4f} of {n}")
+    assert rate <= delta + slack(delta, n)
+
+
+@pytest.fixture(scope="module")
+def captured(cpu_llm):
+    ids = cpu_llm.tokenizer.encode(corpus_text())[:4096]
+    acts = capture(cpu_llm.model, ids, keep_queries=8)
+    g = torch.Generator().manual_seed(7)
+    Hkv, D = acts[0].k.shape[1:]
+    return [decode_problem(a, torch.randn(Hkv, D, 64, generator=g)) for a in acts]
+
+
+@pytest.mark.parametrize("epsilon", [0.02, 0.05, 0.1])
+@pytest.mark.parametrize("delta", [0.05, 0.1])
+def test_guarantee_on_gpu_captured(captured, epsilon, delta):
+    from test_vattention import slack
+
+    cfg = vengine.VAttention(epsilon=epsilon, delta=delta, sink=64, window=64, top_k=0.05,
+                             base_rate=0.03)
+    rate, n = gpu_violation_rate(captured, cfg, seeds=2)
+    print(f"GPU captured eps={epsilon} delta={delta}: violations {rate:.4f} of {n}")
+    assert rate <= delta + slack(delta, n)
