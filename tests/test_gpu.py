@@ -91,6 +91,27 @@ def test_vattention_long_context_on_gpu():
     assert a.token_ids[0] == b.token_ids[0]  # from the exact prefill
 
 
+def test_decode_step_does_not_synchronize_the_host():
+    """Budgets, counts and row lists stay on the device: any op that waits for the GPU raises
+    under sync debug mode "error"."""
+    from vengine.engine.sampling import SamplingParams
+
+    spec = vengine.VAttention(epsilon=0.1, delta=0.1, sink=64, window=64, top_k=0.03,
+                              base_rate=0.02, seed=0)
+    llm = vengine.LLM(device="cuda", max_context=4096, attention=spec, cuda_graphs=False)
+    ids = llm.tokenizer.encode(corpus_text())[:2000]
+    seq = llm._new_sequence(ids, SamplingParams())
+    llm.runner.prefill(seq)
+    seq.output_ids.append(ids[-1])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        logits = llm.runner.decode([seq])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert logits.shape == (1, llm.model.config.vocab_size) and logits.isfinite().all()
+
+
 # -- the guarantee, on the GPU's kernels and memory ---------------------------------------------
 
 def on_gpu(p: DecodeProblem) -> tuple[DecodeProblem, DecodeProblem]:

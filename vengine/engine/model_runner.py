@@ -105,6 +105,8 @@ class ModelRunner:
         self.pool.wait_writes()  # prefill's side-stream writes land before decode reads them
         key = (len(seqs), width)
         entry = self.graphs.get(key)
+        if self.device.type == "cuda":  # staged in pinned memory: the copies do not block
+            inputs = {name: t.pin_memory() for name, t in inputs.items()}
         if entry is not None:
             for name, t in inputs.items():
                 entry.inputs[name].copy_(t, non_blocking=True)
@@ -112,7 +114,7 @@ class ModelRunner:
             self.backend.step_stats = entry.step_stats
             logits = entry.logits.clone()
         else:
-            dev_inputs = {name: t.to(self.device) for name, t in inputs.items()}
+            dev_inputs = {name: t.to(self.device, non_blocking=True) for name, t in inputs.items()}
             logits = self._forward(dev_inputs, seq_ids)
         self.backend.end_step(StepContext(self.backend, False, None, None, None, seq_ids))
         if entry is None and self.use_graphs and self.graph_error is None:

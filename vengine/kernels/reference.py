@@ -8,10 +8,18 @@ The query heads of a GQA group (Hq // Hkv of them) read the same rows.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # _BYTE_SIGNS[v, j] = +1 if bit j of byte v is set, else -1.
 _BYTE_SIGNS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).float() * 2 - 1
+
+
+@functools.cache
+def byte_signs(device: torch.device) -> torch.Tensor:
+    """_BYTE_SIGNS on a device, copied there once (a per-call copy would be a host sync)."""
+    return _BYTE_SIGNS.to(device)
 
 
 def pack_signatures(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
@@ -32,7 +40,7 @@ def hash_scores(q: torch.Tensor, planes: torch.Tensor, sig: torch.Tensor) -> tor
     _, Hkv, S, nbytes = sig.shape
     G = Hq // Hkv
     w = torch.einsum("bhgd,hdn->bhgn", q.float().view(B, Hkv, G, D), planes)
-    table = w.view(B, Hkv, G, nbytes, 8) @ _BYTE_SIGNS.to(q.device).T  # [B, Hkv, G, nbytes, 256]
+    table = w.view(B, Hkv, G, nbytes, 8) @ byte_signs(q.device).T  # [B, Hkv, G, nbytes, 256]
     idx = sig.long().transpose(2, 3)[:, :, None].expand(B, Hkv, G, nbytes, S)
     return table.gather(-1, idx).sum(3).view(B, Hq, S)
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vengine.kernels.reference import _BYTE_SIGNS, pack_signatures  # noqa: F401  (re-export)
+from vengine.kernels.reference import byte_signs, pack_signatures  # noqa: F401  (re-export)
 
 CHUNK = 256  # rows per partial_attention program (one flash-decoding split)
 BLOCK_R = 64  # rows per inner step
@@ -161,7 +161,7 @@ def hash_scores(q: torch.Tensor, planes: torch.Tensor, sig: torch.Tensor) -> tor
     G = Hq // Hkv
     assert sig.dtype == torch.uint8 and planes.shape == (Hkv, D, 8 * nbytes)
     w = torch.einsum("bhgd,hdn->bhgn", q.float().view(B, Hkv, G, D), planes.float())
-    table = (w.view(B, Hkv, G, nbytes, 8) @ _BYTE_SIGNS.to(q.device).T).contiguous()
+    table = (w.view(B, Hkv, G, nbytes, 8) @ byte_signs(q.device).T).contiguous()
     out = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
     grid = (B * Hkv, triton.cdiv(S, BLOCK_S))
     _hash_kernel[grid](table, sig.contiguous(), out, S, G, nbytes, _p2(G, 1), _p2(nbytes, 1),
