@@ -33,6 +33,8 @@ def generate_sampled(llm: vengine.LLM, tokens: int, every: int) -> dict:
     for _ in llm._run([seq]):
         n = len(seq.output_ids)
         if n % every == 0 or seq.finish_reason is not None:
+            if samples:
+                print(json.dumps(samples[-1]), flush=True)
             samples.append({
                 "generated": n, "seconds": time.perf_counter() - t0,
                 "gpu_allocated_mib": torch.cuda.memory_allocated() / 2**20,
@@ -59,6 +61,8 @@ def main() -> None:
     runs = {}
     for name, attention, tokens in (("vattention", spec, args.tokens),
                                     ("full", "full", args.full_tokens)):
+        if tokens <= 0:
+            continue
         llm = vengine.LLM(device="cuda", max_context=args.tokens + 256, max_batch=1,
                           attention=attention)
         runs[name] = generate_sampled(llm, tokens, args.every)

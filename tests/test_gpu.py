@@ -87,7 +87,7 @@ def test_vattention_long_context_on_gpu():
     print(f"4K context bf16: density {a.stats['density']:.3f}, certificate "
           f"{a.stats['certificate_violation_rate']:.4f}, greedy agreement prefix {prefix}/32")
     assert sparse.runner.graph_error is None and sparse.runner.graphs
-    assert a.stats["sparse_steps"] == 32 and a.stats["density"] < 0.6
+    assert a.stats["sparse_steps"] == 31 and a.stats["density"] < 0.6  # token 1: prefill's
     assert a.token_ids[0] == b.token_ids[0]  # from the exact prefill
 
 

@@ -94,7 +94,7 @@ class DecodeProblem:
         Hkv, S = k.shape[1], k.shape[2]
         G = Hq // Hkv
         s = torch.einsum("bhgd,bhsd->bhgs", self.q.view(B, Hkv, G, D), k) / math.sqrt(D)
-        live = torch.arange(S) < self.context_lens[:, None]
+        live = torch.arange(S, device=k.device) < self.context_lens[:, None]
         s = s.masked_fill(~live[:, None, None], float("-inf"))
         out = torch.einsum("bhgs,bhsd->bhgd", s.softmax(-1), v)
         return s.reshape(B, Hq, S), out.reshape(B, Hq, D)
