@@ -353,6 +353,7 @@ def prefill_rate(model, pool, backend, tokens: int) -> dict:
             "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+@torch.inference_mode()  # no autograd: in-place KV writes would otherwise chain every step
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="8192x1,8192x4,8192x16,32768x1,32768x4,131072x1,"
