@@ -26,6 +26,7 @@ import gc
 import json
 import statistics
 import subprocess
+import sys
 import time
 from datetime import date
 
@@ -365,6 +366,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=32, help="fewer layers for a quick look")
     p.add_argument("--out", default="docs/decode_gpu.json")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("decode_gpu.py: needs a CUDA GPU (on CPU: benchmarks/decode.py)")
 
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
     cfg = ModelConfig(**{**LLAMA_8B.__dict__, "num_layers": args.layers})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import time
 from datetime import date
 
@@ -56,6 +57,8 @@ def main() -> None:
     p.add_argument("--every", type=int, default=1024)
     p.add_argument("--out", default="docs/long_generation.json")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("long_generation.py: needs a CUDA GPU (its claim is about GPU memory)")
     spec = vengine.VAttention(epsilon=0.1, delta=0.1, sink=64, window=64, top_k=0.03,
                               base_rate=0.02, seed=0)
     runs = {}

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=Path("eval.json"))
     ev.add_argument("--plot-dir", type=Path, help="write PNG plots here (needs matplotlib)")
     bench = sub.add_parser("bench", help="run the benchmark scripts with default settings")
-    bench.add_argument("name", nargs="?", choices=("decode", "attention_error"), default="decode")
+    bench.add_argument("name", nargs="?", default="decode",
+                       choices=("decode", "decode_gpu", "long_generation", "attention_error"))
     return parser
 
 
