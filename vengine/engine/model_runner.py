@@ -111,7 +111,8 @@ class ModelRunner:
             for name, t in inputs.items():
                 entry.inputs[name].copy_(t, non_blocking=True)
             entry.graph.replay()
-            self.backend.step_stats = entry.step_stats
+            if entry.step_stats is not None:
+                self.backend.step_stats = entry.step_stats
             logits = entry.logits.clone()
         else:
             dev_inputs = {name: t.to(self.device, non_blocking=True) for name, t in inputs.items()}
