@@ -95,9 +95,10 @@ def test_hash_scores_match_unpacked_bits():
     torch.testing.assert_close(reference.hash_scores(p.q, p.planes, p.sig), naive, rtol=1e-5, atol=1e-4)
 
 
-def test_compact_matches_nonzero():
-    mask = torch.rand(3, 4, 257) < 0.2
-    rows, counts = compact(mask, 257)
+@pytest.mark.parametrize("S", [257, 3000])  # 3000: the two-level scan (blocks of 1024)
+def test_compact_matches_nonzero(S):
+    mask = torch.rand(3, 4, S) < 0.2
+    rows, counts = compact(mask, S)
     for b in range(3):
         for h in range(4):
             expect = mask[b, h].nonzero()[:, 0]

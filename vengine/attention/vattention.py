@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 import torch
+import torch.nn.functional as F
 
 from vengine.attention.config import VAttention
 from vengine.attention.context import StepContext
@@ -53,11 +54,26 @@ def sigma_upper_factor(n: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.sqrt(k / chi2.clamp(min=1e-3))
 
 
+def row_cumsum(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Inclusive cumsum of [B, H, S] along S in two levels (within blocks, then block carries).
+
+    Why: a scan along the last dim parallelises over its B * H rows only; with 8 rows of 128K
+    it took 0.2 ms per call on the H100, a quarter of a vAttention layer.
+    """
+    B, H, S = x.shape
+    if S <= block:
+        return x.cumsum(-1)
+    inner = F.pad(x, (0, -S % block)).view(B, H, -1, block).cumsum(-1)
+    totals = inner[..., -1]
+    carry = totals.cumsum(-1) - totals  # sum of the blocks before each block
+    return (inner + carry[..., None]).view(B, H, -1)[..., :S]
+
+
 def compact(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """mask [B, H, S] -> sorted row ids [B, H, width] (padded with 0) and counts [B, H], no sync."""
     B, H, S = mask.shape
     counts = mask.sum(-1)
-    slot = torch.where(mask, mask.cumsum(-1) - 1, width)
+    slot = torch.where(mask, row_cumsum(mask.int()).long() - 1, width)
     rows = torch.zeros(B, H, width + 1, dtype=torch.long, device=mask.device)
     rows.scatter_(-1, slot, torch.arange(S, device=mask.device).expand(B, H, S))
     return rows[..., :width], counts
