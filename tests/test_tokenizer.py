@@ -53,8 +53,9 @@ def smollm_gguf() -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def hf(smollm_gguf):
-    return AutoTokenizer.from_pretrained(str(smollm_gguf.parent), gguf_file=smollm_gguf.name)
+def hf(smollm_gguf, hf_tok):
+    """transformers' tokenizer of the same GGUF, read once per session (conftest.py)."""
+    return hf_tok
 
 
 @pytest.fixture(scope="module")
