@@ -118,9 +118,10 @@ def release() -> None:
     torch.cuda.empty_cache()
 
 
-def step_context(backend, B: int, context: int, tables=None) -> StepContext:
+def step_context(backend, B: int, context: int) -> StepContext:
+    """A decode step's context for backends that keep their own KV (no slots or tables)."""
     lens = torch.full((B,), context + 1, device=DEV)
-    return StepContext(backend, False, torch.zeros(B, dtype=torch.long, device=DEV), tables, lens,
+    return StepContext(backend, False, torch.zeros(B, dtype=torch.long, device=DEV), None, lens,
                        tuple(range(B)))
 
 
