@@ -139,6 +139,19 @@ def test_denominator_estimate_is_unbiased():
     assert ((mean - 1).abs() < 4 * sem).all(), f"bias: mean ratio {mean}, s.e. {sem}"
 
 
+def test_max_sample_caps_the_sample_and_the_certificate_reports_it():
+    p = random_problem(B=2, n=1500, sharpness=1.2)  # "mixed": the CLT asks for a large sample
+    free = VAttention(epsilon=0.02, delta=0.05, **CFG)
+    capped = VAttention(epsilon=0.02, delta=0.05, max_sample=0.05, **CFG)
+    a, b = run(p, free, 0), run(p, capped, 0)
+    n = p.context_lens[:, None].float()
+    fixed = 16 + 16 + 3 * int(0.02 * 1500)  # sink + window + the group's union of top-k, at most
+    b_max = 0.05 * n + 2 * (0.05 * n).sqrt()  # the Bernoulli margin vAttention adds
+    assert (a.density * n > fixed + b_max).any(), "the uncapped budget must exceed the cap"
+    assert (b.density * n <= fixed + b_max + 4 * b_max.sqrt()).all()
+    assert b.over_eps.mean() > a.over_eps.mean()
+
+
 def test_numba_and_torch_kernels_give_the_same_decode():
     p = random_problem(n=600, sharpness=1.5)
     cfg = VAttention(epsilon=0.1, delta=0.1, **CFG)
