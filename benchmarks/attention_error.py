@@ -20,10 +20,8 @@ Prints tables, writes JSON (--out) and two PNGs (--plot-dir); the last line prin
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
-import subprocess
 import time
 from datetime import date
 from pathlib import Path
@@ -36,6 +34,8 @@ from vengine.attention.vattention import vattention_decode
 from vengine.eval.activations import capture, corpus_text, decode_problem
 from vengine.eval.baselines import _fixed, relative_errors, topk_attention, uniform_attention
 from vengine.kernels import get_kernels
+
+from record import git_commit, save  # benchmarks/record.py (this script's folder)
 from vengine.kernels.reference import hash_scores, pack_signatures
 
 EPSILONS = (0.02, 0.05, 0.1, 0.2, 0.3)
@@ -375,12 +375,9 @@ def run(args) -> dict:
               for v in variants}
     best = max(recall, key=lambda v: sum(recall[v].values()))
 
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         check=False, cwd=Path(__file__).resolve().parent)
-    commit = git.stdout.strip()
     return {
         "device": f"{cpu_name()}, {torch.get_num_threads()} threads",
-        "date": date.today().isoformat(), "commit": commit, "torch": torch.__version__,
+        "date": date.today().isoformat(), "commit": git_commit(), "torch": torch.__version__,
         "kernels": kernels.__name__.rsplit(".", 1)[-1],
         "model": "default (SmolLM2-135M-Instruct)", "context": T, "queries": args.queries,
         "layers": mc_layers, "q_heads": Hq, "kv_heads": Hkv, "head_dim": D,
@@ -515,8 +512,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_dir.mkdir(parents=True, exist_ok=True)
     plots(res, plot_dir)
-    out.write_text(json.dumps(res, indent=1) + "\n")
-    print(json.dumps(res))
+    save(res, out)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,8 @@ Prints a table, writes JSON (--out), last line is the JSON. Device: wherever tor
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import subprocess
 import time
 from datetime import date
 
@@ -25,6 +23,8 @@ from vengine.attention.vattention import vattention_decode
 from vengine.eval.activations import corpus_text
 from vengine.kernels import get_kernels
 from vengine.kernels.reference import pack_signatures
+
+from record import git_commit, save  # benchmarks/record.py (this script's folder)
 
 
 def settings(args) -> vengine.VAttention:
@@ -123,15 +123,11 @@ def main() -> None:
         tps = f"{r['tokens_per_s']:9.2f}" if "tokens_per_s" in r else f"{'':>9}"
         print(f"{r['part']:<11} {r['attention']:<11} {r['context']:>8} {r['ms_per_step']:9.2f} "
               f"{tps} {r['density']:8.3f} {r['speedup_vs_full']:7.2f}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     result = {"device": platform.processor() or platform.machine(), "cpus": torch.get_num_threads(),
-              "date": date.today().isoformat(), "commit": commit, "torch": torch.__version__,
+              "date": date.today().isoformat(), "commit": git_commit(), "torch": torch.__version__,
               "settings": {"epsilon": args.epsilon, "delta": args.delta, "sink": 64, "window": 64,
                            "top_k": 0.02, "base_rate": 0.02}, "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result))
+    save(result, args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import time
 from datetime import date
@@ -44,6 +43,8 @@ from vengine.kernels.reference import pack_signatures
 from vengine.models.config import ModelConfig, RopeScaling
 from vengine.models.llama import LlamaForCausalLM
 from vengine.offload.kv_pool import KVPool
+
+from record import git_commit, save  # benchmarks/record.py (this script's folder)
 
 LLAMA_8B = ModelConfig(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
@@ -143,7 +144,9 @@ class Resident:
 
 
 def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q [B, Hq, D] over k, v [B, Hkv, S, D]: the group's query heads as G query rows (flash)."""
+    """q [B, Hq, D] over k, v [B, Hkv, S, D]: the group's query heads as G query rows. Unlike
+    vengine's decode_attention there is no padding mask (every row is live), so SDPA may pick
+    its flash kernel: the best case for the full-attention baselines."""
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     return F.scaled_dot_product_attention(q.view(B, Hkv, Hq // Hkv, D), k, v).reshape(B, Hq, D)
@@ -412,18 +415,14 @@ def main() -> None:
               f"{f('select_ms', '7.2f'):>7} {f('fetch_attn_ms', '7.2f'):>7} "
               f"{f('rest_ms', '7.2f'):>7} {f('pcie_gbs', '6.1f'):>6} "
               f"{f('gpu_kv_bytes_per_token', '9.0f'):>9}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     result = {"device": torch.cuda.get_device_name(), "date": date.today().isoformat(),
-              "commit": commit, "torch": torch.__version__, "bulk_copy_gbs": bulk,
+              "commit": git_commit(), "torch": torch.__version__, "bulk_copy_gbs": bulk,
               "model": "Llama-3.1-8B shapes, random bf16 weights, layers=%d" % cfg.num_layers,
               "settings": {"fixed": fixed_budget().__dict__, "eps0.05": clt_budget().__dict__},
               "command": "python benchmarks/decode_gpu.py " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
               "rows": rows}
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=1)
-    print(json.dumps(result))
+    save(result, args.out)
 
 
 if __name__ == "__main__":

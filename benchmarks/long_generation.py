@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from datetime import date
@@ -19,6 +18,8 @@ import torch
 
 import vengine
 from vengine.engine.sampling import SamplingParams
+
+from record import git_commit, save  # benchmarks/record.py (this script's folder)
 
 
 def generate_sampled(llm: vengine.LLM, tokens: int, every: int) -> dict:
@@ -75,16 +76,12 @@ def main() -> None:
               f"host KV {s[0]['host_kv_mib']:.0f} -> {s[-1]['host_kv_mib']:.0f} MiB", flush=True)
         del llm
         torch.cuda.empty_cache()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     result = {"device": torch.cuda.get_device_name(), "date": date.today().isoformat(),
-              "commit": commit, "model": "SmolLM2-135M-Instruct (default), bf16",
+              "commit": git_commit(), "model": "SmolLM2-135M-Instruct (default), bf16",
               "command": f"python benchmarks/long_generation.py --tokens {args.tokens} "
                          f"--full-tokens {args.full_tokens} --every {args.every}",
               "runs": runs}
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=1)
-    print(json.dumps(result))
+    save(result, args.out)
 
 
 if __name__ == "__main__":

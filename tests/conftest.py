@@ -17,6 +17,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Triton kernels then run in its CPU interpreter. Set here, before any test module imports
+    # triton (its jit reads this when a kernel is decorated), so plain `pytest` works as CI does.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import importlib.util
 import io
 import sys
@@ -110,3 +117,17 @@ def cli(capsys, monkeypatch) -> Callable[..., CliResult]:
         return CliResult(code or 0, out, err)
 
     return run
+
+
+@pytest.fixture
+def hub_offline(monkeypatch, tmp_path) -> None:
+    """No hub access and an empty working directory, so that a hub id such as
+    "someorg/somemodel" is neither a local path nor downloadable: it must fail cleanly."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    except ImportError:
+        pass

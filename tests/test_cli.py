@@ -110,15 +110,7 @@ def test_error_bad_temperature(cli):
     assert_cli_error(cli("chat", "--top-p", "0", stdin="hi\n"), "top_p")
 
 
-def test_error_hub_id_offline(cli, monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)  # "someorg/somemodel" must not exist as a local path
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    try:
-        import huggingface_hub.constants as hub_constants
-
-        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    except ImportError:
-        pass
+def test_error_hub_id_offline(cli, hub_offline):
     assert_cli_error(cli("generate", "--model", "someorg/somemodel", "--prompt", "hi"),
                      "someorg/somemodel")
 

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():  # before triton is imported: its jit reads this on decoration
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import math  # noqa: E402
-
-import pytest  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed: no Triton kernels to test")
 
