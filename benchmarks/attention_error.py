@@ -249,9 +249,8 @@ def run(args) -> dict:
                          {"hash128c": hash_scores(p.q, planes128[layer], sig128c)})
         # section 5's predictors: shipped signatures, exact scores (oracle) and 128-bit
         # signatures of centred keys; with the ranking top-k alone uses for each
-        oracle_kernels = SimpleNamespace(hash_scores=lambda q, planes, sig, s=s: s.clamp(min=-1e30),
-                                         row_scores=kernels.row_scores,
-                                         partial_attention=kernels.partial_attention)
+        true_scores = {"hash_scores": lambda q, planes, sig, s=s: s.clamp(min=-1e30)}
+        oracle_kernels = SimpleNamespace(**{**vars(kernels), **true_scores})
         predictors = {"hash64": (kernels, p.sig, p.planes, "hash"),
                       "oracle": (oracle_kernels, p.sig, p.planes, "oracle"),
                       "centred128": (kernels, sig128c, planes128[layer], "hash128c")}

@@ -11,10 +11,10 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed: no Triton kernels to test")
 
 from vengine.attention.config import VAttention  # noqa: E402
-from vengine.attention.vattention import compact, vattention_decode  # noqa: E402
+from vengine.attention.vattention import vattention_decode  # noqa: E402
 from vengine.eval.activations import DecodeProblem  # noqa: E402
 from vengine.kernels import reference, triton_gpu  # noqa: E402
-from vengine.kernels.reference import pack_signatures  # noqa: E402
+from vengine.kernels.reference import compact, pack_signatures  # noqa: E402
 from vengine.offload.uva import uva_view  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -108,6 +108,66 @@ def test_kernels_match_reference(Hkv, G, D, P):
                     reference.partial_attention, (rows, counts, w, scale),
                     triton_gpu.partial_attention(q, kp, vp, bt, rd, cd, wd, scale, chunk=128),
                     rtol=1e-4)
+
+
+@pytest.mark.parametrize("S,width", [(300, 300), (9000, 9000), (9000, 700)])  # 9000: 3 splits
+def test_row_selection_matches_reference(S, width):
+    """exact_rows and sample_rows give the reference's lists: same rows in the same order, the
+    same counts, also when a list is cut at the buffer width."""
+    g = torch.Generator().manual_seed(S + width)
+    B, Hkv = 3, 2
+    lens = torch.tensor([S, S - 1000 if S > 1000 else S - 100, 40])  # the last: all fixed
+    picked = (torch.rand(B, Hkv, S + 1, generator=g) < 0.1).to(torch.int8)
+    u = torch.rand(B, Hkv, S, generator=g)
+    rate = torch.tensor([[0.1, 0.5], [1.0, 0.0], [0.3, 0.3]])
+    for name, ref, tri in (
+        ("exact", reference.exact_rows(picked, lens, S, 16, 24, width),
+         triton_gpu.exact_rows(picked.to(DEV), lens.to(DEV), S, 16, 24, width)),
+        ("sample", reference.sample_rows(picked, u, rate, lens, 16, 24, width),
+         triton_gpu.sample_rows(picked.to(DEV), u.to(DEV), rate.to(DEV), lens.to(DEV), 16, 24,
+                                width)),
+    ):
+        (rows, counts), (rows_t, counts_t) = ref, (t.cpu() for t in tri)
+        assert torch.equal(counts, counts_t), f"{name}: counts {counts} vs {counts_t}"
+        assert counts.max() > 0 and (width == S or counts.max() == width)
+        for b in range(B):
+            for h in range(Hkv):
+                c = int(counts[b, h])
+                assert torch.equal(rows[b, h, :c], rows_t[b, h, :c]), f"{name} ({b}, {h})"
+
+
+@pytest.mark.parametrize("G,W", [(1, 40), (4, 300), (3, 700)])
+def test_budget_and_finish_match_reference(G, W):
+    """pilot_budget and finish against the reference, pilot sizes 0, 1, 2 and larger included,
+    and a cap that binds."""
+    g = torch.Generator().manual_seed(G * W)
+    B, Hkv, D = 3, 2, 32
+    Hq = Hkv * G
+    count_b = torch.tensor([[0, 1], [2, W // 2], [W, W - 3]])
+    s_b = torch.randn(B, Hq, W, generator=g) * 3
+    s_b[torch.arange(W) >= count_b.repeat_interleave(G, 1)[..., None]] = -math.inf
+    m_f, l_f = torch.randn(B, Hq, generator=g), torch.rand(B, Hq, generator=g) * 20 + 1
+    n_r = torch.tensor([[5000.0, 0.0], [3000.0, 8000.0], [700.0, 9000.0]])
+    cap = torch.minimum(n_r, torch.full_like(n_r, 2000.0))
+    args = (s_b, count_b, m_f, l_f, n_r, cap, 0.05, 0.1)
+    ref = reference.pilot_budget(*args)
+    tri = triton_gpu.pilot_budget(*(a.to(DEV) if torch.is_tensor(a) else a for a in args))
+    for name, r, t in zip(("m", "d_f", "sigma", "p"), ref, tri):
+        torch.testing.assert_close(t.cpu(), r, rtol=1e-5, atol=1e-6, msg=name)
+    assert (ref[3] == 1).any() and ((ref[3] > 0) & (ref[3] < 1)).any()
+
+    m, d_f, sigma, _ = ref
+    parts = [(torch.randn(B, Hq, generator=g), torch.rand(B, Hq, generator=g) * 9 + 1,
+              torch.randn(B, Hq, D, generator=g)) for _ in range(2)]
+    parts[1][0][0, 0] = -math.inf  # an empty sample
+    count_s = torch.tensor([[0, 10], [300, 50], [700, 2]])
+    args = (parts[0], parts[1], m, d_f, sigma, n_r, count_s, 0.05, 0.1)
+    ref = reference.finish(*args)
+    dev = [tuple(t.to(DEV) for t in part) for part in parts]
+    tri = triton_gpu.finish(*dev, *(a.to(DEV) if torch.is_tensor(a) else a for a in args[2:]))
+    for name, r, t in zip(("out", "d_hat", "over_eps"), ref, tri):
+        torch.testing.assert_close(t.cpu(), r, rtol=1e-5, atol=1e-6, msg=name)
+    assert 0 < ref[2].mean() < 1
 
 
 def test_split_sizes_agree():

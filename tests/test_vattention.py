@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from vengine.attention.config import VAttention
-from vengine.attention.vattention import compact, sigma_upper_factor, vattention_decode
+from vengine.attention.vattention import vattention_decode
 from vengine.eval.activations import DecodeProblem, capture, corpus_text, decode_problem
 from vengine.eval.baselines import relative_errors, topk_attention, uniform_attention
 from vengine.kernels import numba_cpu, reference
-from vengine.kernels.reference import merge_partials, pack_signatures
+from vengine.kernels.reference import compact, merge_partials, pack_signatures, sigma_upper_factor
 
 
 def random_problem(B=2, Hkv=3, G=3, D=64, P=16, n=700, bits=64, seed=0, sharpness=0.0,
@@ -229,9 +229,8 @@ def equal_density_errors(problems, cfg: VAttention, oracle: bool) -> dict[str, f
         s, exact_out = p.exact()
         kernels = reference
         if oracle:  # the predictor returns the true scores: vAttention(oracle top-k)
-            kernels = SimpleNamespace(hash_scores=lambda q, planes, sig, s=s: s.clamp(min=-1e30),
-                                      row_scores=reference.row_scores,
-                                      partial_attention=reference.partial_attention)
+            true_scores = {"hash_scores": lambda q, planes, sig, s=s: s.clamp(min=-1e30)}
+            kernels = SimpleNamespace(**{**vars(reference), **true_scores})
         r = run(p, cfg, i, kernels)
         density = r.density.mean().item()
         errs["vattention"].append(relative_errors(r.out, r.d_hat, exact_out, s, r.log_scale)[0])

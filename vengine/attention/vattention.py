@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import torch
-import torch.nn.functional as F
 
 from vengine.attention.config import VAttention
 from vengine.attention.context import StepContext
 from vengine.attention.full import causal_attention
 from vengine.kernels import get_kernels
-from vengine.kernels.reference import merge_partials, pack_signatures
+from vengine.kernels.reference import pack_signatures
 from vengine.models.config import ModelConfig
 from vengine.offload.kv_pool import KVPool, SignaturePool
 
@@ -43,40 +41,10 @@ class DecodeResult:
     over_eps: torch.Tensor  # [B, Hq] predicted relative error of D_hat above epsilon (0/1)
 
 
-def sigma_upper_factor(n: torch.Tensor, alpha: float) -> torch.Tensor:
-    """sqrt((n-1) / chi2_alpha(n-1)): a sample std times this bounds sigma with prob 1 - alpha.
-
-    chi2 quantile by the Wilson-Hilferty approximation (accurate to ~1% from 10 degrees of freedom).
-    """
-    k = (n - 1).clamp(min=1)
-    z = NormalDist().inv_cdf(alpha)
-    chi2 = k * (1 - 2 / (9 * k) + z * torch.sqrt(2 / (9 * k))) ** 3
-    return torch.sqrt(k / chi2.clamp(min=1e-3))
-
-
-def row_cumsum(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """Inclusive cumsum of [B, H, S] along S in two levels (within blocks, then block carries).
-
-    Why: a scan along the last dim parallelises over its B * H rows only; with 8 rows of 128K
-    it took 0.2 ms per call on the H100, a quarter of a vAttention layer.
-    """
-    B, H, S = x.shape
-    if S <= block:
-        return x.cumsum(-1)
-    inner = F.pad(x, (0, -S % block)).view(B, H, -1, block).cumsum(-1)
-    totals = inner[..., -1]
-    carry = totals.cumsum(-1) - totals  # sum of the blocks before each block
-    return (inner + carry[..., None]).view(B, H, -1)[..., :S]
-
-
-def compact(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """mask [B, H, S] -> sorted row ids [B, H, width] (padded with 0) and counts [B, H], no sync."""
-    B, H, S = mask.shape
-    counts = mask.sum(-1)
-    slot = torch.where(mask, row_cumsum(mask.int()).long() - 1, width)
-    rows = torch.zeros(B, H, width + 1, dtype=torch.long, device=mask.device)
-    rows.scatter_(-1, slot, torch.arange(S, device=mask.device).expand(B, H, S))
-    return rows[..., :width], counts
+def sample_width(expected: float, S: int) -> int:
+    """Row buffer for a Bernoulli sample of mean <= expected: 8 standard deviations over it. A
+    longer draw (odds ~1e-15) keeps its first `width` rows."""
+    return min(S, math.ceil(expected + 8 * math.sqrt(expected) + 16))
 
 
 def vattention_decode(
@@ -101,75 +69,55 @@ def vattention_decode(
     G = Hq // Hkv
     dev = q.device
     scale = 1.0 / math.sqrt(D)
-    pos = torch.arange(S, device=dev)
     n = context_lens[:, None]
-    valid = pos < n  # [B, S]
-    fixed = valid & ((pos < cfg.sink) | (pos >= n - cfg.window))
 
-    # 1. predicted top-k per query head, united over the group
+    # 1. predicted top-k per query head, united over the group: picked [B, Hkv, S + 1] (column S
+    # takes the picks past a sequence's own k)
     k_max = min(cfg.top_k_rows(S), max(S - cfg.sink - cfg.window, 0))
-    exact = fixed[:, None].expand(B, Hkv, S)
+    picked = torch.zeros(B, Hkv, S + 1, dtype=torch.int8, device=dev)
     if k_max > 0:
         k_rows = torch.minimum(cfg.top_k_rows(context_lens), context_lens - cfg.sink - cfg.window)
-        candidates = valid & ~fixed
+        pos = torch.arange(S, device=dev)
+        candidates = (pos >= cfg.sink) & (pos < n - cfg.window)  # [B, S]
         scores = kernels.hash_scores(q, planes, sig).masked_fill(~candidates[:, None], -math.inf)
         top = scores.topk(k_max, dim=-1).indices  # [B, Hq, k_max]
         keep = torch.arange(k_max, device=dev) < k_rows[:, None, None]
-        picked = torch.zeros(B, Hq, S, dtype=torch.bool, device=dev)
-        picked.scatter_(-1, top, keep.expand(B, Hq, k_max))
-        exact = exact | (picked.view(B, Hkv, G, S).any(2) & candidates[:, None])
+        picked.scatter_(-1, torch.where(keep, top, S).view(B, Hkv, G * k_max), 1)
     exact_width = min(S, cfg.sink + cfg.window + G * k_max)
-    rows_f, count_f = compact(exact, exact_width)
+    rows_f, count_f = kernels.exact_rows(picked, context_lens, S, cfg.sink, cfg.window,
+                                         exact_width)
     m_f, l_f, acc_f = kernels.partial_attention(
         q, k_pool, v_pool, block_tables, rows_f, count_f, None, scale
     )
 
     # 2. pilot sample of the residual: statistics of exp(s - m) per query head
-    resid = valid[:, None] & ~exact  # [B, Hkv, S]
-    n_r = resid.sum(-1).float()  # [B, Hkv]
+    n_r = (n - count_f).float()  # [B, Hkv]
     u = torch.rand(2, B, Hkv, S, device=dev, generator=generator)
     base_rate = torch.clamp(torch.clamp(MIN_BASE / n_r, min=cfg.base_rate), max=1.0)
-    rows_b, count_b = compact(resid & (u[0] < base_rate[..., None]), S)
-    s_b = kernels.row_scores(q, k_pool, block_tables, rows_b, count_b, scale)  # [B, Hq, S]
-    m = torch.maximum(m_f, s_b.amax(-1))  # any per-head constant works: use the largest seen
-    x = torch.exp(s_b - m[..., None])  # 0 past the counts
-    nb = count_b.repeat_interleave(G, dim=1).float()  # [B, Hq]
-    live = torch.arange(S, device=dev) < nb[..., None]
-    n_rq = n_r.repeat_interleave(G, dim=1)
-    mean = x.sum(-1) / nb.clamp(min=1)
-    var = ((x - mean[..., None]) ** 2 * live).sum(-1) / (nb - 1).clamp(min=1)
-    d_f = l_f * torch.exp(m_f - m)
-    d_pilot = d_f + n_rq * mean
+    width_b = sample_width(cfg.base_rate * S + MIN_BASE, S)
+    rows_b, count_b = kernels.sample_rows(picked, u[0], base_rate, context_lens, cfg.sink,
+                                          cfg.window, width_b)
+    s_b = kernels.row_scores(q, k_pool, block_tables, rows_b, count_b, scale)  # [B, Hq, width_b]
 
-    # 3. CLT budget per head; the group takes its largest. delta is split: with probability
-    # 1 - delta/2 the pilot's sigma bound holds, and given it the sample meets epsilon with
-    # probability 1 - delta/2. (Point estimates of sigma from a small pilot of heavy-tailed
-    # exp-scores run low, and the guarantee then fails in measurement.)
-    z = NormalDist().inv_cdf(1 - cfg.delta / 4)
-    sigma = var.sqrt() * sigma_upper_factor(nb, cfg.delta / 2)
-    budget = (z * n_rq * sigma / (cfg.epsilon * d_pilot)) ** 2
-    budget = torch.where(nb >= 2, budget, n_rq)  # too few pilot rows: take everything
-    b_group = budget.view(B, Hkv, G).amax(-1)
-    b_group = torch.minimum(torch.maximum(b_group, count_b.float()), n_r)
+    # 3. CLT budget per head, the group's largest (kernels.pilot_budget)
+    cap = n_r if cfg.max_sample is None else torch.minimum(n_r, cfg.max_sample * n.float())
+    m, d_f, sigma, p = kernels.pilot_budget(s_b, count_b, m_f, l_f, n_r, cap, cfg.epsilon,
+                                            cfg.delta)
+
+    # 4. the sample, weighted n_R / |S|
+    width_s = S
     if cfg.max_sample is not None:
-        b_group = torch.minimum(b_group, cfg.max_sample * context_lens[:, None].float())
-
-    # 4. the sample, weighted n_R / |S|; its size is Binomial(n_R, p), so p carries a 2-sigma
-    # margin to keep |S| >= b in ~98% of draws
-    p = torch.where(n_r > 0, (b_group + 2 * b_group.sqrt()) / n_r.clamp(min=1), 0.0).clamp(max=1)
-    rows_s, count_s = compact(resid & (u[1] < p[..., None]), S)
-    logw = torch.log(n_r / count_s.clamp(min=1))[..., None].expand(B, Hkv, S)
+        most = cfg.max_sample * S
+        width_s = sample_width(most + 2 * math.sqrt(most), S)
+    rows_s, count_s = kernels.sample_rows(picked, u[1], p, context_lens, cfg.sink, cfg.window,
+                                          width_s)
+    logw = torch.log(n_r / count_s.clamp(min=1))[..., None].expand(B, Hkv, width_s)
     m_s, l_s, acc_s = kernels.partial_attention(
         q, k_pool, v_pool, block_tables, rows_s, count_s, logw, scale
     )
-    out = merge_partials([(m_f, l_f, acc_f), (m_s, l_s, acc_s)])
-
-    d_hat = d_f + l_s * torch.exp(m_s - m)
-    s_q = count_s.repeat_interleave(G, dim=1).float()
-    fpc = (1 / s_q.clamp(min=1) - 1 / n_rq.clamp(min=1)).clamp(min=0)
-    rel_err = z * n_rq * sigma * fpc.sqrt() / d_hat
-    over_eps = ((rel_err > cfg.epsilon) & (n_rq > 0)).float()
-    density = (count_f + count_s).float() / context_lens[:, None].float()
+    out, d_hat, over_eps = kernels.finish((m_f, l_f, acc_f), (m_s, l_s, acc_s), m, d_f, sigma,
+                                          n_r, count_s, cfg.epsilon, cfg.delta)
+    density = (count_f + count_s).float() / n.float()
     return DecodeResult(out.to(q.dtype), m, d_hat, density, over_eps)
 
 

@@ -12,7 +12,14 @@ import numba as nb
 import numpy as np
 import torch
 
-from vengine.kernels.reference import _BYTE_SIGNS, pack_signatures  # noqa: F401  (re-export)
+from vengine.kernels.reference import (  # noqa: F401  (re-export: selection and statistics are
+    _BYTE_SIGNS,  # vectorised torch over whole tensors)
+    exact_rows,
+    finish,
+    pack_signatures,
+    pilot_budget,
+    sample_rows,
+)
 
 
 @nb.njit(parallel=True, cache=True)

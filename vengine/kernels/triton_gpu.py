@@ -4,7 +4,7 @@ Why: on the GPU the K/V pool may live in pinned host memory read through a UVA v
 (vengine.offload.uva), so every byte a kernel reads is PCIe traffic. Each program therefore owns
 one (sequence, KV head) and reads each selected K/V row once for all G = Hq / Hkv query heads of
 the GQA group (the group is padded to >= 16 rows so tl.dot applies). Row lists are sorted ascending by construction
-(vattention.compact), which keeps the reads sequential-ish. Long row lists are split over
+(exact_rows, sample_rows), which keeps the reads sequential-ish. Long row lists are split over
 programs flash-decoding style: each split writes unnormalised online-softmax partials and the
 splits are combined in torch. The number of splits comes from the padded row-buffer width R (a
 host int), so no host sync on the counts is needed; splits past a list's count are empty.
@@ -15,6 +15,8 @@ to about float32 accuracy (_mma): decode is bound by memory (or PCIe), not by th
 
 from __future__ import annotations
 
+from statistics import NormalDist
+
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +26,8 @@ from vengine.kernels.reference import byte_signs, pack_signatures  # noqa: F401 
 CHUNK = 256  # rows per partial_attention program (one flash-decoding split)
 BLOCK_R = 64  # rows per inner step
 BLOCK_S = 64  # signatures per hash_scores program
+SPLIT = 4096  # context positions per row-selection program
+BLOCK_SEL = 1024  # positions per row-selection inner step
 
 
 def _p2(n: int, lo: int = 16) -> int:
@@ -142,6 +146,121 @@ def _attn_kernel(q, k_pool, v_pool, tables, rows, counts, logw, m_out, l_out, ac
              mask=(g[:, None] < G) & (d[None, :] < D))
 
 
+@triton.jit
+def _rows_kernel(picked, u, rate, lens, counts, offsets, rows, width, sp0, sp1, su0, su1, sr0, sr1,
+                 SINK, WINDOW, HKV: tl.constexpr, SAMPLE: tl.constexpr,
+                 WRITE: tl.constexpr, SPLIT_: tl.constexpr, BLOCK: tl.constexpr):
+    """One split of the positions of one (sequence, KV head). Exact rows (SAMPLE False): sink,
+    window or picked; else the residual rows with u < rate. Pass 1 (WRITE False) counts them per
+    split; pass 2 writes them, ascending, from the split's offset (an exclusive scan of pass 1)."""
+    bh = tl.program_id(0).to(tl.int64)
+    split, n_splits = tl.program_id(1), tl.num_programs(1)
+    b, h = bh // HKV, bh % HKV
+    n = tl.load(lens + b)
+    start = split * SPLIT_
+    end = tl.minimum(start + SPLIT_, n)
+    if SAMPLE:
+        p = tl.load(rate + bh)
+    count = tl.zeros([], tl.int32)
+    if WRITE:
+        count += tl.load(offsets + bh * n_splits + split)
+    for s0 in range(start, end, BLOCK):
+        s = s0 + tl.arange(0, BLOCK)
+        valid = s < end
+        keep = valid & ((s < SINK) | (s >= n - WINDOW))
+        keep |= valid & (tl.load(picked + b * sp0 + h * sp1 + s, mask=valid, other=0) != 0)
+        if SAMPLE:
+            x = tl.load(u + b * su0 + h * su1 + s, mask=valid, other=1.0)
+            keep = valid & ~keep & (x < p)
+        k = keep.to(tl.int32)
+        if WRITE:
+            slot = count + tl.cumsum(k, 0) - 1
+            tl.store(rows + b * sr0 + h * sr1 + slot, s.to(tl.int64), mask=keep & (slot < width))
+        count += tl.sum(k, 0)
+    if not WRITE:
+        tl.store(counts + bh * n_splits + split, count)
+
+
+@triton.jit
+def _budget_kernel(s_b, count_b, m_f, l_f, n_r, cap, m_out, d_f_out, sigma_out, p_out, W,
+                   Z, ZA, EPS, G: tl.constexpr, GP: tl.constexpr, BW: tl.constexpr):
+    """One (sequence, KV head): the group's pilot statistics and budget (reference.pilot_budget).
+    s_b [B*Hkv, G, W]; the per-head tensors [B*Hkv, G]; the per-group ones [B*Hkv]."""
+    bh = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, GP)
+    gm = g < G
+    nb = tl.load(count_b + bh).to(tl.float32)
+    nr = tl.load(n_r + bh)
+    mf = tl.load(m_f + bh * G + g, mask=gm, other=0.0)  # padding heads: finite, unused
+    lf = tl.load(l_f + bh * G + g, mask=gm, other=0.0)
+    row = s_b + (bh * G + g[:, None]) * W
+    mb = tl.full([GP], float("-inf"), tl.float32)
+    for w0 in range(0, W, BW):
+        w = w0 + tl.arange(0, BW)
+        x = tl.load(row + w[None, :], mask=gm[:, None] & (w < W)[None, :], other=float("-inf"))
+        mb = tl.maximum(mb, tl.max(x, 1))
+    m = tl.maximum(mf, mb)
+    total = tl.zeros([GP], tl.float32)
+    for w0 in range(0, W, BW):
+        w = w0 + tl.arange(0, BW)
+        x = tl.load(row + w[None, :], mask=gm[:, None] & (w < W)[None, :], other=float("-inf"))
+        total += tl.sum(tl.exp(x - m[:, None]), 1)
+    mean = total / tl.maximum(nb, 1.0)
+    sq = tl.zeros([GP], tl.float32)
+    for w0 in range(0, W, BW):
+        w = w0 + tl.arange(0, BW)
+        x = tl.load(row + w[None, :], mask=gm[:, None] & (w < W)[None, :], other=float("-inf"))
+        dev = tl.where((w < nb)[None, :], tl.exp(x - m[:, None]) - mean[:, None], 0.0)
+        sq += tl.sum(dev * dev, 1)
+    var = sq / tl.maximum(nb - 1, 1.0)
+    d_f = lf * tl.exp(mf - m)
+    d_pilot = d_f + nr * mean
+    k = tl.maximum(nb - 1, 1.0)  # sigma's upper bound: chi2 quantile by Wilson-Hilferty
+    c = 1 - 2 / (9 * k) + ZA * tl.sqrt(2 / (9 * k))
+    sigma = tl.sqrt(var) * tl.sqrt(k / tl.maximum(k * c * c * c, 1e-3))
+    budget = Z * nr * sigma / (EPS * d_pilot)
+    budget = tl.where(nb >= 2, budget * budget, nr)
+    b = tl.max(tl.where(gm, budget, float("-inf")), 0)
+    b = tl.minimum(tl.minimum(tl.maximum(b, nb), nr), tl.load(cap + bh))
+    p = tl.where(nr > 0, (b + 2 * tl.sqrt(b)) / tl.maximum(nr, 1.0), 0.0)
+    tl.store(m_out + bh * G + g, m, mask=gm)
+    tl.store(d_f_out + bh * G + g, d_f, mask=gm)
+    tl.store(sigma_out + bh * G + g, sigma, mask=gm)
+    tl.store(p_out + bh, tl.minimum(p, 1.0))
+
+
+@triton.jit
+def _finish_kernel(m_f, l_f, acc_f, m_s, l_s, acc_s, m, d_f, sigma, n_r, count_s, out, d_hat_out,
+                   over_out, Z, EPS, G: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
+                   DP: tl.constexpr):
+    """One (sequence, KV head): merge the two partials, D_hat and the certificate
+    (reference.finish). Per-head tensors [B*Hkv, G], acc and out [B*Hkv, G, D]."""
+    bh = tl.program_id(0).to(tl.int64)
+    g, d = tl.arange(0, GP), tl.arange(0, DP)
+    gm = g < G
+    h = bh * G + g
+    gd = gm[:, None] & (d < D)[None, :]
+    mf = tl.load(m_f + h, mask=gm, other=0.0)  # padding heads: finite, unused
+    ms = tl.load(m_s + h, mask=gm, other=float("-inf"))
+    lf = tl.load(l_f + h, mask=gm, other=1.0)
+    ls = tl.load(l_s + h, mask=gm, other=0.0)
+    top = tl.maximum(tl.maximum(mf, ms), -3.4028234663852886e38)
+    cf, cs = tl.exp(mf - top), tl.exp(ms - top)
+    af = tl.load(acc_f + h[:, None] * D + d[None, :], mask=gd, other=0.0)
+    a_s = tl.load(acc_s + h[:, None] * D + d[None, :], mask=gd, other=0.0)
+    o = (af * cf[:, None] + a_s * cs[:, None]) / (lf * cf + ls * cs)[:, None]
+    tl.store(out + h[:, None] * D + d[None, :], o, mask=gd)
+    d_hat = tl.load(d_f + h, mask=gm, other=1.0) + ls * tl.exp(ms - tl.load(m + h, mask=gm,
+                                                                             other=0.0))
+    nr = tl.load(n_r + bh)
+    fpc = tl.maximum(1 / tl.maximum(tl.load(count_s + bh).to(tl.float32), 1.0)
+                     - 1 / tl.maximum(nr, 1.0), 0.0)
+    rel_err = Z * nr * tl.load(sigma + h, mask=gm, other=0.0) * tl.sqrt(fpc) / d_hat
+    tl.store(d_hat_out + h, d_hat, mask=gm)
+    over = tl.where(rel_err > EPS, 1.0, 0.0)
+    tl.store(over_out + h, tl.where(nr > 0, over, 0.0), mask=gm)
+
+
 # TRITON_INTERPRET=1 (read when the kernels were decorated) runs them in the CPU interpreter
 _INTERPRET = not isinstance(_attn_kernel, triton.runtime.jit.JITFunction)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -167,6 +286,63 @@ def hash_scores(q: torch.Tensor, planes: torch.Tensor, sig: torch.Tensor) -> tor
     _hash_kernel[grid](table, sig.contiguous(), out, S, G, nbytes, _p2(G, 1), _p2(nbytes, 1),
                        BLOCK_S)
     return out
+
+
+def _select(picked, u, rate, context_lens, sink: int, window: int, width: int, S: int):
+    assert picked.dtype == torch.int8 and picked.stride(-1) == 1 and picked.shape[-1] >= S
+    B, Hkv, dev = len(context_lens), picked.shape[1], context_lens.device
+    n_splits = max(1, triton.cdiv(S, SPLIT))
+    counts = torch.empty(B, Hkv, n_splits, dtype=torch.int32, device=dev)
+    rows = torch.empty(B, Hkv, width, dtype=torch.long, device=dev)
+    su = u.stride()[:2] if u is not None else (0, 0)
+    for write in (False, True):
+        offsets = counts.cumsum(-1, dtype=torch.int32) - counts if write else counts
+        _rows_kernel[(B * Hkv, n_splits)](
+            picked, u if u is not None else counts, rate if rate is not None else counts,
+            context_lens, counts, offsets, rows, width, *picked.stride()[:2], *su,
+            *rows.stride()[:2], sink, window, Hkv, u is not None, write, SPLIT, BLOCK_SEL)
+    return rows, counts.sum(-1).clamp(max=width)
+
+
+def exact_rows(picked, context_lens, S: int, sink: int, window: int, width: int):
+    """Row lists [B, Hkv, width] of sink, window and picked rows, counts [B, Hkv] (reference)."""
+    return _select(picked, None, None, context_lens, sink, window, width, S)
+
+
+def sample_rows(picked, u, rate, context_lens, sink: int, window: int, width: int):
+    """A Bernoulli sample of the residual rows: lists [B, Hkv, width], counts (see reference)."""
+    assert u.stride(-1) == 1
+    return _select(picked, u, rate.float().contiguous(), context_lens, sink, window, width,
+                   u.shape[2])
+
+
+def pilot_budget(s_b, count_b, m_f, l_f, n_r, cap, epsilon: float, delta: float):
+    """The CLT budget from the pilot sample, one program per group (see reference.pilot_budget)."""
+    B, Hq, W = s_b.shape
+    Hkv = n_r.shape[1]
+    G = Hq // Hkv
+    m, d_f, sigma = (torch.empty(B, Hq, dtype=torch.float32, device=s_b.device) for _ in range(3))
+    p = torch.empty(B, Hkv, dtype=torch.float32, device=s_b.device)
+    _budget_kernel[(B * Hkv,)](
+        s_b.contiguous(), count_b.contiguous(), m_f.contiguous(), l_f.contiguous(),
+        n_r.float().contiguous(), cap.float().contiguous(), m, d_f, sigma, p, W,
+        NormalDist().inv_cdf(1 - delta / 4), NormalDist().inv_cdf(delta / 2), epsilon, G,
+        _p2(G, 1), 256)
+    return m, d_f, sigma, p
+
+
+def finish(part_f, part_s, m, d_f, sigma, n_r, count_s, epsilon: float, delta: float):
+    """Output, D_hat and over_eps from the two partials, one program per group (reference.finish)."""
+    (m_f, l_f, acc_f), (m_s, l_s, acc_s) = part_f, part_s
+    B, Hq, D = acc_f.shape
+    Hkv = n_r.shape[1]
+    out = torch.empty(B, Hq, D, dtype=torch.float32, device=acc_f.device)
+    d_hat, over = torch.empty_like(m), torch.empty_like(m)
+    c = [t.contiguous() for t in (m_f, l_f, acc_f, m_s, l_s, acc_s, m, d_f, sigma)]
+    _finish_kernel[(B * Hkv,)](
+        *c, n_r.float().contiguous(), count_s.contiguous(), out, d_hat, over,
+        NormalDist().inv_cdf(1 - delta / 4), epsilon, Hq // Hkv, D, _p2(Hq // Hkv, 1), _p2(D, 1))
+    return out, d_hat, over
 
 
 def row_scores(q: torch.Tensor, k_pool: torch.Tensor, block_tables: torch.Tensor,
