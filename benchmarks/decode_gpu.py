@@ -215,8 +215,8 @@ class RecordingKernels:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 
-    def hash_scores(self, *args):
-        return triton_gpu.hash_scores(*args)
+    def __getattr__(self, name: str):  # selection and statistics: not recorded
+        return getattr(triton_gpu, name)
 
     def row_scores(self, *args):
         self.calls.append((triton_gpu.row_scores, args))
