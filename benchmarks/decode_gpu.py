@@ -56,8 +56,8 @@ DEV = torch.device("cuda")
 DTYPE = torch.bfloat16
 
 
-def fixed_budget() -> vengine.VAttention:
-    return vengine.VAttention(epsilon=0.05, delta=0.05, sink=128, window=128, top_k=0.02,
+def fixed_budget(top_k: float = 0.02) -> vengine.VAttention:
+    return vengine.VAttention(epsilon=0.05, delta=0.05, sink=128, window=128, top_k=top_k,
                               base_rate=0.01, max_sample=0.015, seed=0)
 
 
@@ -304,6 +304,8 @@ def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: floa
 
     # (c) vengine, at a fixed budget and at epsilon = 0.05; eager and CUDA graph
     for name, backend in backends.items():
+        if name.startswith("fixed top_k") and (context, B) != (args.sweep_context, 1):
+            continue
         split = layer_split(cfg, backend, tables, B, context)
         for graphs in (False, True) if name == "fixed" else (True,):  # eager once: the saving
             runner = ModelRunner(model, pool, backend, DEV, cuda_graphs=graphs)
@@ -368,6 +370,9 @@ def main() -> None:
     p.add_argument("--stream-repeats", type=int, default=3)
     p.add_argument("--prefill", default="32768,131072", help="prompt lengths to prefill ('' none)")
     p.add_argument("--layers", type=int, default=32, help="fewer layers for a quick look")
+    p.add_argument("--sweep-top-k", default="0.01,0.005", help="more fixed budgets (top_k per "
+                   "query head) at --sweep-context, batch 1: how the step scales with density")
+    p.add_argument("--sweep-context", type=int, default=131072)
     p.add_argument("--out", default="docs/decode_gpu.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -387,6 +392,9 @@ def main() -> None:
     clt = VAttentionBackend(clt_budget(), pool, cfg, DEV)
     clt.signatures = backends["fixed"].signatures  # the same planes (fixed seed), one copy
     backends["eps0.05"] = clt
+    for k in (float(x) for x in args.sweep_top_k.split(",") if x):
+        backends[f"fixed top_k={k}"] = VAttentionBackend(fixed_budget(k), pool, cfg, DEV)
+        backends[f"fixed top_k={k}"].signatures = backends["fixed"].signatures
     fill_pool(pool, backends["fixed"], pages)
     print(f"pinned pool {budget / 2**30:.1f} GiB allocated and filled in "
           f"{time.perf_counter() - t:.1f} s", flush=True)
@@ -418,7 +426,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "date": date.today().isoformat(),
               "commit": git_commit(), "torch": torch.__version__, "bulk_copy_gbs": bulk,
               "model": "Llama-3.1-8B shapes, random bf16 weights, layers=%d" % cfg.num_layers,
-              "settings": {"fixed": fixed_budget().__dict__, "eps0.05": clt_budget().__dict__},
+              "settings": {name: b.cfg.__dict__ for name, b in backends.items()},
               "command": "python benchmarks/decode_gpu.py " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
               "rows": rows}

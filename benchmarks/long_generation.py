@@ -28,6 +28,7 @@ def generate_sampled(llm: vengine.LLM, tokens: int, every: int) -> dict:
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True, temperature=0.7, top_p=0.95,
                             seed=0)
     seq = llm._new_sequence(ids, params)
+    seq.keep_cache = True  # the last sample sees the whole KV; released below
     page_bytes = llm.pool.k[0, 0].numel() * llm.pool.k.element_size() * 2 * llm.pool.k.shape[0]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -45,8 +46,8 @@ def generate_sampled(llm: vengine.LLM, tokens: int, every: int) -> dict:
                 / 2**20})
         if seq.finish_reason is not None:
             break
-    stats = llm.backend.seq_stats(seq.seq_id)
-    return {"samples": samples, "density": stats.get("density", 1.0),
+    llm.runner.release(seq)
+    return {"samples": samples, "density": seq.stats.get("density", 1.0),
             "tokens_per_s": len(seq.output_ids) / (time.perf_counter() - t0),
             "cuda_graphs": len(llm.runner.graphs), "graph_error": llm.runner.graph_error}
 
