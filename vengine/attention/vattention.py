@@ -61,9 +61,10 @@ def vattention_decode(
 ) -> DecodeResult:
     """One layer of vAttention decode. q [B, Hq, D]; k/v_pool [pages, Hkv, P, D] (one layer, in
     GPU memory, CPU memory or a UVA view of pinned host memory); sig [B, Hkv, S, nbytes] signatures
-    of the padded context; planes [Hkv, D, nbits]. Buffers are sized by S, the padded width (a
-    host int that bounds context_lens), and masked by per-row counts: nothing waits for the device,
-    and a step of fixed S has fixed shapes (CUDA graphs)."""
+    of the padded context; planes [Hkv, D, nbits]. Buffers are sized by host ints derived from S,
+    the padded width that bounds context_lens (the pilot's and a capped sample's by sample_width),
+    and masked by per-row counts: nothing waits for the device, and a step of fixed S has fixed
+    shapes (CUDA graphs)."""
     B, Hq, D = q.shape
     Hkv, S = sig.shape[1], sig.shape[2]
     G = Hq // Hkv

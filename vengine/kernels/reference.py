@@ -153,6 +153,12 @@ def sigma_upper_factor(n: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.sqrt(k / chi2.clamp(min=1e-3))
 
 
+def sample_z(delta: float) -> float:
+    """z_{1-delta/4}: the sample's normal quantile once delta is split with the pilot's sigma bound
+    (which takes delta/2; see pilot_budget)."""
+    return NormalDist().inv_cdf(1 - delta / 4)
+
+
 def pilot_budget(s_b, count_b, m_f, l_f, n_r, cap, epsilon: float, delta: float):
     """The CLT budget from the pilot sample.
 
@@ -180,7 +186,7 @@ def pilot_budget(s_b, count_b, m_f, l_f, n_r, cap, epsilon: float, delta: float)
     var = ((x - mean[..., None]) ** 2 * live).sum(-1) / (nb - 1).clamp(min=1)
     d_f = l_f * torch.exp(m_f - m)
     d_pilot = d_f + n_rq * mean
-    z = NormalDist().inv_cdf(1 - delta / 4)
+    z = sample_z(delta)
     sigma = var.sqrt() * sigma_upper_factor(nb, delta / 2)
     budget = (z * n_rq * sigma / (epsilon * d_pilot)) ** 2
     budget = torch.where(nb >= 2, budget, n_rq)  # too few pilot rows: take everything
@@ -204,5 +210,5 @@ def finish(part_f, part_s, m, d_f, sigma, n_r, count_s, epsilon: float, delta: f
     s_q = count_s.repeat_interleave(G, dim=1).float()
     n_rq = n_r.repeat_interleave(G, dim=1)
     fpc = (1 / s_q.clamp(min=1) - 1 / n_rq.clamp(min=1)).clamp(min=0)
-    rel_err = NormalDist().inv_cdf(1 - delta / 4) * n_rq * sigma * fpc.sqrt() / d_hat
+    rel_err = sample_z(delta) * n_rq * sigma * fpc.sqrt() / d_hat
     return out, d_hat, ((rel_err > epsilon) & (n_rq > 0)).float()

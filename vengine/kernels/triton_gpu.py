@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from vengine.kernels.reference import byte_signs, pack_signatures  # noqa: F401  (re-export)
+from vengine.kernels.reference import sample_z
 
 CHUNK = 256  # rows per partial_attention program (one flash-decoding split)
 BLOCK_R = 64  # rows per inner step
@@ -326,7 +327,7 @@ def pilot_budget(s_b, count_b, m_f, l_f, n_r, cap, epsilon: float, delta: float)
     _budget_kernel[(B * Hkv,)](
         s_b.contiguous(), count_b.contiguous(), m_f.contiguous(), l_f.contiguous(),
         n_r.float().contiguous(), cap.float().contiguous(), m, d_f, sigma, p, W,
-        NormalDist().inv_cdf(1 - delta / 4), NormalDist().inv_cdf(delta / 2), epsilon, G,
+        sample_z(delta), NormalDist().inv_cdf(delta / 2), epsilon, G,
         _p2(G, 1), 256)
     return m, d_f, sigma, p
 
@@ -341,7 +342,7 @@ def finish(part_f, part_s, m, d_f, sigma, n_r, count_s, epsilon: float, delta: f
     c = [t.contiguous() for t in (m_f, l_f, acc_f, m_s, l_s, acc_s, m, d_f, sigma)]
     _finish_kernel[(B * Hkv,)](
         *c, n_r.float().contiguous(), count_s.contiguous(), out, d_hat, over,
-        NormalDist().inv_cdf(1 - delta / 4), epsilon, Hq // Hkv, D, _p2(Hq // Hkv, 1), _p2(D, 1))
+        sample_z(delta), epsilon, Hq // Hkv, D, _p2(Hq // Hkv, 1), _p2(D, 1))
     return out, d_hat, over
 
 
