@@ -25,14 +25,14 @@ import platform
 import time
 from datetime import date
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from vengine.attention.config import VAttention
 from vengine.attention.vattention import vattention_decode
 from vengine.eval.activations import capture, corpus_text, decode_problem
-from vengine.eval.baselines import _fixed, relative_errors, topk_attention, uniform_attention
+from vengine.eval.baselines import (_fixed, group_scores, oracle_group_scores, oracle_kernels,
+                                    relative_errors, topk_attention, uniform_attention)
 from vengine.kernels import get_kernels
 
 from record import git_commit, save  # benchmarks/record.py (this script's folder)
@@ -111,8 +111,8 @@ def recall_at(pred: torch.Tensor, exact: torch.Tensor, candidates: torch.Tensor,
 
 class Baselines:
     """topk_attention and uniform_attention of vengine.eval.baselines for one DecodeProblem at
-    many densities: the rankings (two argsorts over [B, Hq, S] each) and the gathered V rows do
-    not depend on the density, so they are computed once per layer instead of once per call;
+    many densities: the group rankings and the gathered V rows do not depend on the density, so
+    they are computed once per layer instead of once per call;
     so are exp(s - log_scale) and the exact outputs and denominators (attend and errors)."""
 
     def __init__(self, p, s: torch.Tensor, log_scale: torch.Tensor, exact_out: torch.Tensor,
@@ -128,23 +128,17 @@ class Baselines:
         self.live = ~torch.isinf(s[:, 0])  # [B, S]
         self.fixed = _fixed(S, p.context_lens, SINK, WINDOW)
         self.fixed_live = self.fixed & self.live
-        self.best = {"oracle": self._best(s), "hash": self._best(hash_scores(p.q, p.planes, p.sig))}
-        for name, rank in (extra_rankings or {}).items():
-            self.best[name] = self._best(rank)
-
-    def _best(self, rank: torch.Tensor) -> torch.Tensor:
-        B, _, S = rank.shape
+        rankings = {"oracle": oracle_group_scores(s, self.Hkv),
+                    "hash": group_scores(p.q, p.planes, p.sig), **(extra_rankings or {})}
         skip = self.fixed_live[:, None] | ~self.live[:, None]
-        order = rank.masked_fill(skip, float("-inf")).argsort(-1, descending=True).argsort(-1)
-        best = order.view(B, self.Hkv, self.G, S).amin(2).float()
-        return best.masked_fill(skip, float("inf"))
+        self.rank = {k: r.masked_fill(skip, float("-inf")) for k, r in rankings.items()}
 
     def topk(self, density: float, which: str):
         B, _, S = self.s.shape
         k = max(int(density * int(self.p.context_lens.min())) - int(self.fixed_live[0].sum()), 0)
         chosen = self.fixed_live[:, None].expand(B, self.Hkv, S).clone()
         if k > 0:
-            chosen.scatter_(-1, self.best[which].topk(k, dim=-1, largest=False).indices, True)
+            chosen.scatter_(-1, self.rank[which].topk(k, dim=-1).indices, True)
         chosen &= self.live[:, None]
         return self._attend(chosen.float())
 
@@ -246,13 +240,11 @@ def run(args) -> dict:
         sig128c = pack_signatures(torch.cat([k_c, k_c.new_zeros(pad, Hkv, D)]), planes128[layer])
         sig128c = sig128c.transpose(0, 1)[None].expand(B, -1, -1, -1).contiguous()
         base = Baselines(p, s, ls, exact_out,
-                         {"hash128c": hash_scores(p.q, planes128[layer], sig128c)})
+                         {"hash128c": group_scores(p.q, planes128[layer], sig128c)})
         # section 5's predictors: shipped signatures, exact scores (oracle) and 128-bit
         # signatures of centred keys; with the ranking top-k alone uses for each
-        true_scores = {"hash_scores": lambda q, planes, sig, s=s: s.clamp(min=-1e30)}
-        oracle_kernels = SimpleNamespace(**{**vars(kernels), **true_scores})
         predictors = {"hash64": (kernels, p.sig, p.planes, "hash"),
-                      "oracle": (oracle_kernels, p.sig, p.planes, "oracle"),
+                      "oracle": (oracle_kernels(kernels, s), p.sig, p.planes, "oracle"),
                       "centred128": (kernels, sig128c, planes128[layer], "hash128c")}
         for t in range(args.trials):
             for i, cfg in enumerate(cfgs):

@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from datetime import date
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -238,11 +239,9 @@ def gpu_ms(replay, repeats: int = 20) -> float:
     return start.elapsed_time(end) / repeats
 
 
-def layer_split(cfg: ModelConfig, backend: VAttentionBackend, tables, B: int,
-                context: int) -> dict:
-    """One layer's vAttention decode as CUDA graphs (so launch overhead does not count): the
-    whole layer, and its fetch alone (the recorded row_scores + partial_attention calls, which read
-    K/V over PCIe and attend); selection = the difference. Also the bytes the fetch reads."""
+def one_layer(cfg: ModelConfig, backend: VAttentionBackend, tables, B: int, context: int):
+    """Layer 0's vAttention decode over the filled pool at a random query, as fn(kernels), and
+    its generator (a CUDA graph registers it)."""
     q = torch.randn(B, cfg.num_heads, cfg.head_dim, device=DEV, dtype=DTYPE) * 1.3
     lens = torch.full((B,), context + 1, device=DEV)
     sig = backend.signatures.gather(0, tables)
@@ -253,6 +252,15 @@ def layer_split(cfg: ModelConfig, backend: VAttentionBackend, tables, B: int,
         return vattention_decode(q, pool.k_view[0], pool.v_view[0], tables, lens, sig,
                                  backend.planes[0], backend.cfg, gen, kernels)
 
+    return layer, gen
+
+
+def layer_split(cfg: ModelConfig, backend: VAttentionBackend, tables, B: int,
+                context: int) -> dict:
+    """One layer's vAttention decode as CUDA graphs (so launch overhead does not count): the
+    whole layer, and its fetch alone (the recorded row_scores + partial_attention calls, which read
+    K/V over PCIe and attend); selection = the difference. Also the bytes the fetch reads."""
+    layer, gen = one_layer(cfg, backend, tables, B, context)
     recorder = RecordingKernels()
     layer(recorder)
     layer_ms = gpu_ms(graphed(lambda: layer(triton_gpu), gen))
@@ -262,6 +270,22 @@ def layer_split(cfg: ModelConfig, backend: VAttentionBackend, tables, B: int,
     row_bytes = cfg.head_dim * DTYPE.itemsize
     return {"layer_ms": layer_ms, "fetch_ms": fetch_ms,
             "layer_bytes": (2 * rows_kv + rows_k) * row_bytes}
+
+
+def profile_layer(cfg: ModelConfig, backend: VAttentionBackend, tables, context: int) -> str:
+    """torch.profiler's table of one layer's eager vAttention decode at batch 1: GPU time per
+    kernel, to see what the selection spends."""
+    from torch.profiler import ProfilerActivity, profile
+
+    layer, _ = one_layer(cfg, backend, tables, 1, context)
+    for _ in range(3):
+        layer(triton_gpu)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            layer(triton_gpu)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
 
 
 def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: float) -> list[dict]:
@@ -371,7 +395,9 @@ def main() -> None:
     p.add_argument("--prefill", default="32768,131072", help="prompt lengths to prefill ('' none)")
     p.add_argument("--layers", type=int, default=32, help="fewer layers for a quick look")
     p.add_argument("--sweep-top-k", default="0.01,0.005", help="more fixed budgets (top_k per "
-                   "query head) at --sweep-context, batch 1: how the step scales with density")
+                   "KV head) at --sweep-context, batch 1: how the step scales with density")
+    p.add_argument("--profile", action="store_true", help="also write torch.profiler's kernel "
+                   "table of one fixed-budget layer at --sweep-context (next to --out, .txt)")
     p.add_argument("--sweep-context", type=int, default=131072)
     p.add_argument("--out", default="docs/decode_gpu.json")
     args = p.parse_args()
@@ -404,6 +430,11 @@ def main() -> None:
         for r in run_config(model, pool, backends, B, context, args, bulk):
             rows.append(r)
             print(json.dumps(r), flush=True)
+    if args.profile:
+        tables = torch.arange(args.sweep_context // PAGE + 1, device=DEV)[None]
+        table = profile_layer(cfg, backends["fixed"], tables, args.sweep_context)
+        Path(args.out).with_suffix(".profile.txt").write_text(table)
+        print(table, flush=True)
     for n in (int(x) for x in args.prefill.split(",") if x):
         torch.cuda.reset_peak_memory_stats()
         rows.append(prefill_rate(model, pool, backends["fixed"], n))

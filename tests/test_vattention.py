@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +12,8 @@ import torch.nn.functional as F
 from vengine.attention.config import VAttention
 from vengine.attention.vattention import vattention_decode
 from vengine.eval.activations import DecodeProblem, capture, corpus_text, decode_problem
-from vengine.eval.baselines import relative_errors, topk_attention, uniform_attention
+from vengine.eval.baselines import (oracle_kernels, relative_errors, topk_attention,
+                                    uniform_attention)
 from vengine.kernels import numba_cpu, reference
 from vengine.kernels.reference import compact, merge_partials, pack_signatures, sigma_upper_factor
 
@@ -116,6 +116,7 @@ def test_sigma_upper_factor_matches_chi2_quantiles(n, alpha, chi2):
 # -- the estimator --------------------------------------------------------------------------------
 
 CFG = dict(sink=16, window=16, top_k=0.02, base_rate=0.05)
+CAPTURED_TOP_K = 0.15  # the guarantee tests on captured activations (and on the GPU)
 
 
 def run(p: DecodeProblem, cfg: VAttention, seed: int, kernels=reference):
@@ -145,7 +146,7 @@ def test_max_sample_caps_the_sample_and_the_certificate_reports_it():
     capped = VAttention(epsilon=0.02, delta=0.05, max_sample=0.05, **CFG)
     a, b = run(p, free, 0), run(p, capped, 0)
     n = p.context_lens[:, None].float()
-    fixed = 16 + 16 + 3 * int(0.02 * 1500)  # sink + window + the group's union of top-k, at most
+    fixed = 16 + 16 + int(0.02 * 1500)  # sink + window + the group's top-k
     b_max = 0.05 * n + 2 * (0.05 * n).sqrt()  # the Bernoulli margin vAttention adds
     assert (a.density * n > fixed + b_max).any(), "the uncapped budget must exceed the cap"
     assert (b.density * n <= fixed + b_max + 4 * b_max.sqrt()).all()
@@ -214,7 +215,10 @@ def captured():
 @pytest.mark.parametrize("epsilon", [0.02, 0.05, 0.1])
 @pytest.mark.parametrize("delta", [0.05, 0.1])
 def test_guarantee_on_captured_activations(captured, epsilon, delta):
-    cfg = VAttention(epsilon=epsilon, delta=delta, sink=64, window=64, top_k=0.05, base_rate=0.03)
+    # top_k 0.15 per KV group: the exact-row budget that the union of the 3 query heads' 5% sets
+    # had before top-k became one set per group (docs/quality.md compares the two)
+    cfg = VAttention(epsilon=epsilon, delta=delta, sink=64, window=64, top_k=CAPTURED_TOP_K,
+                     base_rate=0.03)
     rate, n, out_err, density = violation_rate(captured, cfg, seeds=1)
     print(f"captured eps={epsilon} delta={delta}: violations {rate:.4f} of {n} (head, query), "
           f"output error {out_err:.4f}, density {density:.3f}")
@@ -229,8 +233,7 @@ def equal_density_errors(problems, cfg: VAttention, oracle: bool) -> dict[str, f
         s, exact_out = p.exact()
         kernels = reference
         if oracle:  # the predictor returns the true scores: vAttention(oracle top-k)
-            true_scores = {"hash_scores": lambda q, planes, sig, s=s: s.clamp(min=-1e30)}
-            kernels = SimpleNamespace(**{**vars(reference), **true_scores})
+            kernels = oracle_kernels(reference, s)
         r = run(p, cfg, i, kernels)
         density = r.density.mean().item()
         errs["vattention"].append(relative_errors(r.out, r.d_hat, exact_out, s, r.log_scale)[0])

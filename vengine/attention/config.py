@@ -14,7 +14,8 @@ class VAttention:
     epsilon, delta: the denominator of every head's attention is estimated within relative error
         epsilon with probability at least 1 - delta.
     sink, window: first and most recent tokens, always attended exactly.
-    top_k: predicted heavy hitters, a fraction of the context (float < 1) or a count (int).
+    top_k: predicted heavy hitters per KV head (one set for its GQA group of query heads), a
+        fraction of the context (float < 1) or a count (int).
     base_rate: fraction of the residual rows in the pilot sample that estimates the statistics;
         also the floor of the sample size.
     hash_bits: bits of the per-token key signature used to predict the top-k.

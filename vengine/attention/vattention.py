@@ -1,8 +1,10 @@
 """vAttention decode: exact rows + predicted top-k + a CLT-sized uniform sample of the rest.
 
 Per decode step, layer, sequence and KV head (the query heads of a GQA group share one row set):
-1. exact rows F: sink, recent window, and the union of each query head's predicted top-k
-   (hash signatures scored against the query);
+1. exact rows F: sink, recent window, and the group's predicted top-k: the rows whose hash
+   signatures score highest against the group's summed query. Hash scores are linear in the
+   query, so that is the sum of the heads' predicted scores; at equal rows it keeps more attention
+   mass than the union of per-head top-k/G (docs/quality.md), for one scoring pass per group;
 2. residual R = the other rows (n_R of them); a pilot Bernoulli sample of R (rate base_rate, at
    least MIN_BASE rows) gives each head sigma and D_hat = D_F + n_R * mean(exp(s));
 3. budget b = (z * n_R * sigma_up / (epsilon * D_hat))^2 per head, the group takes the largest,
@@ -72,19 +74,21 @@ def vattention_decode(
     scale = 1.0 / math.sqrt(D)
     n = context_lens[:, None]
 
-    # 1. predicted top-k per query head, united over the group: picked [B, Hkv, S + 1] (column S
-    # takes the picks past a sequence's own k)
+    # 1. the group's predicted top-k: picked [B, Hkv, S + 1] (column S takes the picks past a
+    # sequence's own k)
     k_max = min(cfg.top_k_rows(S), max(S - cfg.sink - cfg.window, 0))
     picked = torch.zeros(B, Hkv, S + 1, dtype=torch.int8, device=dev)
     if k_max > 0:
         k_rows = torch.minimum(cfg.top_k_rows(context_lens), context_lens - cfg.sink - cfg.window)
         pos = torch.arange(S, device=dev)
         candidates = (pos >= cfg.sink) & (pos < n - cfg.window)  # [B, S]
-        scores = kernels.hash_scores(q, planes, sig).masked_fill(~candidates[:, None], -math.inf)
-        top = scores.topk(k_max, dim=-1).indices  # [B, Hq, k_max]
+        q_group = q.float().view(B, Hkv, G, D).sum(2)
+        scores = kernels.hash_scores(q_group, planes, sig).masked_fill(~candidates[:, None],
+                                                                       -math.inf)
+        top = scores.topk(k_max, dim=-1).indices  # [B, Hkv, k_max]
         keep = torch.arange(k_max, device=dev) < k_rows[:, None, None]
-        picked.scatter_(-1, torch.where(keep, top, S).view(B, Hkv, G * k_max), 1)
-    exact_width = min(S, cfg.sink + cfg.window + G * k_max)
+        picked.scatter_(-1, torch.where(keep, top, S), 1)
+    exact_width = min(S, cfg.sink + cfg.window + k_max)
     rows_f, count_f = kernels.exact_rows(picked, context_lens, S, cfg.sink, cfg.window,
                                          exact_width)
     m_f, l_f, acc_f = kernels.partial_attention(

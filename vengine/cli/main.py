@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--delta", type=float, default=0.1)
     ev.add_argument("--haystack", choices=("essay", "noise"), default="essay")
     ev.add_argument("--no-baselines", action="store_true", help="skip top-k/uniform baselines")
+    ev.add_argument("--predictors", default="hash",
+                    help="vAttention top-k predictors, comma-separated: hash (the shipped "
+                         "signatures) and/or oracle (exact scores, the paper's oracle top-k)")
+    ev.add_argument("--top-k", type=float, default=0.05, help="vAttention top_k (fraction)")
+    ev.add_argument("--base-rate", type=float, default=0.02, help="vAttention base_rate")
+    ev.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     ev.add_argument("--out", type=Path, default=Path("eval.json"))
     ev.add_argument("--plot-dir", type=Path, help="write PNG plots here (needs matplotlib)")
     bench = sub.add_parser("bench", help="run the benchmark scripts with default settings")
@@ -181,15 +187,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--epsilons: expected numbers like 0.05,0.1, got '{args.epsilons}'") from None
     if args.cases < 1:
         raise ConfigError(f"--cases must be >= 1, got {args.cases}")
+    predictors = tuple(args.predictors.split(","))
+    if not predictors or any(p not in ("hash", "oracle") for p in predictors):
+        raise ConfigError(f"--predictors: expected hash and/or oracle, got '{args.predictors}'")
+    if args.max_batch < 1:
+        raise ConfigError(f"--max-batch must be >= 1, got {args.max_batch}")
     context = parse_context(args.context, "--context")
     settings = EvalSettings(tasks=tasks, context=context, cases=args.cases, seed=args.seed,
                             epsilons=epsilons, delta=args.delta, haystack=args.haystack,
-                            baselines=not args.no_baselines)
+                            baselines=not args.no_baselines, predictors=predictors,
+                            top_k=args.top_k, base_rate=args.base_rate)
     for eps in epsilons:  # bad values fail before the model loads
         from vengine.eval.run import vattention_settings
 
         vattention_settings(settings, eps)
-    llm = LLM(model=args.model, device=args.device, max_context=context + 512, max_batch=8)
+    llm = LLM(model=args.model, device=args.device, max_context=context + 512,
+              max_batch=args.max_batch)
     results = run_eval(llm, settings)
     print_table(results)
     save(results, args.out)

@@ -117,8 +117,8 @@ def decode_problem(act: LayerActivations, planes: torch.Tensor, page_size: int =
         q=act.q,
         k_pool=paged(act.k),
         v_pool=paged(act.v),
-        block_tables=torch.arange(pages)[None].expand(B, pages).contiguous(),
-        context_lens=torch.arange(T - B + 1, T + 1),
+        block_tables=torch.arange(pages, device=act.k.device)[None].expand(B, pages).contiguous(),
+        context_lens=torch.arange(T - B + 1, T + 1, device=act.k.device),
         sig=sig,
         planes=planes,
     )

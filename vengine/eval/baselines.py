@@ -5,25 +5,27 @@ attention output [B, Hq, D] and the estimated denominator at scale exp(-log_scal
 - oracle top-k: sink + window + the true top rows (one set per GQA group), exact over them;
 - hash top-k: the same with rows ranked by the hash signatures;
 - uniform: sink + window exact + a uniform sample of the rest weighted n_R / b.
+A GQA group ranks its rows as vAttention's top-k does (group_scores): so equal density means equal
+bytes and the same predictor. OracleVAttention is vAttention with the exact scores as predictor
+(the paper's vAttention(oracle top-k)).
 """
 
 from __future__ import annotations
 
-import math
-
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import torch
 
 from vengine.attention.config import VAttention
-from vengine.attention.vattention import DecodeResult, VAttentionBackend
+from vengine.attention.vattention import DecodeResult, VAttentionBackend, vattention_decode
 from vengine.errors import ConfigError
 from vengine.eval.activations import DecodeProblem
 from vengine.kernels.reference import hash_scores
 
 
 def _fixed(S: int, n: torch.Tensor, sink: int, window: int) -> torch.Tensor:
-    pos = torch.arange(S)
+    pos = torch.arange(S, device=n.device)
     return (pos < n[:, None]) & ((pos < sink) | (pos >= n[:, None] - window))  # [B, S]
 
 
@@ -38,27 +40,42 @@ def _attend(s: torch.Tensor, logw: torch.Tensor, v: torch.Tensor, log_scale: tor
     return out / d[..., None], d
 
 
+def group_scores(q: torch.Tensor, planes: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
+    """vAttention's top-k ranking of a GQA group's rows [B, Hkv, S]: the group's summed query
+    against the signatures (the sum of its heads' hash scores, which are linear in the query)."""
+    B, Hq, D = q.shape
+    Hkv = sig.shape[1]
+    return hash_scores(q.float().view(B, Hkv, Hq // Hkv, D).sum(2), planes, sig)
+
+
+def oracle_group_scores(s: torch.Tensor, Hkv: int) -> torch.Tensor:
+    """The oracle ranking [B, Hkv, S]: a row's best exact score over the group's query heads."""
+    B, Hq, S = s.shape
+    return s.view(B, Hkv, Hq // Hkv, S).amax(2)
+
+
+def oracle_kernels(kernels, s: torch.Tensor) -> SimpleNamespace:
+    """A kernel backend whose predictor returns the exact group scores: vAttention(oracle top-k)."""
+    return SimpleNamespace(**{**vars(kernels), "hash_scores": lambda q, planes, sig: (
+        oracle_group_scores(s, sig.shape[1]).clamp(min=-1e30))})
+
+
 def topk_attention(p: DecodeProblem, s: torch.Tensor, density: float, sink: int, window: int,
                    log_scale: torch.Tensor, use_hash: bool):
-    """Exact attention over sink, window and the top rows; the query heads of a GQA group share
-    one row set (the union of their best rows, filled to the density), as vAttention's do, so
-    that equal density means equal bytes."""
+    """Exact attention over sink, window and the group's top rows, filled to the density (the
+    query heads of a GQA group share one row set, as vAttention's do)."""
     B, Hq, S = s.shape
     Hkv = p.k_pool.shape[1]
-    G = Hq // Hkv
     live = ~torch.isinf(s[:, 0])  # [B, S]
     fixed = _fixed(S, p.context_lens, sink, window) & live
     k = max(int(density * int(p.context_lens.min())) - int(fixed[0].sum()), 0)
-    rank = hash_scores(p.q, p.planes, p.sig) if use_hash else s
+    rank = group_scores(p.q, p.planes, p.sig) if use_hash else oracle_group_scores(s, Hkv)
     rank = rank.masked_fill(fixed[:, None] | ~live[:, None], float("-inf"))
-    order = rank.argsort(-1, descending=True).argsort(-1)  # 0 = best row of that query head
-    best = order.view(B, Hkv, G, S).amin(2).float()  # a row's best rank in the group
-    best = best.masked_fill(fixed[:, None] | ~live[:, None], float("inf"))
     chosen = fixed[:, None].expand(B, Hkv, S).clone()
     if k > 0:
-        chosen.scatter_(-1, best.topk(k, dim=-1, largest=False).indices, True)
+        chosen.scatter_(-1, rank.topk(min(k, S), dim=-1).indices, True)
     chosen &= live[:, None]
-    use = chosen.repeat_interleave(G, dim=1)
+    use = chosen.repeat_interleave(Hq // Hkv, dim=1)
     return _attend(s.masked_fill(~use, float("-inf")), torch.zeros_like(s), p.rows(p.v_pool),
                    log_scale)
 
@@ -72,7 +89,7 @@ def uniform_attention(p: DecodeProblem, s: torch.Tensor, density: float, sink: i
     resid = live & ~fixed  # [B, S]
     n_r = resid.sum(-1, keepdim=True).float()
     b = (density * p.context_lens[:, None].float() - fixed.sum(-1, keepdim=True)).clamp(min=1)
-    keys = torch.rand(B, Hkv, S, generator=generator).masked_fill(~resid[:, None], 2.0)
+    keys = torch.rand(B, Hkv, S, generator=generator, device=s.device).masked_fill(~resid[:, None], 2.0)
     rank = keys.argsort(-1).argsort(-1)  # uniform without replacement: the b smallest keys
     sampled = (rank < b[:, None]) & resid[:, None]  # [B, Hkv, S]
     count = sampled.sum(-1, keepdim=True).clamp(min=1).float()
@@ -88,13 +105,6 @@ def relative_errors(out: torch.Tensor, d_hat: torch.Tensor, exact_out: torch.Ten
     d = torch.exp(s - log_scale[..., None]).sum(-1)
     out_err = (out - exact_out).norm(dim=-1) / exact_out.norm(dim=-1).clamp(min=1e-30)
     return out_err, (d_hat - d).abs() / d
-
-
-def log_scale_of(s: torch.Tensor) -> torch.Tensor:
-    return s.amax(-1)
-
-
-
 
 
 @dataclass(frozen=True)
@@ -120,24 +130,33 @@ class SparseBaseline:
         return _BaselineBackend(self, pool, cfg, device)
 
 
+def engine_problem(backend: VAttentionBackend, layer: int, q: torch.Tensor, ctx) -> DecodeProblem:
+    """This decode step of one layer as a float32 DecodeProblem on the engine's device: the
+    sequences' pages gathered from the pool (over PCIe through the UVA view on a GPU: every row of
+    the context, which is fine for measuring quality and is why these backends are not fast)."""
+    bt = ctx.block_tables
+    pages = bt.flatten()
+    k = backend.pool.k_view[layer][pages].float()
+    v = backend.pool.v_view[layer][pages].float()
+    tables = torch.arange(len(pages), device=bt.device).view(bt.shape)
+    return DecodeProblem(q.float(), k, v, tables, ctx.context_lens,
+                         backend.signatures.gather(layer, bt), backend.planes[layer])
+
+
 class _BaselineBackend(VAttentionBackend):
     """Prefill and signatures as vAttention; decode with the baseline's row choice."""
 
-    graphable = False  # it scores on the CPU: not a CUDA-graph step
+    graphable = False  # the row choice reads counts on the host
 
     def __init__(self, spec: SparseBaseline, pool, cfg, device) -> None:
         settings = VAttention(sink=spec.sink, window=spec.window, hash_bits=spec.hash_bits,
                               seed=spec.seed)
         super().__init__(settings, pool, cfg, device)
         self.spec = spec
-        self.rng = torch.Generator().manual_seed(spec.seed)
+        self.rng = torch.Generator(device).manual_seed(spec.seed)
 
     def decode(self, layer: int, q: torch.Tensor, ctx) -> DecodeResult:
-        p = DecodeProblem(q.float().cpu(), self.pool.k[layer], self.pool.v[layer],
-                          ctx.block_tables.cpu(), ctx.context_lens.cpu(),
-                          self.signatures.gather(layer, ctx.block_tables).cpu(),
-                          self.planes[layer].cpu())
-        p.k_pool, p.v_pool = p.k_pool.float(), p.v_pool.float()
+        p = engine_problem(self, layer, q, ctx)
         s, _ = p.exact()
         ls = s.amax(-1)
         spec = self.spec
@@ -147,7 +166,28 @@ class _BaselineBackend(VAttentionBackend):
             out, d = topk_attention(p, s, spec.density, spec.sink, spec.window, ls,
                                     use_hash=spec.kind == "hash_topk")
         B, Hq = out.shape[:2]
-        Hkv = p.k_pool.shape[1]
-        density = torch.full((B, Hkv), spec.density)
-        return DecodeResult(out.to(q), ls, d, density.to(q.device),
-                            torch.zeros(B, Hq, device=q.device))
+        density = torch.full((B, p.k_pool.shape[1]), spec.density, device=q.device)
+        return DecodeResult(out.to(q), ls, d, density, torch.zeros(B, Hq, device=q.device))
+
+
+@dataclass(frozen=True)
+class OracleVAttention:
+    """vAttention whose top-k predictor is the exact scores (the paper's vAttention(oracle
+    top-k)), to run end to end in the engine: LLM(attention=OracleVAttention(VAttention(...))).
+    It scores every row of the context, so it is for measuring quality, not speed."""
+
+    settings: VAttention
+
+    def make_backend(self, pool, cfg, device):
+        return _OracleBackend(self.settings, pool, cfg, device)
+
+
+class _OracleBackend(VAttentionBackend):
+    graphable = False  # float32 copies of the whole context each step: not worth a graph
+
+    def decode(self, layer: int, q: torch.Tensor, ctx) -> DecodeResult:
+        p = engine_problem(self, layer, q, ctx)
+        s, _ = p.exact()
+        r = vattention_decode(p.q, p.k_pool, p.v_pool, p.block_tables, p.context_lens, p.sig,
+                              p.planes, self.cfg, self.generator, oracle_kernels(self.kernels, s))
+        return replace(r, out=r.out.to(q.dtype))
