@@ -61,13 +61,16 @@ def run_mode(llm, attention: Any, cases: list, s: EvalSettings) -> dict[str, Any
     params = SamplingParams(max_new_tokens=s.max_new_tokens)
     requests = [(i, _prompt_ids(llm, c), params) for i, c in enumerate(cases)]
     scores: dict[str, list[float]] = {}
-    densities = []
+    density_sum, steps = 0.0, 0
     for i, completion in engine.completions(requests):
         scores.setdefault(cases[i].task, []).append(score(cases[i], completion.text))
-        densities.append(completion.stats.get("density", 1.0))
+        n = completion.stats.get("sparse_steps", 0)
+        density_sum += completion.stats.get("density", 1.0) * n
+        steps += n
     accuracy = {t: 100 * statistics.mean(v) for t, v in sorted(scores.items())}
+    # over decode steps: an answer that ends at its first token (prefill, no decode step) has none
     return {"accuracy": accuracy, "mean_accuracy": statistics.mean(accuracy.values()),
-            "density": statistics.mean(densities)}
+            "density": density_sum / steps if steps else 1.0}
 
 
 def calibration(llm, s: EvalSettings, cases: list) -> dict[str, Any]:
