@@ -142,3 +142,13 @@ def test_error_prompt_longer_than_context(cli):
     line = assert_cli_error(cli("generate", "--device", "cpu", "--ctx", "32",
                                 "--prompt", prompt, "--max-new-tokens", "4"))
     assert "32" in line and "tokens" in line
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--predictors", "hash,exact"), "--predictors"),
+    (("--max-batch", "0"), "--max-batch"),
+    (("--tasks", "niah_single,bogus"), "--tasks"),
+    (("--epsilons", "0.1,x"), "--epsilons"),
+])
+def test_eval_rejects_bad_flags_before_loading(cli, args, needle):
+    assert_cli_error(cli("eval", *args), needle)
