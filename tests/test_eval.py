@@ -29,3 +29,27 @@ def test_small_suite_vattention_within_one_case_of_full(tmp_path):
     pngs = plot(results, tmp_path)
     assert all(p.stat().st_size > 1000 for p in pngs)
     assert n_cases == 6
+
+
+def test_baseline_and_oracle_backends_in_the_engine_match_full_attention_when_exact():
+    """The eval's plug-in backends gather the step's pages from the pool themselves: at density 1
+    oracle top-k attends every row, and vAttention with the exact predictor and a top_k larger
+    than the context picks every row; both must then decode what full attention decodes."""
+    from vengine.eval.baselines import OracleVAttention, SparseBaseline
+    from vengine.eval.activations import corpus_text
+
+    llm = vengine.LLM(max_context=1024, max_batch=2)
+    prompts = [llm.tokenizer.encode(corpus_text()[i * 3000:][:2400]) for i in range(2)]
+    params = vengine.SamplingParams(max_new_tokens=8)
+
+    def tokens(attention):
+        engine = llm.with_attention(attention)
+        done = dict(engine.completions([(i, p, params) for i, p in enumerate(prompts)]))
+        return [done[i].token_ids for i in range(len(prompts))], [done[i].stats for i in done]
+
+    full, _ = tokens("full")
+    oracle_topk, stats = tokens(SparseBaseline("oracle_topk", 1.0, sink=16, window=16))
+    assert oracle_topk == full and stats[0]["sparse_steps"] > 0
+    every_row = vengine.VAttention(sink=16, window=16, top_k=4096, seed=0)
+    oracle_va, stats = tokens(OracleVAttention(every_row))
+    assert oracle_va == full and stats[0]["density"] == 1.0

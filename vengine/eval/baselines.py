@@ -89,7 +89,8 @@ def uniform_attention(p: DecodeProblem, s: torch.Tensor, density: float, sink: i
     resid = live & ~fixed  # [B, S]
     n_r = resid.sum(-1, keepdim=True).float()
     b = (density * p.context_lens[:, None].float() - fixed.sum(-1, keepdim=True)).clamp(min=1)
-    keys = torch.rand(B, Hkv, S, generator=generator, device=s.device).masked_fill(~resid[:, None], 2.0)
+    keys = torch.rand(B, Hkv, S, generator=generator, device=s.device)
+    keys = keys.masked_fill(~resid[:, None], 2.0)
     rank = keys.argsort(-1).argsort(-1)  # uniform without replacement: the b smallest keys
     sampled = (rank < b[:, None]) & resid[:, None]  # [B, Hkv, S]
     count = sampled.sum(-1, keepdim=True).clamp(min=1).float()
