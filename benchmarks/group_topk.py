@@ -57,7 +57,8 @@ def main() -> None:
     acts = capture(model, tok.encode(corpus_text())[: args.context], keep_queries=args.queries)
     T, Hkv, D = acts[0].k.shape
     G = acts[0].q.shape[1] // Hkv
-    planes = torch.randn(len(acts), Hkv, D, 64, generator=torch.Generator().manual_seed(PLANES_SEED))
+    gen = torch.Generator().manual_seed(PLANES_SEED)
+    planes = torch.randn(len(acts), Hkv, D, 64, generator=gen)
     kept: dict[tuple[float, str], list[float]] = {}
     for layer, a in enumerate(acts):
         sig = pack_signatures(a.k, planes[layer])  # [T, Hkv, nbytes]
@@ -68,7 +69,8 @@ def main() -> None:
             weights = s.softmax(-1)
             cand = torch.zeros(n, dtype=torch.bool)
             cand[SINK : n - WINDOW] = True
-            hs = hash_scores(a.q[i][None], planes[layer], sig[None, :n].transpose(1, 2).contiguous())
+            sig_n = sig[None, :n].transpose(1, 2).contiguous()  # [1, Hkv, n, nbytes]
+            hs = hash_scores(a.q[i][None], planes[layer], sig_n)
             hs = hs.view(Hkv, G, n).masked_fill(~cand, -math.inf)
             exact = s.masked_fill(~cand, -math.inf)
             for frac in FRACTIONS:

@@ -98,3 +98,19 @@ def test_long_generation_grows_memory_only_by_its_kv():
     kv = 280 * per_token
     print(f"RSS grew {grown / 2**20:.1f} MiB over 280 tokens; their KV is {kv / 2**20:.1f} MiB")
     assert grown < kv + 16 * 2**20
+
+
+def test_full_decode_ignores_stale_rows_past_the_context():
+    """Rows past a sequence's context (the rest of its last page) may hold stale memory, NaN
+    included: decode must match attention over the live rows alone."""
+    from vengine.attention.full import decode_attention
+
+    q, k, v = torch.randn(2, 4, 8), torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8)
+    lens = torch.tensor([5, 9])
+    k[0, :, 5:], v[0, :, 5:] = float("nan"), float("inf")
+    k[1, :, 9:], v[1, :, 9:] = -1e30, float("nan")
+    out = decode_attention(q, k, v, lens)
+    for b, n in enumerate(lens.tolist()):
+        w = torch.einsum("hgd,hsd->hgs", q[b].view(2, 2, 8), k[b, :, :n]).div(8**0.5).softmax(-1)
+        ref = torch.einsum("hgs,hsd->hgd", w, v[b, :, :n]).reshape(4, 8)
+        torch.testing.assert_close(out[b], ref)

@@ -187,7 +187,8 @@ class VAttentionBackend:
         for i, seq_id in enumerate(ctx.seq_ids):
             total = self._seq_stats.get(seq_id)
             step = self.step_stats[i]
-            self._seq_stats[seq_id] = step if total is None else total + step
+            # a copy: under a CUDA graph step_stats is the graph's output, rewritten every replay
+            self._seq_stats[seq_id] = step.clone() if total is None else total + step
             self._steps[seq_id] = self._steps.get(seq_id, 0) + 1
         self.step_stats = None
 
