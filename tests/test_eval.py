@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import vengine
 from vengine.eval.run import EvalSettings, plot, run_eval
@@ -55,21 +54,3 @@ def test_baseline_and_oracle_backends_in_the_engine_match_full_attention_when_ex
     oracle_va, stats = tokens(OracleVAttention(every_row))
     assert oracle_va == full and stats[0]["density"] == 1.0
 
-
-def test_engine_problem_zeroes_stale_rows_past_the_context():
-    """A page's rows past the context may hold stale memory (NaN): the baselines must not see it."""
-    from types import SimpleNamespace
-
-    from vengine.eval.baselines import engine_problem
-
-    pool = SimpleNamespace(k_view=torch.full((1, 6, 2, 4, 8), float("nan")),
-                           v_view=torch.full((1, 6, 2, 4, 8), float("nan")))
-    live = torch.randn(2, 4, 8)
-    pool.k_view[0, 5], pool.k_view[0, 2, :, :2] = live, live[:, :2]
-    backend = SimpleNamespace(pool=pool, planes=torch.randn(1, 2, 8, 8),
-                              signatures=SimpleNamespace(gather=lambda layer, bt: None))
-    ctx = SimpleNamespace(block_tables=torch.tensor([[5, 2]]), context_lens=torch.tensor([6]))
-    p = engine_problem(backend, 0, torch.randn(1, 4, 8), ctx)
-    rows = p.rows(p.k_pool)[0]  # [Hkv, 8, D]
-    assert torch.equal(rows[:, :6], torch.cat([live, live[:, :2]], 1))
-    assert torch.equal(rows[:, 6:], torch.zeros(2, 2, 8))

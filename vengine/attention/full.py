@@ -31,13 +31,11 @@ def decode_attention(q, k, v, context_lens) -> torch.Tensor:
     """q: [B, Hq, D]; k, v: [B, Hkv, S, D] padded; context_lens: [B] -> [B, Hq, D].
 
     The query heads of a GQA group share their KV head, so q is viewed as [B, Hkv, group, D].
-    Padded rows are zeroed first: a page's rows past the context may hold stale memory (the CPU
-    pool is not zero-filled), and a masked row still enters as 0 * NaN = NaN.
+    Padded rows are masked, and must be finite (KVPool zero-fills): 0 * NaN is NaN.
     """
     B, Hq, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     mask = (torch.arange(S, device=q.device)[None, :] < context_lens[:, None])[:, None, None, :]
-    k, v = k.masked_fill(~mask.mT, 0), v.masked_fill(~mask.mT, 0)
     o = F.scaled_dot_product_attention(q.view(B, Hkv, Hq // Hkv, D), k, v, attn_mask=mask)
     return o.reshape(B, Hq, D)
 

@@ -134,16 +134,11 @@ class SparseBaseline:
 def engine_problem(backend: VAttentionBackend, layer: int, q: torch.Tensor, ctx) -> DecodeProblem:
     """This decode step of one layer as a float32 DecodeProblem on the engine's device: the
     sequences' pages gathered from the pool (over PCIe through the UVA view on a GPU: every row of
-    the context, which is fine for measuring quality and is why these backends are not fast).
-    Rows past each context are zeroed: they may hold stale memory, and 0 * NaN is NaN."""
+    the context, which is fine for measuring quality and is why these backends are not fast)."""
     bt = ctx.block_tables
     pages = bt.flatten()
-    B, n = bt.shape
-    _, Hkv, P, D = backend.pool.k_view[layer].shape
-    pos = torch.arange(n * P, device=bt.device).view(n, P)
-    stale = (pos[None] >= ctx.context_lens[:, None, None])[:, :, None, :, None]  # [B, n, 1, P, 1]
-    k, v = (x[layer][pages].float().view(B, n, Hkv, P, D).masked_fill(stale, 0).flatten(0, 1)
-            for x in (backend.pool.k_view, backend.pool.v_view))
+    k = backend.pool.k_view[layer][pages].float()
+    v = backend.pool.v_view[layer][pages].float()
     tables = torch.arange(len(pages), device=bt.device).view(bt.shape)
     return DecodeProblem(q.float(), k, v, tables, ctx.context_lens,
                          backend.signatures.gather(layer, bt), backend.planes[layer])

@@ -12,6 +12,8 @@ host. Large writes (prefill) go on a side stream, overlapping the next layer's c
 
 from __future__ import annotations
 
+import math
+import mmap
 import re
 
 import torch
@@ -77,6 +79,15 @@ class PageAllocator:
         block_table.clear()
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeroed CPU memory committed only as it is written: an anonymous mmap. (torch.zeros
+    commits the whole budget at once; torch.empty may hand back freed heap memory, NaNs
+    included, which made padded decode rows NaN.)"""
+    count = math.prod(shape)
+    buffer = mmap.mmap(-1, max(count * dtype.itemsize, 1))
+    return torch.frombuffer(buffer, dtype=dtype, count=count).view(shape)  # keeps buffer alive
+
+
 class KVPool:
     """K/V storage: k, v are [layers, pages, kv_heads, page_size, head_dim] on `device`;
     k_view, v_view are the same memory as the compute device addresses it (a UVA view when the
@@ -101,11 +112,13 @@ class KVPool:
                 f"host_mem: {budget_bytes} bytes is less than one KV page ({page_bytes} bytes)"
             )
         shape = (num_layers, num_pages, num_kv_heads, page_size, head_dim)
-        # Unwritten slots are read (and masked) by padded gathers, so they must hold finite values.
-        # A large CPU torch.empty is a fresh mmap: zero pages, committed only as tokens arrive.
-        alloc = torch.zeros if device.type == "cuda" or pin else torch.empty
-        self.k = alloc(shape, dtype=dtype, device=device, pin_memory=pin)
-        self.v = alloc(shape, dtype=dtype, device=device, pin_memory=pin)
+        # Unwritten slots are read (and masked) by padded gathers, so they must hold finite values
+        # (a masked row still enters attention as 0 * value): zeros everywhere.
+        if device.type == "cuda" or pin:
+            self.k = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+            self.v = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+        else:
+            self.k, self.v = lazy_zeros(shape, dtype), lazy_zeros(shape, dtype)
         self.k_view, self.v_view = (uva_view(self.k), uva_view(self.v)) if pin else (self.k, self.v)
         self.side_stream = torch.cuda.Stream() if pin else None
         self.num_pages = num_pages
