@@ -30,13 +30,13 @@ import torch
 
 from vengine.attention.config import VAttention
 from vengine.attention.vattention import vattention_decode
-from vengine.eval.activations import capture, corpus_text, decode_problem
+from vengine.eval.activations import capture, corpus_text, decode_problem, to_pages
 from vengine.eval.baselines import (_fixed, group_scores, oracle_group_scores, oracle_kernels,
                                     relative_errors, topk_attention, uniform_attention)
 from vengine.kernels import get_kernels
 
 from record import git_commit, save  # benchmarks/record.py (this script's folder)
-from vengine.kernels.reference import hash_scores, pack_signatures
+from vengine.kernels.reference import hash_scores, paged_signatures
 
 EPSILONS = (0.02, 0.05, 0.1, 0.2, 0.3)
 DELTAS = (0.05, 0.1)
@@ -129,7 +129,8 @@ class Baselines:
         self.fixed = _fixed(S, p.context_lens, SINK, WINDOW)
         self.fixed_live = self.fixed & self.live
         rankings = {"oracle": oracle_group_scores(s, self.Hkv),
-                    "hash": group_scores(p.q, p.planes, p.sig), **(extra_rankings or {})}
+                    "hash": group_scores(p.q, p.planes, p.sig, p.block_tables,
+                                                 p.context_lens), **(extra_rankings or {})}
         skip = self.fixed_live[:, None] | ~self.live[:, None]
         self.rank = {k: r.masked_fill(skip, float("-inf")) for k, r in rankings.items()}
 
@@ -233,14 +234,11 @@ def run(args) -> dict:
     for layer, act in enumerate(acts):
         p = decode_problem(act, planes[layer])
         s, exact_out = p.exact()
-        B = p.q.shape[0]
         ls = s.amax(-1)
         k_c = act.k - act.k.mean(0, keepdim=True)  # per-(layer, head) mean key removed
-        pad = p.sig.shape[2] - T
-        sig128c = pack_signatures(torch.cat([k_c, k_c.new_zeros(pad, Hkv, D)]), planes128[layer])
-        sig128c = sig128c.transpose(0, 1)[None].expand(B, -1, -1, -1).contiguous()
-        base = Baselines(p, s, ls, exact_out,
-                         {"hash128c": group_scores(p.q, planes128[layer], sig128c)})
+        sig128c = paged_signatures(to_pages(k_c), planes128[layer])
+        base = Baselines(p, s, ls, exact_out, {"hash128c": group_scores(
+            p.q, planes128[layer], sig128c, p.block_tables, p.context_lens)})
         # section 5's predictors: shipped signatures, exact scores (oracle) and 128-bit
         # signatures of centred keys; with the ranking top-k alone uses for each
         predictors = {"hash64": (kernels, p.sig, p.planes, "hash"),
@@ -311,8 +309,8 @@ def run(args) -> dict:
             "weighted128_centred": weighted_scores(q, sg128c, planes128[layer]),
         }
         if layer == 0:  # the script's weighted score is vengine's hash_scores
-            sig = pack_signatures(act.k, planes[layer]).transpose(0, 1)[None].expand(B, -1, -1, -1)
-            ref = hash_scores(q, planes[layer], sig)
+            everything = torch.full_like(p.context_lens, T)
+            ref = hash_scores(q, planes[layer], p.sig, p.block_tables, 0, everything)[..., :T]
             assert torch.allclose(ref, preds["weighted64"], rtol=1e-4, atol=1e-3)
         for v, pred in preds.items():
             for frac, k in recall_ks.items():

@@ -22,7 +22,7 @@ from vengine.attention.full import decode_attention
 from vengine.attention.vattention import vattention_decode
 from vengine.eval.activations import corpus_text
 from vengine.kernels import get_kernels
-from vengine.kernels.reference import pack_signatures
+from vengine.kernels.reference import paged_signatures
 
 from record import git_commit, save  # benchmarks/record.py (this script's folder)
 
@@ -70,7 +70,7 @@ def one_layer(args, context: int, cfg) -> list[dict]:
     tables = torch.arange(pages)[None]
     lens = torch.tensor([context])
     planes = torch.randn(Hkv, D, cfg.hash_bits, generator=g)
-    sig = pack_signatures(k.transpose(1, 2).reshape(-1, Hkv, D), planes).transpose(0, 1)[None]
+    sig = paged_signatures(k, planes)
     kernels = get_kernels(torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(1)
 

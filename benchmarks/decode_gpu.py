@@ -244,13 +244,13 @@ def one_layer(cfg: ModelConfig, backend: VAttentionBackend, tables, B: int, cont
     its generator (a CUDA graph registers it)."""
     q = torch.randn(B, cfg.num_heads, cfg.head_dim, device=DEV, dtype=DTYPE) * 1.3
     lens = torch.full((B,), context + 1, device=DEV)
-    sig = backend.signatures.gather(0, tables)
     gen = torch.Generator(DEV).manual_seed(0)
     pool = backend.pool
 
     def layer(kernels):
-        return vattention_decode(q, pool.k_view[0], pool.v_view[0], tables, lens, sig,
-                                 backend.planes[0], backend.cfg, gen, kernels)
+        return vattention_decode(q, pool.k_view[0], pool.v_view[0], tables, lens,
+                                 backend.signatures.sig[0], backend.planes[0], backend.cfg, gen,
+                                 kernels)
 
     return layer, gen
 

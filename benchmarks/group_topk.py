@@ -21,8 +21,8 @@ from datetime import date
 
 import torch
 
-from vengine.eval.activations import capture, corpus_text
-from vengine.kernels.reference import hash_scores, pack_signatures
+from vengine.eval.activations import capture, corpus_text, to_pages
+from vengine.kernels.reference import hash_scores, paged_signatures
 from vengine.models.loader import load_model, resolve_model
 
 from record import git_commit, save  # benchmarks/record.py (this script's folder)
@@ -61,7 +61,8 @@ def main() -> None:
     planes = torch.randn(len(acts), Hkv, D, 64, generator=gen)
     kept: dict[tuple[float, str], list[float]] = {}
     for layer, a in enumerate(acts):
-        sig = pack_signatures(a.k, planes[layer])  # [T, Hkv, nbytes]
+        sig = paged_signatures(to_pages(a.k), planes[layer])  # [pages, Hkv, P, nbytes]
+        tables = torch.arange(sig.shape[0])[None]
         for i in range(args.queries):
             n = T - args.queries + i + 1
             q = a.q[i].view(Hkv, G, D)
@@ -69,9 +70,8 @@ def main() -> None:
             weights = s.softmax(-1)
             cand = torch.zeros(n, dtype=torch.bool)
             cand[SINK : n - WINDOW] = True
-            sig_n = sig[None, :n].transpose(1, 2).contiguous()  # [1, Hkv, n, nbytes]
-            hs = hash_scores(a.q[i][None], planes[layer], sig_n)
-            hs = hs.view(Hkv, G, n).masked_fill(~cand, -math.inf)
+            hs = hash_scores(a.q[i][None], planes[layer], sig, tables, SINK,
+                             torch.tensor([n - WINDOW]))[..., :n].view(Hkv, G, n)
             exact = s.masked_fill(~cand, -math.inf)
             for frac in FRACTIONS:
                 for rule, rows in group_sets(hs, exact, int(frac * n)).items():

@@ -14,7 +14,7 @@ from vengine.attention.config import VAttention  # noqa: E402
 from vengine.attention.vattention import vattention_decode  # noqa: E402
 from vengine.eval.activations import DecodeProblem  # noqa: E402
 from vengine.kernels import reference, triton_gpu  # noqa: E402
-from vengine.kernels.reference import compact, pack_signatures  # noqa: E402
+from vengine.kernels.reference import compact, paged_signatures  # noqa: E402
 from vengine.offload.uva import uva_view  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -35,16 +35,16 @@ def problem(B=2, Hkv=2, G=4, D=32, P=16, n=300, bits=64, seed=0) -> DecodeProble
     k_pool, v_pool = torch.empty(B * pages, Hkv, P, D), torch.empty(B * pages, Hkv, P, D)
     k_pool[tables] = k.view(B, Hkv, pages, P, D).transpose(1, 2)
     v_pool[tables] = v.view(B, Hkv, pages, P, D).transpose(1, 2)
-    sig = torch.stack([pack_signatures(k[b].transpose(0, 1), planes).transpose(0, 1)
-                       for b in range(B)])
     return DecodeProblem(torch.randn(B, Hkv * G, D, generator=g), k_pool, v_pool, tables,
-                         torch.tensor([n - 37 * b for b in range(B)]), sig, planes)
+                         torch.tensor([n - 37 * b for b in range(B)]),
+                         paged_signatures(k_pool, planes), planes)
 
 
 def row_lists(p: DecodeProblem, frac: float, width: int, seed: int = 1):
     """Sorted random rows in an odd-width buffer; the last (b, h) gets none."""
     g = torch.Generator().manual_seed(seed)
-    B, Hkv, S = p.sig.shape[:3]
+    (B, pages), (Hkv, P) = p.block_tables.shape, p.sig.shape[1:3]
+    S = pages * P
     mask = torch.rand(B, Hkv, S, generator=g) < frac
     mask &= torch.arange(S) < p.context_lens[:, None, None]
     mask &= mask.cumsum(-1) <= width
@@ -98,8 +98,11 @@ def test_kernels_match_reference(Hkv, G, D, P):
                 check(f"{name}[{i}] {dtype}", t, r, rl, **tol)
 
         if P == 16:  # hash_scores does not read the pool
-            compare("hash_scores", lambda q, *_: (reference.hash_scores(q, p.planes, p.sig),),
-                    (), (triton_gpu.hash_scores(q, p.planes.to(DEV), p.sig.to(DEV)),), atol=1e-4)
+            hi = p.context_lens - 5
+            compare("hash_scores", lambda q, k, v, bt: (
+                reference.hash_scores(q, p.planes, p.sig, bt, 3, hi),), (),
+                (triton_gpu.hash_scores(q, p.planes.to(DEV), p.sig.to(DEV), bt, 3, hi.to(DEV)),),
+                atol=1e-4)
         compare("row_scores", lambda q, k, v, bt, *a: (reference.row_scores(q, k, bt, *a),),
                 (rows, counts, scale), (triton_gpu.row_scores(q, kp, bt, rd, cd, scale),))
         for w in (None, logw.to(dtype)):
@@ -168,6 +171,27 @@ def test_budget_and_finish_match_reference(G, W):
     for name, r, t in zip(("out", "d_hat", "over_eps"), ref, tri):
         torch.testing.assert_close(t.cpu(), r, rtol=1e-5, atol=1e-6, msg=name)
     assert 0 < ref[2].mean() < 1
+
+
+@pytest.mark.parametrize("dtype,bits", [(torch.float32, 64), (torch.bfloat16, 24)])
+def test_store_rows_match_reference(dtype, bits):
+    """K/V rows land in the slots given (other slots untouched) and the packed signatures are the
+    reference's, bit for bit; a non-contiguous v (a view of a fused projection) included."""
+    g = torch.Generator().manual_seed(bits)
+    T, Hkv, D, P, pages = 37, 3, 32, 16, 8
+    kv = torch.randn(T, Hkv, 2 * D, generator=g).to(dtype)
+    k, v = kv[..., :D].contiguous(), kv[..., D:]
+    slots = torch.randperm(pages * P, generator=g)[:T]
+    planes = torch.randn(Hkv, D, bits, generator=g)
+    pools = [(torch.full((pages, Hkv, P, D), 7.0, dtype=dtype),
+              torch.full((pages, Hkv, P, D), 7.0, dtype=dtype),
+              torch.full((pages, Hkv, P, bits // 8), 9, dtype=torch.uint8)) for _ in range(2)]
+    reference.store_rows(k, v, slots, planes, *pools[0])
+    dev = [t.to(DEV) for t in pools[1]]
+    triton_gpu.store_rows(k.to(DEV), v.to(DEV), slots.to(DEV), planes.to(DEV), *dev)
+    for name, r, t in zip(("k", "v", "sig"), pools[0], dev):
+        assert torch.equal(t.cpu(), r), name
+    assert (pools[0][2] != 9).any() and (pools[0][0] == 7).any()
 
 
 def test_split_sizes_agree():

@@ -15,7 +15,8 @@ from vengine.eval.activations import DecodeProblem, capture, corpus_text, decode
 from vengine.eval.baselines import (oracle_kernels, relative_errors, topk_attention,
                                     uniform_attention)
 from vengine.kernels import numba_cpu, reference
-from vengine.kernels.reference import compact, merge_partials, pack_signatures, sigma_upper_factor
+from vengine.kernels.reference import (compact, merge_partials, paged_rows, paged_signatures,
+                                       sigma_upper_factor)
 
 
 def random_problem(B=2, Hkv=3, G=3, D=64, P=16, n=700, bits=64, seed=0, sharpness=0.0,
@@ -34,16 +35,16 @@ def random_problem(B=2, Hkv=3, G=3, D=64, P=16, n=700, bits=64, seed=0, sharpnes
     planes = torch.randn(Hkv, D, bits, generator=g)
     k_pool = k.view(B, Hkv, pages, P, D).permute(0, 2, 1, 3, 4).reshape(B * pages, Hkv, P, D)
     v_pool = v.view(B, Hkv, pages, P, D).permute(0, 2, 1, 3, 4).reshape(B * pages, Hkv, P, D)
-    sig = torch.stack([pack_signatures(k[b].transpose(0, 1), planes).transpose(0, 1)
-                       for b in range(B)])
     lens = torch.tensor([n - 37 * b for b in range(B)])
     return DecodeProblem(q, k_pool.contiguous(), v_pool.contiguous(),
-                         torch.arange(B * pages).view(B, pages), lens, sig, planes)
+                         torch.arange(B * pages).view(B, pages), lens,
+                         paged_signatures(k_pool, planes), planes)
 
 
 def row_lists(p: DecodeProblem, frac: float, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    B, Hkv, S = p.sig.shape[:3]
+    (B, pages), (Hkv, P) = p.block_tables.shape, p.sig.shape[1:3]
+    S = pages * P
     mask = (torch.rand(B, Hkv, S, generator=g) < frac) & (torch.arange(S) < p.context_lens[:, None, None])
     return compact(mask, S)
 
@@ -56,7 +57,8 @@ def test_numba_kernels_match_reference(Hkv, G, D, P, n):
     rows, counts = row_lists(p, 0.3)
     logw = torch.rand(rows.shape) * 3
     scale = 1 / math.sqrt(D)
-    ref_h, nb_h = reference.hash_scores(p.q, p.planes, p.sig), numba_cpu.hash_scores(p.q, p.planes, p.sig)
+    args = (p.q, p.planes, p.sig, p.block_tables, 3, p.context_lens - 5)
+    ref_h, nb_h = reference.hash_scores(*args), numba_cpu.hash_scores(*args)
     torch.testing.assert_close(nb_h, ref_h, rtol=1e-5, atol=1e-4)
     ref_s = reference.row_scores(p.q, p.k_pool, p.block_tables, rows, counts, scale)
     nb_s = numba_cpu.row_scores(p.q, p.k_pool, p.block_tables, rows, counts, scale)
@@ -71,7 +73,7 @@ def test_numba_kernels_match_reference(Hkv, G, D, P, n):
 def test_reference_attention_over_all_rows_is_sdpa():
     p = random_problem(Hkv=2, G=4, D=32, P=16, n=333)
     B, Hq, D = p.q.shape
-    S = p.sig.shape[2]
+    S = p.block_tables.shape[1] * p.sig.shape[2]
     all_rows = torch.arange(S).expand(B, 2, S)
     rows, counts = compact(all_rows < p.context_lens[:, None, None], S)
     parts = [reference.partial_attention(p.q, p.k_pool, p.v_pool, p.block_tables, rows, counts,
@@ -87,12 +89,17 @@ def test_reference_attention_over_all_rows_is_sdpa():
 
 def test_hash_scores_match_unpacked_bits():
     p = random_problem(Hkv=2, G=2, D=32, n=100, bits=16)
-    bits = ((p.sig.long()[..., None] >> torch.arange(8)) & 1).flatten(-2).float() * 2 - 1
+    sig = paged_rows(p.sig, p.block_tables)  # [B, Hkv, S, nbytes]
+    bits = ((sig.long()[..., None] >> torch.arange(8)) & 1).flatten(-2).float() * 2 - 1
     direct = torch.einsum("thd,hdn->thn", p.k_pool.transpose(1, 2).reshape(-1, 2, 32), p.planes) > 0
     assert torch.equal(bits[0].transpose(0, 1)[: direct.shape[0]] > 0, direct[: bits.shape[2]])
     w = torch.einsum("bhgd,hdn->bhgn", p.q.view(2, 2, 2, 32), p.planes)
     naive = torch.einsum("bhgn,bhsn->bhgs", w, bits).reshape(2, 4, -1)
-    torch.testing.assert_close(reference.hash_scores(p.q, p.planes, p.sig), naive, rtol=1e-5, atol=1e-4)
+    pos = torch.arange(naive.shape[-1])
+    scored = (pos >= 3) & (pos < p.context_lens[:, None] - 5)  # [B, S]
+    naive = naive.masked_fill(~scored[:, None], float("-inf"))
+    scores = reference.hash_scores(p.q, p.planes, p.sig, p.block_tables, 3, p.context_lens - 5)
+    torch.testing.assert_close(scores, naive, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("S", [257, 3000])  # 3000: the two-level scan (blocks of 1024)

@@ -62,13 +62,13 @@ def vattention_decode(
     kernels,
 ) -> DecodeResult:
     """One layer of vAttention decode. q [B, Hq, D]; k/v_pool [pages, Hkv, P, D] (one layer, in
-    GPU memory, CPU memory or a UVA view of pinned host memory); sig [B, Hkv, S, nbytes] signatures
-    of the padded context; planes [Hkv, D, nbits]. Buffers are sized by host ints derived from S,
-    the padded width that bounds context_lens (the pilot's and a capped sample's by sample_width),
-    and masked by per-row counts: nothing waits for the device, and a step of fixed S has fixed
-    shapes (CUDA graphs)."""
+    GPU memory, CPU memory or a UVA view of pinned host memory); sig [pages, Hkv, P, nbytes] key
+    signatures, paged like the pool; planes [Hkv, D, nbits]. Buffers are sized by host ints
+    derived from S = max_pages * P, the padded width that bounds context_lens (the pilot's and a
+    capped sample's by sample_width), and masked by per-row counts: nothing waits for the device,
+    and a step of fixed S has fixed shapes (CUDA graphs)."""
     B, Hq, D = q.shape
-    Hkv, S = sig.shape[1], sig.shape[2]
+    Hkv, S = sig.shape[1], block_tables.shape[1] * sig.shape[2]
     G = Hq // Hkv
     dev = q.device
     scale = 1.0 / math.sqrt(D)
@@ -80,12 +80,10 @@ def vattention_decode(
     picked = torch.zeros(B, Hkv, S + 1, dtype=torch.int8, device=dev)
     if k_max > 0:
         k_rows = torch.minimum(cfg.top_k_rows(context_lens), context_lens - cfg.sink - cfg.window)
-        pos = torch.arange(S, device=dev)
-        candidates = (pos >= cfg.sink) & (pos < n - cfg.window)  # [B, S]
         q_group = q.float().view(B, Hkv, G, D).sum(2)
-        scores = kernels.hash_scores(q_group, planes, sig).masked_fill(~candidates[:, None],
-                                                                       -math.inf)
-        top = scores.topk(k_max, dim=-1).indices  # [B, Hkv, k_max]
+        scores = kernels.hash_scores(q_group, planes, sig, block_tables, cfg.sink,
+                                     context_lens - cfg.window)  # -inf at sink and window
+        top = scores.topk(k_max, dim=-1, sorted=False).indices  # [B, Hkv, k_max]
         keep = torch.arange(k_max, device=dev) < k_rows[:, None, None]
         picked.scatter_(-1, torch.where(keep, top, S), 1)
     exact_width = min(S, cfg.sink + cfg.window + k_max)
@@ -142,13 +140,14 @@ class VAttentionBackend:
         self.generator = torch.Generator(device)  # a CUDA graph registers it (graph-safe Philox)
         self.generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
         self.step_stats: torch.Tensor | None = None  # [B, 3]: density, over-eps, heads
+        self._layer_stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # this step's, so far
         self._seq_stats: dict[int, torch.Tensor] = {}
         self._steps: dict[int, int] = {}
 
     def forward(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
-        self.pool.store(layer, ctx.slots, k, v)
-        self.signatures.store(layer, ctx.slots, pack_signatures(k, self.planes[layer]))
-        if ctx.is_prefill:
+        if ctx.is_prefill:  # the pool may stream a long chunk's rows on its side stream
+            self.pool.store(layer, ctx.slots, k, v)
+            self.signatures.store(layer, ctx.slots, pack_signatures(k, self.planes[layer]))
             if ctx.cached_len == 0:
                 return causal_attention(q, k, v, 0)
             kc, vc = self.pool.gather_pages(layer, ctx.block_tables)
@@ -156,13 +155,18 @@ class VAttentionBackend:
             kc = kc[0, :, :S].transpose(0, 1).to(q.dtype)
             vc = vc[0, :, :S].transpose(0, 1).to(q.dtype)
             return causal_attention(q, kc, vc, ctx.cached_len)
+        self.kernels.store_rows(k, v, ctx.slots, self.planes[layer], self.pool.k_view[layer],
+                                self.pool.v_view[layer], self.signatures.sig[layer])
         r = self.decode(layer, q, ctx)
-        heads = torch.full_like(r.density[:, 0], r.over_eps.shape[1])
-        step = torch.stack([r.density.mean(1), r.over_eps.sum(1), heads], 1)
-        if layer == 0:  # a new tensor each step (under a CUDA graph: the graph's output)
-            self.step_stats = step
-        else:
-            self.step_stats += step
+        if layer == 0:
+            self._layer_stats = []
+        self._layer_stats.append((r.density, r.over_eps))
+        if layer == len(self.planes) - 1:  # one reduction per step, not a few kernels per layer
+            density = torch.stack([d for d, _ in self._layer_stats]).mean(2).sum(0)
+            over = torch.stack([o for _, o in self._layer_stats]).sum((0, 2))
+            heads = torch.full_like(over, len(self._layer_stats) * r.over_eps.shape[1])
+            # a new tensor each step (under a CUDA graph: the graph's output)
+            self.step_stats = torch.stack([density, over, heads], 1)
         return r.out
 
     def decode(self, layer: int, q: torch.Tensor, ctx: StepContext) -> DecodeResult:
@@ -172,7 +176,7 @@ class VAttentionBackend:
             self.pool.v_view[layer],
             ctx.block_tables,
             ctx.context_lens,
-            self.signatures.gather(layer, ctx.block_tables),
+            self.signatures.sig[layer],
             self.planes[layer],
             self.cfg,
             self.generator,

@@ -13,7 +13,7 @@ import torch
 
 from vengine.attention.context import StepContext
 from vengine.attention.full import causal_attention
-from vengine.kernels.reference import pack_signatures
+from vengine.kernels.reference import paged_rows, paged_signatures
 
 _DOC_MODULES = ("argparse", "collections", "json", "email", "typing", "logging", "asyncio",
                 "functools", "itertools", "pathlib", "subprocess", "threading", "unittest",
@@ -78,14 +78,12 @@ class DecodeProblem:
     v_pool: torch.Tensor
     block_tables: torch.Tensor  # [B, pages]
     context_lens: torch.Tensor  # [B]
-    sig: torch.Tensor  # [B, Hkv, S, nbytes]
+    sig: torch.Tensor  # [pages, Hkv, P, nbytes] key signatures, paged like k_pool
     planes: torch.Tensor  # [Hkv, D, nbits]
 
     def rows(self, pool: torch.Tensor) -> torch.Tensor:
-        """A pool's rows of each query's sequence: [B, Hkv, S, D]."""
-        x = pool[self.block_tables]  # [B, pages, Hkv, P, D]
-        B, n, H, P, D = x.shape
-        return x.transpose(1, 2).reshape(B, H, n * P, D)
+        """A pool's rows of each query's sequence: [B, Hkv, S, ...]."""
+        return paged_rows(pool, self.block_tables)
 
     def exact(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact scores [B, Hq, S] (-inf past each context) and outputs [B, Hq, D]."""
@@ -100,25 +98,26 @@ class DecodeProblem:
         return s.reshape(B, Hq, S), out.reshape(B, Hq, D)
 
 
+def to_pages(x: torch.Tensor, page_size: int = 64) -> torch.Tensor:
+    """Rows [T, Hkv, D] as a pool [pages, Hkv, page_size, D], the last page zero padded."""
+    T, Hkv, D = x.shape
+    pages = -(-T // page_size)
+    x = torch.cat([x, x.new_zeros(pages * page_size - T, Hkv, D)])
+    return x.view(pages, page_size, Hkv, D).transpose(1, 2).contiguous()
+
+
 def decode_problem(act: LayerActivations, planes: torch.Tensor, page_size: int = 64) -> DecodeProblem:
     """Queries at the last B positions, each attending over the keys up to its own position."""
-    T, Hkv, D = act.k.shape
+    T = act.k.shape[0]
     B = act.q.shape[0]
-    pages = -(-T // page_size)
-    pad = pages * page_size - T
-
-    def paged(x: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([x, x.new_zeros(pad, Hkv, D)])
-        return x.view(pages, page_size, Hkv, D).transpose(1, 2).contiguous()
-
-    sig = pack_signatures(torch.cat([act.k, act.k.new_zeros(pad, Hkv, D)]), planes)
-    sig = sig.transpose(0, 1)[None].expand(B, -1, -1, -1).contiguous()
+    k_pool = to_pages(act.k, page_size)
+    pages = k_pool.shape[0]
     return DecodeProblem(
         q=act.q,
-        k_pool=paged(act.k),
-        v_pool=paged(act.v),
+        k_pool=k_pool,
+        v_pool=to_pages(act.v, page_size),
         block_tables=torch.arange(pages, device=act.k.device)[None].expand(B, pages).contiguous(),
         context_lens=torch.arange(T - B + 1, T + 1, device=act.k.device),
-        sig=sig,
+        sig=paged_signatures(k_pool, planes),
         planes=planes,
     )

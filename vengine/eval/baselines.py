@@ -21,7 +21,7 @@ from vengine.attention.config import VAttention
 from vengine.attention.vattention import DecodeResult, VAttentionBackend, vattention_decode
 from vengine.errors import ConfigError
 from vengine.eval.activations import DecodeProblem
-from vengine.kernels.reference import hash_scores
+from vengine.kernels.reference import hash_scores, mask_range
 
 
 def _fixed(S: int, n: torch.Tensor, sink: int, window: int) -> torch.Tensor:
@@ -40,12 +40,15 @@ def _attend(s: torch.Tensor, logw: torch.Tensor, v: torch.Tensor, log_scale: tor
     return out / d[..., None], d
 
 
-def group_scores(q: torch.Tensor, planes: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
+def group_scores(q: torch.Tensor, planes: torch.Tensor, sig: torch.Tensor,
+                 block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
     """vAttention's top-k ranking of a GQA group's rows [B, Hkv, S]: the group's summed query
-    against the signatures (the sum of its heads' hash scores, which are linear in the query)."""
+    against the (paged) signatures (the sum of its heads' hash scores, which are linear in the
+    query); -inf past each context."""
     B, Hq, D = q.shape
     Hkv = sig.shape[1]
-    return hash_scores(q.float().view(B, Hkv, Hq // Hkv, D).sum(2), planes, sig)
+    return hash_scores(q.float().view(B, Hkv, Hq // Hkv, D).sum(2), planes, sig, block_tables, 0,
+                       context_lens)
 
 
 def oracle_group_scores(s: torch.Tensor, Hkv: int) -> torch.Tensor:
@@ -56,8 +59,10 @@ def oracle_group_scores(s: torch.Tensor, Hkv: int) -> torch.Tensor:
 
 def oracle_kernels(kernels, s: torch.Tensor) -> SimpleNamespace:
     """A kernel backend whose predictor returns the exact group scores: vAttention(oracle top-k)."""
-    return SimpleNamespace(**{**vars(kernels), "hash_scores": lambda q, planes, sig: (
-        oracle_group_scores(s, sig.shape[1]).clamp(min=-1e30))})
+    def scores(q, planes, sig, block_tables, lo, hi):
+        return mask_range(oracle_group_scores(s, sig.shape[1]).clamp(min=-1e30), lo, hi)
+
+    return SimpleNamespace(**{**vars(kernels), "hash_scores": scores})
 
 
 def topk_attention(p: DecodeProblem, s: torch.Tensor, density: float, sink: int, window: int,
@@ -69,7 +74,8 @@ def topk_attention(p: DecodeProblem, s: torch.Tensor, density: float, sink: int,
     live = ~torch.isinf(s[:, 0])  # [B, S]
     fixed = _fixed(S, p.context_lens, sink, window) & live
     k = max(int(density * int(p.context_lens.min())) - int(fixed[0].sum()), 0)
-    rank = group_scores(p.q, p.planes, p.sig) if use_hash else oracle_group_scores(s, Hkv)
+    rank = (group_scores(p.q, p.planes, p.sig, p.block_tables, p.context_lens) if use_hash
+            else oracle_group_scores(s, Hkv))
     rank = rank.masked_fill(fixed[:, None] | ~live[:, None], float("-inf"))
     chosen = fixed[:, None].expand(B, Hkv, S).clone()
     if k > 0:
@@ -141,7 +147,7 @@ def engine_problem(backend: VAttentionBackend, layer: int, q: torch.Tensor, ctx)
     v = backend.pool.v_view[layer][pages].float()
     tables = torch.arange(len(pages), device=bt.device).view(bt.shape)
     return DecodeProblem(q.float(), k, v, tables, ctx.context_lens,
-                         backend.signatures.gather(layer, bt), backend.planes[layer])
+                         backend.signatures.sig[layer][pages], backend.planes[layer])
 
 
 class _BaselineBackend(VAttentionBackend):

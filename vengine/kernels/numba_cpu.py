@@ -16,9 +16,12 @@ from vengine.kernels.reference import (  # noqa: F401  (re-export: selection and
     _BYTE_SIGNS,  # vectorised torch over whole tensors)
     exact_rows,
     finish,
+    mask_range,
     pack_signatures,
+    paged_rows,
     pilot_budget,
     sample_rows,
+    store_rows,
 )
 
 
@@ -100,15 +103,16 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-def hash_scores(q, planes, sig):
+def hash_scores(q, planes, sig, block_tables, lo, hi):
     B, Hq, D = q.shape
+    sig = paged_rows(sig, block_tables)
     _, Hkv, S, nbytes = sig.shape
     G = Hq // Hkv
     w = torch.einsum("bhgd,hdn->bhgn", q.float().view(B, Hkv, G, D), planes)
     table = w.view(B, Hkv, G, nbytes, 8) @ _BYTE_SIGNS.T  # [B, Hkv, G, nbytes, 256]
     out = torch.empty(B, Hq, S, dtype=torch.float32)
     _hash_scores(_np(table), _np(sig), out.numpy())
-    return out
+    return mask_range(out, lo, hi)
 
 
 def row_scores(q, k_pool, block_tables, rows, counts, scale):

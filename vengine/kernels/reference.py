@@ -2,7 +2,8 @@
 
 Shapes: q [B, Hq, D]; one layer of the paged pool k_pool, v_pool [pages, Hkv, P, D];
 block_tables [B, max_pages]; rows [B, Hkv, R] token positions (only the first counts[b, h] are
-valid); logw [B, Hkv, R] log importance weights; signatures sig [B, Hkv, S, nbytes] uint8.
+valid); logw [B, Hkv, R] log importance weights; key signatures sig [pages, Hkv, P, nbytes] uint8,
+paged like the pool (S = max_pages * P positions per sequence).
 The query heads of a GQA group (Hq // Hkv of them) read the same rows.
 Row selection: picked [B, Hkv, >= S] int8 marks each group's predicted top-k;
 u [B, Hkv, S] uniform draws; context_lens [B].
@@ -34,19 +35,54 @@ def pack_signatures(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
     return (bits.view(T, H, n // 8, 8).long() * weights).sum(-1).to(torch.uint8)
 
 
-def hash_scores(q: torch.Tensor, planes: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
-    """Predicted scores [B, Hq, S]: sum_j (q . r_j) * sign(k . r_j), bits weighted by |q . r_j|.
+def store_rows(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, planes: torch.Tensor,
+               k_pool: torch.Tensor, v_pool: torch.Tensor, sig: torch.Tensor) -> None:
+    """Write a step's K/V rows [T, Hkv, D] at flat slots [T] (page * P + offset) into one layer's
+    pools and the keys' signatures into sig [pages, Hkv, P, nbytes]."""
+    P = k_pool.shape[2]
+    pages, offsets = slots // P, slots % P
+    k_pool[pages, :, offsets] = k.to(k_pool.dtype)
+    v_pool[pages, :, offsets] = v.to(v_pool.dtype)
+    sig[pages, :, offsets] = pack_signatures(k, planes)
+
+
+def paged_signatures(k_pool: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+    """Signatures of every row of a pool [pages, Hkv, P, D] -> [pages, Hkv, P, nbytes]."""
+    pages, H, P, D = k_pool.shape
+    sig = pack_signatures(k_pool.transpose(1, 2).reshape(-1, H, D), planes)
+    return sig.view(pages, P, H, -1).transpose(1, 2).contiguous()
+
+
+def paged_rows(pool: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """pool [pages, Hkv, P, ...] -> each sequence's rows in token order [B, Hkv, S, ...]."""
+    x = pool[block_tables]  # [B, max_pages, Hkv, P, ...]
+    B, n, H, P = x.shape[:4]
+    return x.transpose(1, 2).reshape(B, H, n * P, *x.shape[4:])
+
+
+def mask_range(scores: torch.Tensor, lo: int, hi: torch.Tensor) -> torch.Tensor:
+    """scores [B, H, S] with -inf outside positions lo <= s < hi[b]."""
+    pos = torch.arange(scores.shape[-1], device=scores.device)
+    keep = (pos >= lo) & (pos < hi[:, None])
+    return scores.masked_fill(~keep[:, None], float("-inf"))
+
+
+def hash_scores(q: torch.Tensor, planes: torch.Tensor, sig: torch.Tensor,
+                block_tables: torch.Tensor, lo: int, hi: torch.Tensor) -> torch.Tensor:
+    """Predicted scores [B, Hq, S] of positions lo <= s < hi[b] (-inf elsewhere):
+    sum_j (q . r_j) * sign(k . r_j), bits weighted by |q . r_j|.
 
     Each signature byte indexes a 256-entry table of partial sums built from the query, so scoring
     reads nbits / 8 bytes per row instead of the key's D values.
     """
     B, Hq, D = q.shape
+    sig = paged_rows(sig, block_tables)  # [B, Hkv, S, nbytes]
     _, Hkv, S, nbytes = sig.shape
     G = Hq // Hkv
     w = torch.einsum("bhgd,hdn->bhgn", q.float().view(B, Hkv, G, D), planes)
     table = w.view(B, Hkv, G, nbytes, 8) @ byte_signs(q.device).T  # [B, Hkv, G, nbytes, 256]
     idx = sig.long().transpose(2, 3)[:, :, None].expand(B, Hkv, G, nbytes, S)
-    return table.gather(-1, idx).sum(3).view(B, Hq, S)
+    return mask_range(table.gather(-1, idx).sum(3).view(B, Hq, S), lo, hi)
 
 
 def row_cumsum(x: torch.Tensor, block: int = 1024) -> torch.Tensor:

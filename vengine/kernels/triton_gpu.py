@@ -3,11 +3,12 @@
 Why: on the GPU the K/V pool may live in pinned host memory read through a UVA view
 (vengine.offload.uva), so every byte a kernel reads is PCIe traffic. Each program therefore owns
 one (sequence, KV head) and reads each selected K/V row once for all G = Hq / Hkv query heads of
-the GQA group (the group is padded to >= 16 rows so tl.dot applies). Row lists are sorted ascending by construction
-(exact_rows, sample_rows), which keeps the reads sequential-ish. Long row lists are split over
-programs flash-decoding style: each split writes unnormalised online-softmax partials and the
-splits are combined in torch. The number of splits comes from the padded row-buffer width R (a
-host int), so no host sync on the counts is needed; splits past a list's count are empty.
+the GQA group (the group is padded to >= 16 rows so tl.dot applies). Row lists are sorted
+ascending by construction (exact_rows, sample_rows), which keeps the reads sequential-ish. Long row
+lists are split over programs flash-decoding style: each split writes unnormalised online-softmax
+partials and a second kernel combines the splits. The number of splits comes from the padded
+row-buffer width R (a host int), so no host sync on the counts is needed; splits past a list's
+count are empty.
 
 Inputs may be float32, bfloat16 or float16; outputs are float32. The dots run on tensor cores
 to about float32 accuracy (_mma): decode is bound by memory (or PCIe), not by these few MMAs.
@@ -36,20 +37,52 @@ def _p2(n: int, lo: int = 16) -> int:
 
 
 @triton.jit
-def _hash_kernel(table, sig, out, S, G: tl.constexpr, NB: tl.constexpr, GP: tl.constexpr,
+def _hash_kernel(table, sig, tables, hi, out, lo, S, st0, sg0, sg1, sg2, HKV: tl.constexpr,
+                 G: tl.constexpr, P: tl.constexpr, NB: tl.constexpr, GP: tl.constexpr,
                  NBP: tl.constexpr, BLOCK: tl.constexpr):
-    # table [B*Hkv, G, NB, 256] f32, sig [B*Hkv, S, NB] u8, out [B*Hkv, G, S] f32 (all contiguous)
+    # table [B*Hkv, G, NB, 256] f32, sig [pages, Hkv, P, NB] u8 paged, out [B*Hkv, G, S] f32
     bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // HKV, bh % HKV
     s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     g, j = tl.arange(0, GP), tl.arange(0, NBP)
     s_ok, j_ok = s < S, j < NB
-    byte = tl.load(sig + (bh * S + s[:, None]) * NB + j[None, :],
-                   mask=s_ok[:, None] & j_ok[None, :], other=0).to(tl.int32)  # [BLOCK, NBP]
+    scored = s_ok & (s >= lo) & (s < tl.load(hi + b))
+    page = tl.load(tables + b * st0 + s // P, mask=scored, other=0).to(tl.int64)
+    byte = tl.load(sig + (page * sg0 + h * sg1 + (s % P) * sg2)[:, None] + j[None, :],
+                   mask=scored[:, None] & j_ok[None, :], other=0).to(tl.int32)  # [BLOCK, NBP]
     offs = (g[:, None, None] * NB + j[None, None, :]) * 256 + byte[None, :, :]  # [GP, BLOCK, NBP]
     mask = (g[:, None, None] < G) & j_ok[None, None, :]
-    vals = tl.load(table + bh * (G * NB * 256) + offs, mask=mask, other=0.0)
-    tl.store(out + (bh * G + g[:, None]) * S + s[None, :], tl.sum(vals, axis=2),
-             mask=(g[:, None] < G) & s_ok[None, :])
+    vals = tl.sum(tl.load(table + bh * (G * NB * 256) + offs, mask=mask, other=0.0), axis=2)
+    tl.store(out + (bh * G + g[:, None]) * S + s[None, :],
+             tl.where(scored[None, :], vals, float("-inf")), mask=(g[:, None] < G) & s_ok[None, :])
+
+
+@triton.jit
+def _store_kernel(k, v, slots, planes, k_pool, v_pool, sig, T, sk0, sk1, sv0, sv1, pk0, pk1, pk2,
+                  pv0, pv1, pv2, sg0, sg1, sg2, P: tl.constexpr, D: tl.constexpr,
+                  DP: tl.constexpr, NBITS: tl.constexpr, NBP: tl.constexpr, BLOCK: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    """BLOCK tokens of one KV head: K/V rows to the pools, sign bits of k . planes packed to sig."""
+    h = tl.program_id(1).to(tl.int64)
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    d, j = tl.arange(0, DP), tl.arange(0, NBP)
+    ok = t < T
+    okd = ok[:, None] & (d < D)[None, :]
+    slot = tl.load(slots + t, mask=ok, other=0).to(tl.int64)
+    page, off = slot // P, slot % P
+    kx = tl.load(k + t[:, None] * sk0 + h * sk1 + d[None, :], mask=okd, other=0.0)
+    vx = tl.load(v + t[:, None] * sv0 + h * sv1 + d[None, :], mask=okd, other=0.0)
+    tl.store(k_pool + (page * pk0 + h * pk1 + off * pk2)[:, None] + d[None, :],
+             kx.to(k_pool.dtype.element_ty), mask=okd)
+    tl.store(v_pool + (page * pv0 + h * pv1 + off * pv2)[:, None] + d[None, :],
+             vx.to(v_pool.dtype.element_ty), mask=okd)
+    pl = tl.load(planes + (h * D + d[:, None]) * NBITS + j[None, :],
+                 mask=(d < D)[:, None] & (j < NBITS)[None, :], other=0.0)
+    bits = (_mma(kx, pl, INTERPRET) > 0).to(tl.int32) << (j % 8)[None, :]  # [BLOCK, NBP]
+    packed = tl.sum(tl.reshape(bits, (BLOCK, NBP // 8, 8)), 2)
+    nb = tl.arange(0, NBP // 8)
+    tl.store(sig + (page * sg0 + h * sg1 + off * sg2)[:, None] + nb[None, :],
+             packed.to(tl.uint8), mask=ok[:, None] & (nb < NBITS // 8)[None, :])
 
 
 @triton.jit
@@ -148,12 +181,29 @@ def _attn_kernel(q, k_pool, v_pool, tables, rows, counts, logw, m_out, l_out, ac
 
 
 @triton.jit
-def _rows_kernel(picked, u, rate, lens, counts, offsets, rows, width, sp0, sp1, su0, su1, sr0, sr1,
-                 SINK, WINDOW, HKV: tl.constexpr, SAMPLE: tl.constexpr,
-                 WRITE: tl.constexpr, SPLIT_: tl.constexpr, BLOCK: tl.constexpr):
+def _combine_kernel(m, l, acc, m_out, l_out, acc_out, NS, D: tl.constexpr, NSP: tl.constexpr,
+                    DP: tl.constexpr):
+    """One query head: the flash-decoding splits' partials [NS] rescaled to their common max."""
+    i = tl.program_id(0).to(tl.int64)
+    j, d = tl.arange(0, NSP), tl.arange(0, DP)
+    ms = tl.load(m + i * NS + j, mask=j < NS, other=float("-inf"))
+    top = tl.max(ms, 0)
+    c = tl.exp(ms - tl.maximum(top, -3.4028234663852886e38))  # all -inf (no rows): c = 0
+    a = tl.load(acc + (i * NS + j[:, None]) * D + d[None, :],
+                mask=(j[:, None] < NS) & (d[None, :] < D), other=0.0)
+    tl.store(m_out + i, top)
+    tl.store(l_out + i, tl.sum(tl.load(l + i * NS + j, mask=j < NS, other=0.0) * c, 0))
+    tl.store(acc_out + i * D + d, tl.sum(a * c[:, None], 0), mask=d < D)
+
+
+@triton.jit
+def _rows_kernel(picked, u, rate, lens, counts, total, rows, width, sp0, sp1, su0, su1, sr0, sr1,
+                 SINK, WINDOW, HKV: tl.constexpr, SAMPLE: tl.constexpr, WRITE: tl.constexpr,
+                 SPLIT_: tl.constexpr, BLOCK: tl.constexpr, NSP: tl.constexpr):
     """One split of the positions of one (sequence, KV head). Exact rows (SAMPLE False): sink,
     window or picked; else the residual rows with u < rate. Pass 1 (WRITE False) counts them per
-    split; pass 2 writes them, ascending, from the split's offset (an exclusive scan of pass 1)."""
+    split; pass 2 writes them, ascending, from the split's offset (the sum of the earlier splits'
+    counts), and split 0 writes the list's length, at most width."""
     bh = tl.program_id(0).to(tl.int64)
     split, n_splits = tl.program_id(1), tl.num_programs(1)
     b, h = bh // HKV, bh % HKV
@@ -164,7 +214,11 @@ def _rows_kernel(picked, u, rate, lens, counts, offsets, rows, width, sp0, sp1, 
         p = tl.load(rate + bh)
     count = tl.zeros([], tl.int32)
     if WRITE:
-        count += tl.load(offsets + bh * n_splits + split)
+        j = tl.arange(0, NSP)
+        per_split = tl.load(counts + bh * n_splits + j, mask=j < n_splits, other=0)
+        count += tl.sum(tl.where(j < split, per_split, 0), 0)
+        if split == 0:
+            tl.store(total + bh, tl.minimum(tl.sum(per_split, 0), width).to(tl.int64))
     for s0 in range(start, end, BLOCK):
         s = s0 + tl.arange(0, BLOCK)
         valid = s < end
@@ -274,18 +328,38 @@ def _check(q, pool, block_tables, rows, counts) -> None:
     assert q.device == pool.device == rows.device and pool.shape[1] == rows.shape[1]
 
 
-def hash_scores(q: torch.Tensor, planes: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
-    """q [B, Hq, D], planes [Hkv, D, nbits], sig [B, Hkv, S, nbytes] uint8 -> [B, Hq, S] f32."""
+def store_rows(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, planes: torch.Tensor,
+               k_pool: torch.Tensor, v_pool: torch.Tensor, sig: torch.Tensor) -> None:
+    """One kernel for a step's writes: K/V rows [T, Hkv, D] at flat slots [T] into one layer's
+    pools (GPU memory or UVA views of pinned host memory) and their signatures into sig."""
+    T, Hkv, D = k.shape
+    nbits = planes.shape[-1]
+    assert k.stride(-1) == v.stride(-1) == 1 and planes.is_contiguous() and sig.stride(-1) == 1
+    assert k_pool.stride(-1) == v_pool.stride(-1) == 1 and planes.dtype == torch.float32
+    BLOCK = 16
+    _store_kernel[(triton.cdiv(T, BLOCK), Hkv)](
+        k, v, slots.contiguous(), planes, k_pool, v_pool, sig, T, *k.stride()[:2],
+        *v.stride()[:2], *k_pool.stride()[:3], *v_pool.stride()[:3], *sig.stride()[:3],
+        k_pool.shape[2], D, _p2(D), nbits, _p2(nbits, 8), BLOCK, _INTERPRET)
+
+
+def hash_scores(q: torch.Tensor, planes: torch.Tensor, sig: torch.Tensor,
+                block_tables: torch.Tensor, lo: int, hi: torch.Tensor) -> torch.Tensor:
+    """q [B, Hq, D], planes [Hkv, D, nbits], sig [pages, Hkv, P, nbytes] uint8 read through
+    block_tables -> [B, Hq, S] f32, -inf outside lo <= s < hi[b] (see reference)."""
     B, Hq, D = q.shape
-    _, Hkv, S, nbytes = sig.shape
+    _, Hkv, P, nbytes = sig.shape
+    S = block_tables.shape[1] * P
     G = Hq // Hkv
-    assert sig.dtype == torch.uint8 and planes.shape == (Hkv, D, 8 * nbytes)
+    assert sig.dtype == torch.uint8 and sig.stride(-1) == 1 and planes.shape == (Hkv, D, 8 * nbytes)
+    assert block_tables.stride(1) == 1
     w = torch.einsum("bhgd,hdn->bhgn", q.float().view(B, Hkv, G, D), planes.float())
     table = (w.view(B, Hkv, G, nbytes, 8) @ byte_signs(q.device).T).contiguous()
     out = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
     grid = (B * Hkv, triton.cdiv(S, BLOCK_S))
-    _hash_kernel[grid](table, sig.contiguous(), out, S, G, nbytes, _p2(G, 1), _p2(nbytes, 1),
-                       BLOCK_S)
+    _hash_kernel[grid](table, sig, block_tables, hi.contiguous(), out, lo, S,
+                       block_tables.stride(0), *sig.stride()[:3], Hkv, G, P, nbytes, _p2(G, 1),
+                       _p2(nbytes, 1), BLOCK_S)
     return out
 
 
@@ -294,15 +368,16 @@ def _select(picked, u, rate, context_lens, sink: int, window: int, width: int, S
     B, Hkv, dev = len(context_lens), picked.shape[1], context_lens.device
     n_splits = max(1, triton.cdiv(S, SPLIT))
     counts = torch.empty(B, Hkv, n_splits, dtype=torch.int32, device=dev)
+    total = torch.empty(B, Hkv, dtype=torch.long, device=dev)
     rows = torch.empty(B, Hkv, width, dtype=torch.long, device=dev)
     su = u.stride()[:2] if u is not None else (0, 0)
     for write in (False, True):
-        offsets = counts.cumsum(-1, dtype=torch.int32) - counts if write else counts
         _rows_kernel[(B * Hkv, n_splits)](
             picked, u if u is not None else counts, rate if rate is not None else counts,
-            context_lens, counts, offsets, rows, width, *picked.stride()[:2], *su,
-            *rows.stride()[:2], sink, window, Hkv, u is not None, write, SPLIT, BLOCK_SEL)
-    return rows, counts.sum(-1).clamp(max=width)
+            context_lens, counts, total, rows, width, *picked.stride()[:2], *su,
+            *rows.stride()[:2], sink, window, Hkv, u is not None, write, SPLIT, BLOCK_SEL,
+            _p2(n_splits, 1))
+    return rows, total
 
 
 def exact_rows(picked, context_lens, S: int, sink: int, window: int, width: int):
@@ -392,6 +467,8 @@ def partial_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         logw is not None, _INTERPRET)
     if n_splits == 1:
         return m[..., 0], l[..., 0], acc[..., 0, :]
-    m_all = m.amax(-1)  # combine the splits: rescale each to the common max
-    c = torch.exp(m - m_all.clamp_min(torch.finfo(torch.float32).min)[..., None])
-    return m_all, (l * c).sum(-1), (acc * c[..., None]).sum(-2)
+    m_all, l_all = torch.empty(B, Hq, dtype=torch.float32, device=dev), torch.empty_like(m[..., 0])
+    acc_all = torch.empty(B, Hq, D, dtype=torch.float32, device=dev)
+    _combine_kernel[(B * Hq,)](m, l, acc, m_all, l_all, acc_all, n_splits, D, _p2(n_splits, 1),
+                               _p2(D, 1))
+    return m_all, l_all, acc_all

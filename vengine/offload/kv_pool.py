@@ -169,9 +169,3 @@ class SignaturePool:
     def store(self, layer: int, slots: torch.Tensor, sig: torch.Tensor) -> None:
         """slots: [T]; sig: [T, kv_heads, nbytes]."""
         self.sig[layer, slots // self.page_size, :, slots % self.page_size] = sig
-
-    def gather(self, layer: int, block_tables: torch.Tensor) -> torch.Tensor:
-        """-> [B, kv_heads, max_pages * page_size, nbytes]."""
-        s = self.sig[layer, block_tables]  # [B, n, H, P, nbytes]
-        B, n, H, P, nb = s.shape
-        return s.transpose(1, 2).reshape(B, H, n * P, nb)
