@@ -21,7 +21,6 @@ from vengine.attention.full import decode_attention
 from vengine.attention.vattention import VAttentionBackend
 from vengine.engine.chat import ChatSession
 from vengine.eval.tasks import Case, make_cases, score
-from vengine.kernels.reference import pack_signatures
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +41,7 @@ class _Switchable(VAttentionBackend):
     def forward(self, layer, q, k, v, ctx):
         if ctx.is_prefill or not self.exact:
             return super().forward(layer, q, k, v, ctx)
-        self.pool.store(layer, ctx.slots.to(self.pool.device), k, v)
-        self.signatures.store(layer, ctx.slots, pack_signatures(k, self.planes[layer]))
+        self.store_decode_rows(layer, k, v, ctx)
         kc, vc = self.pool.gather_pages(layer, ctx.block_tables)
         return decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), ctx.context_lens)
 

@@ -7,7 +7,7 @@ import torch
 
 import vengine
 from vengine.errors import ConfigError, HostMemoryError
-from vengine.offload.kv_pool import KVPool, PageAllocator, parse_bytes
+from vengine.offload.kv_pool import KVPool, PageAllocator, ResidentPages, parse_bytes
 
 
 def test_parse_bytes():
@@ -110,3 +110,25 @@ def test_cpu_pool_is_zero_where_nothing_was_written():
         del junk
         pool = KVPool(2, 3, 16, 64, 64 * 2 * page_bytes, torch.float32, torch.device("cpu"))
         assert torch.count_nonzero(pool.k) == 0 and torch.count_nonzero(pool.v) == 0
+
+
+def test_resident_pages_follow_what_is_wanted():
+    """GPU copies of pages (here on the CPU: the bookkeeping is the same): made when wanted, gone
+    when not, made again when a freed page comes back for another sequence, none without slots."""
+    pool = KVPool(2, 2, 8, 4, 10 * 2 * 2 * 2 * 4 * 8 * 4, torch.float32, torch.device("cpu"))
+    pool.k.copy_(torch.randn(pool.k.shape))
+    res = ResidentPages(pool, 2, torch.device("cpu"))
+    res.keep([(3, 0), (7, 0)])
+    for page in (3, 7):
+        slot = int(res.slot_of[page])
+        assert torch.equal(res.k[:, slot], pool.k[:, page])
+    assert (res.slot_of >= 0).sum() == 2
+    res.keep([(7, 0), (5, 1)])  # 3 no longer wanted: its slot goes to 5
+    assert res.slot_of[3] == -1 and res.slot_of[5] >= 0 and res.slot_of[7] >= 0
+    pool.k[:, 7] = 42.0  # page 7 freed and rewritten for sequence 2 (on the host only)
+    res.keep([(7, 2), (5, 1)])
+    assert torch.equal(res.k[:, int(res.slot_of[7])], pool.k[:, 7]), "stale copy of a reused page"
+    res.keep([(7, 2), (5, 1), (9, 1)])  # out of slots: page 9 stays on the host
+    assert res.slot_of[9] == -1
+    res.drop_sequence(1)
+    assert res.slot_of[5] == -1 and res.slot_of[7] >= 0 and len(res.free_slots) == 1

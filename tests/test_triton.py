@@ -194,6 +194,42 @@ def test_store_rows_match_reference(dtype, bits):
     assert (pools[0][2] != 9).any() and (pools[0][0] == 7).any()
 
 
+def test_resident_pages_are_read_from_their_gpu_copy():
+    """With some pages copied to a 'GPU' pool (slot_of >= 0) and their host rows poisoned with NaN,
+    row_scores and partial_attention still equal the reference on the clean pool; store_rows
+    writes a row of a resident page to both copies."""
+    p = problem(B=2, Hkv=2, G=4, D=32, P=16, n=300)
+    rows, counts = row_lists(p, 0.5, width=199)
+    q, kp, vp, bt = cast(p, torch.float32, DEV)
+    resident_pages = [int(p.block_tables[b, i]) for b, i in ((0, 0), (1, -1), (0, 5))]
+    slot_of = torch.full((kp.shape[0],), -1, dtype=torch.int32)
+    slot_of[resident_pages] = torch.tensor([2, 0, 1], dtype=torch.int32)
+    k_hot, v_hot = torch.zeros(3, *kp.shape[1:]), torch.zeros(3, *kp.shape[1:])
+    k_hot[[2, 0, 1]], v_hot[[2, 0, 1]] = p.k_pool[resident_pages], p.v_pool[resident_pages]
+    kp[resident_pages], vp[resident_pages] = float("nan"), float("nan")
+    resident = (slot_of.to(DEV), k_hot.to(DEV), v_hot.to(DEV))
+    scale = 0.125
+    ref = reference.row_scores(p.q, p.k_pool, p.block_tables, rows, counts, scale)
+    check("row_scores", triton_gpu.row_scores(q, kp, bt, rows.to(DEV), counts.to(DEV), scale,
+                                              resident), ref)
+    ref = reference.partial_attention(p.q, p.k_pool, p.v_pool, p.block_tables, rows, counts, None,
+                                      scale)
+    tri = triton_gpu.partial_attention(q, kp, vp, bt, rows.to(DEV), counts.to(DEV), None, scale,
+                                       resident, chunk=64)
+    for name, t, r in zip("mla", tri, ref):
+        check(f"partial_attention {name}", t, r)
+
+    k, v = torch.randn(2, 2, 32), torch.randn(2, 2, 32)
+    slots = torch.tensor([resident_pages[0] * 16 + 3, int(p.block_tables[1, 1]) * 16])
+    sig = torch.zeros(kp.shape[0], 2, 16, 8, dtype=torch.uint8, device=DEV)
+    triton_gpu.store_rows(k.to(DEV), v.to(DEV), slots.to(DEV), p.planes.to(DEV), kp, vp, sig,
+                          resident)
+    assert torch.equal(resident[1][2, :, 3].cpu(), k[0])
+    assert torch.equal(kp[resident_pages[0], :, 3].cpu(), k[0])
+    assert torch.equal(resident[2][2, :, 3].cpu(), v[0])
+    assert torch.equal(kp[int(p.block_tables[1, 1]), :, 0].cpu(), k[1])
+
+
 def test_split_sizes_agree():
     """One split per list, several, and splits past the counts give the same partials."""
     p = problem(B=1, Hkv=1, G=2, n=200)

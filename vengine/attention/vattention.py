@@ -29,9 +29,10 @@ from vengine.attention.full import causal_attention
 from vengine.kernels import get_kernels
 from vengine.kernels.reference import pack_signatures
 from vengine.models.config import ModelConfig
-from vengine.offload.kv_pool import KVPool, SignaturePool
+from vengine.offload.kv_pool import KVPool, ResidentPages, SignaturePool
 
 MIN_BASE = 32  # pilot rows at least, so that sigma is estimated from more than a handful
+RESIDENT_SEQUENCES = 16  # GPU copies of the sink and window pages for this many sequences
 
 
 @dataclass
@@ -60,13 +61,15 @@ def vattention_decode(
     cfg: VAttention,
     generator: torch.Generator | None,
     kernels,
+    resident: tuple | None = None,
 ) -> DecodeResult:
     """One layer of vAttention decode. q [B, Hq, D]; k/v_pool [pages, Hkv, P, D] (one layer, in
     GPU memory, CPU memory or a UVA view of pinned host memory); sig [pages, Hkv, P, nbytes] key
     signatures, paged like the pool; planes [Hkv, D, nbits]. Buffers are sized by host ints
     derived from S = max_pages * P, the padded width that bounds context_lens (the pilot's and a
     capped sample's by sample_width), and masked by per-row counts: nothing waits for the device,
-    and a step of fixed S has fixed shapes (CUDA graphs)."""
+    and a step of fixed S has fixed shapes (CUDA graphs). resident: GPU copies of some pages
+    (ResidentPages.layer: the sink and window), which the kernels read instead of the pool."""
     B, Hq, D = q.shape
     Hkv, S = sig.shape[1], block_tables.shape[1] * sig.shape[2]
     G = Hq // Hkv
@@ -90,7 +93,7 @@ def vattention_decode(
     rows_f, count_f = kernels.exact_rows(picked, context_lens, S, cfg.sink, cfg.window,
                                          exact_width)
     m_f, l_f, acc_f = kernels.partial_attention(
-        q, k_pool, v_pool, block_tables, rows_f, count_f, None, scale
+        q, k_pool, v_pool, block_tables, rows_f, count_f, None, scale, resident
     )
 
     # 2. pilot sample of the residual: statistics of exp(s - m) per query head
@@ -100,7 +103,8 @@ def vattention_decode(
     width_b = sample_width(cfg.base_rate * S + MIN_BASE, S)
     rows_b, count_b = kernels.sample_rows(picked, u[0], base_rate, context_lens, cfg.sink,
                                           cfg.window, width_b)
-    s_b = kernels.row_scores(q, k_pool, block_tables, rows_b, count_b, scale)  # [B, Hq, width_b]
+    s_b = kernels.row_scores(q, k_pool, block_tables, rows_b, count_b, scale,
+                             resident)  # [B, Hq, width_b]
 
     # 3. CLT budget per head, the group's largest (kernels.pilot_budget)
     cap = n_r if cfg.max_sample is None else torch.minimum(n_r, cfg.max_sample * n.float())
@@ -116,7 +120,7 @@ def vattention_decode(
                                           width_s)
     logw = torch.log(n_r / count_s.clamp(min=1))[..., None].expand(B, Hkv, width_s)
     m_s, l_s, acc_s = kernels.partial_attention(
-        q, k_pool, v_pool, block_tables, rows_s, count_s, logw, scale
+        q, k_pool, v_pool, block_tables, rows_s, count_s, logw, scale, resident
     )
     out, d_hat, over_eps = kernels.finish((m_f, l_f, acc_f), (m_s, l_s, acc_s), m, d_f, sigma,
                                           n_r, count_s, cfg.epsilon, cfg.delta)
@@ -137,6 +141,12 @@ class VAttentionBackend:
             mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.hash_bits, generator=planes_gen
         ).to(device)
         self.signatures = SignaturePool(pool, cfg.hash_bits // 8, device)
+        self.resident = None  # GPU copies of the sink and window pages, for a host pool on a GPU
+        if pool.k_view.is_cuda and not pool.k.is_cuda:
+            P = pool.page_size
+            per_seq = -(-cfg.sink // P) + -(-cfg.window // P) + 1
+            slots = min(pool.num_pages, RESIDENT_SEQUENCES * per_seq)
+            self.resident = ResidentPages(pool, slots, device)
         self.generator = torch.Generator(device)  # a CUDA graph registers it (graph-safe Philox)
         self.generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
         self.step_stats: torch.Tensor | None = None  # [B, 3]: density, over-eps, heads
@@ -144,8 +154,23 @@ class VAttentionBackend:
         self._seq_stats: dict[int, torch.Tensor] = {}
         self._steps: dict[int, int] = {}
 
+    def begin_step(self, seqs) -> None:
+        """Before a decode step: the GPU copies follow each sequence's sink and window pages
+        (the context after this step's token)."""
+        if self.resident is None:
+            return
+        P, wanted = self.pool.page_size, []
+        for s in seqs:
+            n = s.num_cached + 1
+            pages = s.block_table[: -(-min(self.cfg.sink, n) // P)]
+            pages += s.block_table[max(n - self.cfg.window, 0) // P: -(-n // P)]
+            wanted += [(page, s.seq_id) for page in pages]
+        self.resident.keep(wanted)
+
     def forward(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
         if ctx.is_prefill:  # the pool may stream a long chunk's rows on its side stream
+            if self.resident is not None and layer == 0:  # prefill writes the host pages only
+                self.resident.drop_sequence(ctx.seq_ids[0])
             self.pool.store(layer, ctx.slots, k, v)
             self.signatures.store(layer, ctx.slots, pack_signatures(k, self.planes[layer]))
             if ctx.cached_len == 0:
@@ -155,8 +180,7 @@ class VAttentionBackend:
             kc = kc[0, :, :S].transpose(0, 1).to(q.dtype)
             vc = vc[0, :, :S].transpose(0, 1).to(q.dtype)
             return causal_attention(q, kc, vc, ctx.cached_len)
-        self.kernels.store_rows(k, v, ctx.slots, self.planes[layer], self.pool.k_view[layer],
-                                self.pool.v_view[layer], self.signatures.sig[layer])
+        self.store_decode_rows(layer, k, v, ctx)
         r = self.decode(layer, q, ctx)
         if layer == 0:
             self._layer_stats = []
@@ -168,6 +192,12 @@ class VAttentionBackend:
             # a new tensor each step (under a CUDA graph: the graph's output)
             self.step_stats = torch.stack([density, over, heads], 1)
         return r.out
+
+    def store_decode_rows(self, layer: int, k, v, ctx: StepContext) -> None:
+        """A decode step's K/V rows to the pool and the pages' GPU copies, signatures beside."""
+        self.kernels.store_rows(k, v, ctx.slots, self.planes[layer], self.pool.k_view[layer],
+                                self.pool.v_view[layer], self.signatures.sig[layer],
+                                self._resident(layer))
 
     def decode(self, layer: int, q: torch.Tensor, ctx: StepContext) -> DecodeResult:
         return vattention_decode(
@@ -181,7 +211,11 @@ class VAttentionBackend:
             self.cfg,
             self.generator,
             self.kernels,
+            self._resident(layer),
         )
+
+    def _resident(self, layer: int) -> tuple | None:
+        return None if self.resident is None else self.resident.layer(layer)
 
     def end_step(self, ctx: StepContext) -> None:
         """Fold this step's statistics (summed over layers) into each sequence's totals; device
@@ -209,5 +243,7 @@ class VAttentionBackend:
         }
 
     def free(self, seq_id: int) -> None:
+        if self.resident is not None:
+            self.resident.drop_sequence(seq_id)
         self._seq_stats.pop(seq_id, None)
         self._steps.pop(seq_id, None)

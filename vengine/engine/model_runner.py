@@ -103,6 +103,9 @@ class ModelRunner:
         }
         seq_ids = tuple(s.seq_id for s in seqs)
         self.pool.wait_writes()  # prefill's side-stream writes land before decode reads them
+        begin_step = getattr(self.backend, "begin_step", None)
+        if begin_step is not None:
+            begin_step(seqs)
         key = (len(seqs), width)
         entry = self.graphs.get(key)
         if self.device.type == "cuda":  # staged in pinned memory: the copies do not block

@@ -115,7 +115,7 @@ def hash_scores(q, planes, sig, block_tables, lo, hi):
     return mask_range(out, lo, hi)
 
 
-def row_scores(q, k_pool, block_tables, rows, counts, scale):
+def row_scores(q, k_pool, block_tables, rows, counts, scale, resident=None):
     B, Hq, _ = q.shape
     out = torch.empty(B, Hq, rows.shape[2], dtype=torch.float32)
     _row_scores(_np(q.float()), _np(k_pool), _np(block_tables), _np(rows), _np(counts),
@@ -123,7 +123,7 @@ def row_scores(q, k_pool, block_tables, rows, counts, scale):
     return out
 
 
-def partial_attention(q, k_pool, v_pool, block_tables, rows, counts, logw, scale):
+def partial_attention(q, k_pool, v_pool, block_tables, rows, counts, logw, scale, resident=None):
     B, Hq, D = q.shape
     m, l, acc = torch.empty(B, Hq), torch.empty(B, Hq), torch.empty(B, Hq, D)
     w = _np(logw.float()) if logw is not None else np.zeros((1, 1, 1), np.float32)

@@ -36,9 +36,14 @@ def pack_signatures(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
 
 
 def store_rows(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, planes: torch.Tensor,
-               k_pool: torch.Tensor, v_pool: torch.Tensor, sig: torch.Tensor) -> None:
+               k_pool: torch.Tensor, v_pool: torch.Tensor, sig: torch.Tensor,
+               resident=None) -> None:
     """Write a step's K/V rows [T, Hkv, D] at flat slots [T] (page * P + offset) into one layer's
-    pools and the keys' signatures into sig [pages, Hkv, P, nbytes]."""
+    pools and the keys' signatures into sig [pages, Hkv, P, nbytes].
+
+    resident (here and in row_scores, partial_attention): GPU copies of some pages
+    (offload.kv_pool.ResidentPages), which the Triton kernels keep and read; the pool holds every
+    row, so the reference ignores them."""
     P = k_pool.shape[2]
     pages, offsets = slots // P, slots % P
     k_pool[pages, :, offsets] = k.to(k_pool.dtype)
@@ -142,7 +147,7 @@ def gather_rows(pool: torch.Tensor, block_tables: torch.Tensor, rows: torch.Tens
     return pool[pages, heads, rows % P]
 
 
-def row_scores(q, k_pool, block_tables, rows, counts, scale: float) -> torch.Tensor:
+def row_scores(q, k_pool, block_tables, rows, counts, scale: float, resident=None) -> torch.Tensor:
     """Exact scores q . k / sqrt(D) of the listed rows: [B, Hq, R], -inf past counts."""
     B, Hq, D = q.shape
     Hkv, R = rows.shape[1], rows.shape[2]
@@ -152,7 +157,8 @@ def row_scores(q, k_pool, block_tables, rows, counts, scale: float) -> torch.Ten
     return s.masked_fill(~live[:, :, None], float("-inf")).view(B, Hq, R)
 
 
-def partial_attention(q, k_pool, v_pool, block_tables, rows, counts, logw, scale: float):
+def partial_attention(q, k_pool, v_pool, block_tables, rows, counts, logw, scale: float,
+                      resident=None):
     """Softmax attention over the listed rows with score bias logw, left unnormalised.
 
     Returns m [B, Hq] (row max of biased scores), l [B, Hq] (sum of exp(s - m)) and

@@ -58,11 +58,12 @@ def _hash_kernel(table, sig, tables, hi, out, lo, S, st0, sg0, sg1, sg2, HKV: tl
 
 
 @triton.jit
-def _store_kernel(k, v, slots, planes, k_pool, v_pool, sig, T, sk0, sk1, sv0, sv1, pk0, pk1, pk2,
-                  pv0, pv1, pv2, sg0, sg1, sg2, P: tl.constexpr, D: tl.constexpr,
-                  DP: tl.constexpr, NBITS: tl.constexpr, NBP: tl.constexpr, BLOCK: tl.constexpr,
-                  INTERPRET: tl.constexpr):
-    """BLOCK tokens of one KV head: K/V rows to the pools, sign bits of k . planes packed to sig."""
+def _store_kernel(k, v, slots, planes, k_pool, v_pool, sig, slot_of, k_hot, v_hot, T, sk0, sk1,
+                  sv0, sv1, pk0, pk1, pk2, pv0, pv1, pv2, sg0, sg1, sg2, P: tl.constexpr,
+                  D: tl.constexpr, DP: tl.constexpr, NBITS: tl.constexpr, NBP: tl.constexpr,
+                  BLOCK: tl.constexpr, HOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """BLOCK tokens of one KV head: K/V rows to the pools (and to their pages' GPU copies, if
+    any: HOT, the pools' strides), sign bits of k . planes packed to sig."""
     h = tl.program_id(1).to(tl.int64)
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     d, j = tl.arange(0, DP), tl.arange(0, NBP)
@@ -76,6 +77,13 @@ def _store_kernel(k, v, slots, planes, k_pool, v_pool, sig, T, sk0, sk1, sv0, sv
              kx.to(k_pool.dtype.element_ty), mask=okd)
     tl.store(v_pool + (page * pv0 + h * pv1 + off * pv2)[:, None] + d[None, :],
              vx.to(v_pool.dtype.element_ty), mask=okd)
+    if HOT:
+        hot = tl.load(slot_of + page, mask=ok, other=-1).to(tl.int64)
+        okh = okd & (hot >= 0)[:, None]
+        tl.store(k_hot + (hot * pk0 + h * pk1 + off * pk2)[:, None] + d[None, :],
+                 kx.to(k_pool.dtype.element_ty), mask=okh)
+        tl.store(v_hot + (hot * pv0 + h * pv1 + off * pv2)[:, None] + d[None, :],
+                 vx.to(v_pool.dtype.element_ty), mask=okh)
     pl = tl.load(planes + (h * D + d[:, None]) * NBITS + j[None, :],
                  mask=(d < D)[:, None] & (j < NBITS)[None, :], other=0.0)
     bits = (_mma(kx, pl, INTERPRET) > 0).to(tl.int32) << (j % 8)[None, :]  # [BLOCK, NBP]
@@ -111,27 +119,39 @@ def _load_q(q, bh, G: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, DP: tl.co
 
 
 @triton.jit
-def _load_rows(pool, tables, row_ptr, live, b, h, st0, s0, s1, s2,
-               P: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
-    """Rows [BLOCK_R, DP] of pool [pages, Hkv, P, D] at token positions row_ptr (0 if dead)."""
+def _load_rows(pool, hot, slot_of, tables, row_ptr, live, b, h, st0, s0, s1, s2,
+               P: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, HOT: tl.constexpr):
+    """Rows [BLOCK_R, DP] of pool [pages, Hkv, P, D] at token positions row_ptr (0 if dead). With
+    HOT, rows of pages that have a GPU copy (slot_of[page] >= 0, in hot [slots, Hkv, P, D], the
+    pool's strides) are read from it; only the others cross PCIe."""
     r = tl.load(row_ptr, mask=live, other=0)
     page = tl.load(tables + b * st0 + r // P, mask=live, other=0).to(tl.int64)
     d = tl.arange(0, DP)
-    ptr = pool + page * s0 + h * s1 + (r % P) * s2
-    return tl.load(ptr[:, None] + d[None, :], mask=live[:, None] & (d[None, :] < D),
+    d_ok = (d < D)[None, :]
+    offs = h * s1 + (r % P) * s2
+    if HOT:
+        slot = tl.load(slot_of + page, mask=live, other=-1).to(tl.int64)
+        on_gpu = (slot >= 0)[:, None]
+        x_host = tl.load((pool + page * s0 + offs)[:, None] + d[None, :],
+                         mask=live[:, None] & d_ok & ~on_gpu, other=0.0)
+        x_hot = tl.load((hot + slot * s0 + offs)[:, None] + d[None, :],
+                        mask=live[:, None] & d_ok & on_gpu, other=0.0)
+        return tl.where(on_gpu, x_hot, x_host)
+    return tl.load((pool + page * s0 + offs)[:, None] + d[None, :], mask=live[:, None] & d_ok,
                    other=0.0)
 
 
 @triton.jit
-def _row_kernel(q, k_pool, tables, rows, counts, out, scale, R, st0, sr0, sr1, sk0, sk1, sk2,
-                HKV: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
-                GP: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+def _row_kernel(q, k_pool, k_hot, slot_of, tables, rows, counts, out, scale, R, st0, sr0, sr1,
+                sk0, sk1, sk2, HKV: tl.constexpr, G: tl.constexpr, P: tl.constexpr,
+                D: tl.constexpr, GP: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
+                HOT: tl.constexpr, INTERPRET: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // HKV, bh % HKV
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = i < tl.load(counts + bh)
-    k = _load_rows(k_pool, tables, rows + b * sr0 + h * sr1 + i, live, b, h, st0, sk0, sk1, sk2,
-                   P, D, DP)
+    k = _load_rows(k_pool, k_hot, slot_of, tables, rows + b * sr0 + h * sr1 + i, live, b, h, st0,
+                   sk0, sk1, sk2, P, D, DP, HOT)
     s = _mma(_load_q(q, bh, G, D, GP, DP), tl.trans(k), INTERPRET) * scale
     s = tl.where(live[None, :], s, float("-inf"))  # [GP, BLOCK]
     g = tl.arange(0, GP)
@@ -140,11 +160,11 @@ def _row_kernel(q, k_pool, tables, rows, counts, out, scale, R, st0, sr0, sr1, s
 
 
 @triton.jit
-def _attn_kernel(q, k_pool, v_pool, tables, rows, counts, logw, m_out, l_out, acc_out, scale,
-                 st0, sr0, sr1, sw0, sw1, sw2, sk0, sk1, sk2, sv0, sv1, sv2,
+def _attn_kernel(q, k_pool, v_pool, k_hot, v_hot, slot_of, tables, rows, counts, logw, m_out,
+                 l_out, acc_out, scale, st0, sr0, sr1, sw0, sw1, sw2, sk0, sk1, sk2, sv0, sv1, sv2,
                  HKV: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
                  GP: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, CHUNK_: tl.constexpr,
-                 HAS_W: tl.constexpr, INTERPRET: tl.constexpr):
+                 HAS_W: tl.constexpr, HOT: tl.constexpr, INTERPRET: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     split, n_splits = tl.program_id(1), tl.num_programs(1)
     b, h = bh // HKV, bh % HKV
@@ -158,7 +178,8 @@ def _attn_kernel(q, k_pool, v_pool, tables, rows, counts, logw, m_out, l_out, ac
         i = r0 + tl.arange(0, BLOCK)
         live = i < end
         row_ptr = rows + b * sr0 + h * sr1 + i
-        k = _load_rows(k_pool, tables, row_ptr, live, b, h, st0, sk0, sk1, sk2, P, D, DP)
+        k = _load_rows(k_pool, k_hot, slot_of, tables, row_ptr, live, b, h, st0, sk0, sk1, sk2,
+                       P, D, DP, HOT)
         s = _mma(qt, tl.trans(k), INTERPRET) * scale  # [GP, BLOCK]
         if HAS_W:
             w = tl.load(logw + b * sw0 + h * sw1 + i * sw2, mask=live, other=0.0)
@@ -168,7 +189,8 @@ def _attn_kernel(q, k_pool, v_pool, tables, rows, counts, logw, m_out, l_out, ac
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
         p = tl.exp(s - m_safe[:, None])
-        v = _load_rows(v_pool, tables, row_ptr, live, b, h, st0, sv0, sv1, sv2, P, D, DP)
+        v = _load_rows(v_pool, v_hot, slot_of, tables, row_ptr, live, b, h, st0, sv0, sv1, sv2,
+                       P, D, DP, HOT)
         l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + _mma(p, v, INTERPRET)
         m = m_new
@@ -329,18 +351,32 @@ def _check(q, pool, block_tables, rows, counts) -> None:
 
 
 def store_rows(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, planes: torch.Tensor,
-               k_pool: torch.Tensor, v_pool: torch.Tensor, sig: torch.Tensor) -> None:
+               k_pool: torch.Tensor, v_pool: torch.Tensor, sig: torch.Tensor,
+               resident: tuple | None = None) -> None:
     """One kernel for a step's writes: K/V rows [T, Hkv, D] at flat slots [T] into one layer's
-    pools (GPU memory or UVA views of pinned host memory) and their signatures into sig."""
+    pools (GPU memory or UVA views of pinned host memory), into the GPU copies of their pages
+    (resident: ResidentPages.layer), and their signatures into sig."""
     T, Hkv, D = k.shape
     nbits = planes.shape[-1]
     assert k.stride(-1) == v.stride(-1) == 1 and planes.is_contiguous() and sig.stride(-1) == 1
     assert k_pool.stride(-1) == v_pool.stride(-1) == 1 and planes.dtype == torch.float32
+    slot_of, k_hot, v_hot = _resident(resident, k_pool, v_pool)
     BLOCK = 16
     _store_kernel[(triton.cdiv(T, BLOCK), Hkv)](
-        k, v, slots.contiguous(), planes, k_pool, v_pool, sig, T, *k.stride()[:2],
-        *v.stride()[:2], *k_pool.stride()[:3], *v_pool.stride()[:3], *sig.stride()[:3],
-        k_pool.shape[2], D, _p2(D), nbits, _p2(nbits, 8), BLOCK, _INTERPRET)
+        k, v, slots.contiguous(), planes, k_pool, v_pool, sig, slot_of, k_hot, v_hot, T,
+        *k.stride()[:2], *v.stride()[:2], *k_pool.stride()[:3], *v_pool.stride()[:3],
+        *sig.stride()[:3], k_pool.shape[2], D, _p2(D), nbits, _p2(nbits, 8), BLOCK,
+        resident is not None, _INTERPRET)
+
+
+def _resident(resident, k_pool: torch.Tensor, v_pool: torch.Tensor):
+    """(slot_of, k_hot, v_hot), checked to share the pools' strides; dummies when None."""
+    if resident is None:
+        return k_pool, k_pool, v_pool  # never read (HOT False)
+    slot_of, k_hot, v_hot = resident
+    assert slot_of.dtype == torch.int32 and k_hot.stride() == k_pool.stride()
+    assert v_hot.stride() == v_pool.stride() and k_hot.dtype == k_pool.dtype
+    return resident
 
 
 def hash_scores(q: torch.Tensor, planes: torch.Tensor, sig: torch.Tensor,
@@ -422,8 +458,10 @@ def finish(part_f, part_s, m, d_f, sigma, n_r, count_s, epsilon: float, delta: f
 
 
 def row_scores(q: torch.Tensor, k_pool: torch.Tensor, block_tables: torch.Tensor,
-               rows: torch.Tensor, counts: torch.Tensor, scale: float) -> torch.Tensor:
-    """Scores q . k * scale of the listed rows: [B, Hq, R] f32, -inf past counts [B, Hkv]."""
+               rows: torch.Tensor, counts: torch.Tensor, scale: float,
+               resident: tuple | None = None) -> torch.Tensor:
+    """Scores q . k * scale of the listed rows: [B, Hq, R] f32, -inf past counts [B, Hkv].
+    resident (ResidentPages.layer): rows of pages with a GPU copy are read from the copy."""
     _check(q, k_pool, block_tables, rows, counts)
     B, Hq, D = q.shape
     Hkv, R = rows.shape[1:]
@@ -431,18 +469,20 @@ def row_scores(q: torch.Tensor, k_pool: torch.Tensor, block_tables: torch.Tensor
     if R == 0:
         return out
     G, P = Hq // Hkv, k_pool.shape[2]
+    slot_of, k_hot, _ = _resident(resident, k_pool, k_pool)
     _row_kernel[(B * Hkv, triton.cdiv(R, BLOCK_R))](
-        q.contiguous(), k_pool, block_tables, rows, counts, out, scale, R, block_tables.stride(0),
-        rows.stride(0), rows.stride(1), *k_pool.stride()[:3], Hkv, G, P, D, _p2(G), _p2(D),
-        BLOCK_R, _INTERPRET)
+        q.contiguous(), k_pool, k_hot, slot_of, block_tables, rows, counts, out, scale, R,
+        block_tables.stride(0), rows.stride(0), rows.stride(1), *k_pool.stride()[:3], Hkv, G, P,
+        D, _p2(G), _p2(D), BLOCK_R, resident is not None, _INTERPRET)
     return out
 
 
 def partial_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                       block_tables: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor,
-                      logw: torch.Tensor | None, scale: float, chunk: int = CHUNK
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unnormalised softmax attention over the listed rows, scores biased by logw [B, Hkv, R].
+                      logw: torch.Tensor | None, scale: float, resident: tuple | None = None,
+                      chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unnormalised softmax attention over the listed rows, scores biased by logw [B, Hkv, R];
+    rows of pages with a GPU copy (resident: ResidentPages.layer) are read from the copy.
 
     Returns m [B, Hq], l [B, Hq], acc [B, Hq, D] (f32; see reference.partial_attention). Each of
     cdiv(R, chunk) splits per (sequence, KV head) handles chunk consecutive list entries.
@@ -460,11 +500,13 @@ def partial_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     acc = torch.empty(B, Hq, n_splits, D, dtype=torch.float32, device=dev)
     w = logw if logw is not None else m  # a dummy pointer when HAS_W is False
     sw = logw.stride() if logw is not None else (0, 0, 0)
+    slot_of, k_hot, v_hot = _resident(resident, k_pool, v_pool)
     _attn_kernel[(B * Hkv, n_splits)](
-        q.contiguous(), k_pool, v_pool, block_tables, rows, counts, w, m, l, acc, scale,
+        q.contiguous(), k_pool, v_pool, k_hot, v_hot, slot_of, block_tables, rows, counts, w, m,
+        l, acc, scale,
         block_tables.stride(0), rows.stride(0), rows.stride(1), *sw, *k_pool.stride()[:3],
         *v_pool.stride()[:3], Hkv, G, P, D, _p2(G), _p2(D), min(BLOCK_R, chunk), chunk,
-        logw is not None, _INTERPRET)
+        logw is not None, resident is not None, _INTERPRET)
     if n_splits == 1:
         return m[..., 0], l[..., 0], acc[..., 0, :]
     m_all, l_all = torch.empty(B, Hq, dtype=torch.float32, device=dev), torch.empty_like(m[..., 0])

@@ -169,3 +169,55 @@ class SignaturePool:
     def store(self, layer: int, slots: torch.Tensor, sig: torch.Tensor) -> None:
         """slots: [T]; sig: [T, kv_heads, nbytes]."""
         self.sig[layer, slots // self.page_size, :, slots % self.page_size] = sig
+
+
+class ResidentPages:
+    """GPU copies of the host pages that hold the running sequences' sink and recent window, so
+    that decode reads those rows from GPU memory instead of over PCIe.
+
+    k, v [layers, slots, kv_heads, page_size, head_dim] on the GPU; slot_of [pages] int32 on the
+    GPU, the copy's slot of each host page or -1 (the kernels look it up per row and read the host
+    page where it is -1). A page's copy is made on the GPU (a device copy through the pool's UVA
+    view, no host wait) when a sequence first wants it, and dropped when no running sequence wants
+    it; in between, decode's stores write each new row to both. A page wanted by another sequence
+    than the one it was copied for (freed and reused) is copied again. Out of slots, a page simply
+    stays on the host (read over PCIe): never wrong, only slower.
+    """
+
+    def __init__(self, pool: KVPool, slots: int, device: torch.device) -> None:
+        L, _, H, P, D = pool.k.shape
+        self.pool = pool
+        self.k = torch.zeros((L, slots, H, P, D), dtype=pool.dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.slot_of = torch.full((pool.num_pages,), -1, dtype=torch.int32, device=device)
+        self.free_slots = list(range(slots - 1, -1, -1))
+        self.held: dict[int, tuple[int, int]] = {}  # page -> (slot, the sequence it was copied for)
+
+    def keep(self, wanted: list[tuple[int, int]]) -> None:
+        """Make exactly the (page, sequence) pairs in wanted resident, slots allowing."""
+        want = dict(wanted)
+        for page, (_, seq_id) in list(self.held.items()):
+            if want.get(page) != seq_id:
+                self._drop(page)
+        for page, seq_id in want.items():
+            if page not in self.held and self.free_slots:
+                slot = self.free_slots.pop()
+                self.k[:, slot].copy_(self.pool.k_view[:, page], non_blocking=True)
+                self.v[:, slot].copy_(self.pool.v_view[:, page], non_blocking=True)
+                self.slot_of[page] = slot
+                self.held[page] = (slot, seq_id)
+
+    def drop_sequence(self, seq_id: int) -> None:
+        """Forget a sequence's copies (its pages are about to be rewritten on the host only)."""
+        for page, (_, owner) in list(self.held.items()):
+            if owner == seq_id:
+                self._drop(page)
+
+    def _drop(self, page: int) -> None:
+        slot, _ = self.held.pop(page)
+        self.slot_of[page] = -1
+        self.free_slots.append(slot)
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slot_of, k, v) of one layer, as the kernels take them."""
+        return self.slot_of, self.k[layer], self.v[layer]
