@@ -246,13 +246,25 @@ def one_layer(cfg: ModelConfig, backend: VAttentionBackend, tables, B: int, cont
     lens = torch.full((B,), context + 1, device=DEV)
     gen = torch.Generator(DEV).manual_seed(0)
     pool = backend.pool
+    seqs = [Sequence(i, [1] * (context + 1), SamplingParams()) for i in range(B)]
+    for i, s in enumerate(seqs):
+        s.block_table, s.num_cached = tables[i].tolist(), context
+    backend.begin_step(seqs)  # sink and window pages copied to the GPU, as in a decode step
 
     def layer(kernels):
         return vattention_decode(q, pool.k_view[0], pool.v_view[0], tables, lens,
                                  backend.signatures.sig[0], backend.planes[0], backend.cfg, gen,
-                                 kernels)
+                                 kernels, backend.resident_layer(0))
 
     return layer, gen
+
+
+def host_rows(backend: VAttentionBackend, tables, rows, counts) -> int:
+    """How many of the listed rows are read over PCIe (not from a page's GPU copy)."""
+    live = torch.arange(rows.shape[-1], device=DEV) < counts[..., None]
+    pages = tables.gather(1, (rows // PAGE).flatten(1)).view(rows.shape)
+    on_host = backend.resident.slot_of[pages] < 0 if backend.resident else True
+    return int((live & on_host).sum())
 
 
 def layer_split(cfg: ModelConfig, backend: VAttentionBackend, tables, B: int,
@@ -265,8 +277,10 @@ def layer_split(cfg: ModelConfig, backend: VAttentionBackend, tables, B: int,
     layer(recorder)
     layer_ms = gpu_ms(graphed(lambda: layer(triton_gpu), gen))
     fetch_ms = gpu_ms(graphed(lambda: [fn(*args) for fn, args in recorder.calls]))
-    rows_k = sum(int(a[4].sum()) for fn, a in recorder.calls if fn is triton_gpu.row_scores)
-    rows_kv = sum(int(a[5].sum()) for fn, a in recorder.calls if fn is not triton_gpu.row_scores)
+    rows_k = sum(host_rows(backend, tables, a[3], a[4]) for fn, a in recorder.calls
+                 if fn is triton_gpu.row_scores)
+    rows_kv = sum(host_rows(backend, tables, a[4], a[5]) for fn, a in recorder.calls
+                  if fn is not triton_gpu.row_scores)
     row_bytes = cfg.head_dim * DTYPE.itemsize
     return {"layer_ms": layer_ms, "fetch_ms": fetch_ms,
             "layer_bytes": (2 * rows_kv + rows_k) * row_bytes}
@@ -347,13 +361,15 @@ def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: floa
             select = split["layer_ms"] - split["fetch_ms"]
             pcie = L * split["layer_bytes"]
             sig_bytes = L * cfg.num_kv_heads * backend.cfg.hash_bits // 8
+            res = backend.resident  # the GPU copies of sink and window pages, all slots
+            res_bytes = 0 if res is None else 2 * res.k.numel() * res.k.element_size()
             rows.append({**base, "mode": f"c vengine {name}" + (" graph" if graphs else ""),
                          "ms_per_step": ms, "density": stats["density"],
                          "certificate_violation_rate": stats["certificate_violation_rate"],
                          "select_ms": L * select, "fetch_attn_ms": L * split["fetch_ms"],
                          "rest_ms": ms - L * split["layer_ms"], "pcie_bytes_per_step": pcie,
                          "pcie_gbs": pcie / (L * split["fetch_ms"]) / 1e6,
-                         "gpu_kv_bytes_per_token": sig_bytes,
+                         "gpu_kv_bytes_per_token": sig_bytes + res_bytes / (B * (context + 1)),
                          "graph_error": runner.graph_error})
             for i in range(B):
                 backend.free(i)

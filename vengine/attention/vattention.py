@@ -32,7 +32,7 @@ from vengine.models.config import ModelConfig
 from vengine.offload.kv_pool import KVPool, ResidentPages, SignaturePool
 
 MIN_BASE = 32  # pilot rows at least, so that sigma is estimated from more than a handful
-RESIDENT_SEQUENCES = 16  # GPU copies of the sink and window pages for this many sequences
+RESIDENT_SEQUENCES = 8  # GPU copies of the sink and window pages for this many sequences
 
 
 @dataclass
@@ -197,7 +197,7 @@ class VAttentionBackend:
         """A decode step's K/V rows to the pool and the pages' GPU copies, signatures beside."""
         self.kernels.store_rows(k, v, ctx.slots, self.planes[layer], self.pool.k_view[layer],
                                 self.pool.v_view[layer], self.signatures.sig[layer],
-                                self._resident(layer))
+                                self.resident_layer(layer))
 
     def decode(self, layer: int, q: torch.Tensor, ctx: StepContext) -> DecodeResult:
         return vattention_decode(
@@ -211,10 +211,11 @@ class VAttentionBackend:
             self.cfg,
             self.generator,
             self.kernels,
-            self._resident(layer),
+            self.resident_layer(layer),
         )
 
-    def _resident(self, layer: int) -> tuple | None:
+    def resident_layer(self, layer: int) -> tuple | None:
+        """The kernels' view of one layer's GPU page copies (None without them)."""
         return None if self.resident is None else self.resident.layer(layer)
 
     def end_step(self, ctx: StepContext) -> None:
