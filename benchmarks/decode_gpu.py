@@ -262,7 +262,7 @@ def one_layer(cfg: ModelConfig, backend: VAttentionBackend, tables, B: int, cont
 def host_rows(backend: VAttentionBackend, tables, rows, counts) -> int:
     """How many of the listed rows are read over PCIe (not from a page's GPU copy)."""
     live = torch.arange(rows.shape[-1], device=DEV) < counts[..., None]
-    pages = tables.gather(1, (rows // PAGE).flatten(1)).view(rows.shape)
+    pages = tables.gather(1, (rows.masked_fill(~live, 0) // PAGE).flatten(1)).view(rows.shape)
     on_host = backend.resident.slot_of[pages] < 0 if backend.resident else True
     return int((live & on_host).sum())
 
