@@ -204,7 +204,7 @@ class ResidentPages:
                 slot = self.free_slots.pop()
                 self.k[:, slot].copy_(self.pool.k_view[:, page], non_blocking=True)
                 self.v[:, slot].copy_(self.pool.v_view[:, page], non_blocking=True)
-                self.slot_of[page] = slot
+                self.slot_of[page : page + 1].fill_(slot)  # t[i] = x would copy x from the host
                 self.held[page] = (slot, seq_id)
 
     def drop_sequence(self, seq_id: int) -> None:
@@ -215,7 +215,7 @@ class ResidentPages:
 
     def _drop(self, page: int) -> None:
         slot, _ = self.held.pop(page)
-        self.slot_of[page] = -1
+        self.slot_of[page : page + 1].fill_(-1)
         self.free_slots.append(slot)
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
