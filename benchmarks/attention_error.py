@@ -40,7 +40,7 @@ from vengine.kernels.reference import hash_scores, paged_signatures
 
 EPSILONS = (0.02, 0.05, 0.1, 0.2, 0.3)
 DELTAS = (0.05, 0.1)
-SINK, WINDOW, TOP_K, BASE_RATE = 64, 64, 0.05, 0.03
+SINK, WINDOW, TOP_K, BASE_RATE = 64, 64, 0.05, 0.1
 RECALL_AT = (0.02, 0.05)
 PLANES_SEED = 0x5EED  # as VAttentionBackend
 # section 5: (predictor, epsilon, delta, top_k); hash64 is the shipped predictor

@@ -168,10 +168,9 @@ def captured(cpu_llm):
 @pytest.mark.parametrize("epsilon", [0.02, 0.05, 0.1])
 @pytest.mark.parametrize("delta", [0.05, 0.1])
 def test_guarantee_on_gpu_captured(captured, epsilon, delta):
-    from test_vattention import CAPTURED_TOP_K, slack
+    from test_vattention import CAPTURED, slack
 
-    cfg = vengine.VAttention(epsilon=epsilon, delta=delta, sink=64, window=64,
-                             top_k=CAPTURED_TOP_K, base_rate=0.03)
+    cfg = vengine.VAttention(epsilon=epsilon, delta=delta, **CAPTURED)
     rate, n = gpu_violation_rate(captured, cfg, seeds=2)
     print(f"GPU captured eps={epsilon} delta={delta}: violations {rate:.4f} of {n}")
     assert rate <= delta + slack(delta, n)

@@ -122,8 +122,8 @@ def test_sigma_upper_factor_matches_chi2_quantiles(n, alpha, chi2):
 
 # -- the estimator --------------------------------------------------------------------------------
 
-CFG = dict(sink=16, window=16, top_k=0.02, base_rate=0.05)
-CAPTURED_TOP_K = 0.15  # the guarantee tests on captured activations (and on the GPU)
+CFG = dict(sink=16, window=16, top_k=0.02, base_rate=0.1)
+CAPTURED = dict(sink=64, window=64, top_k=0.05, base_rate=0.1)  # captured tests (and on the GPU)
 
 
 def run(p: DecodeProblem, cfg: VAttention, seed: int, kernels=reference):
@@ -154,7 +154,7 @@ def test_max_sample_caps_the_sample_and_the_certificate_reports_it():
     a, b = run(p, free, 0), run(p, capped, 0)
     n = p.context_lens[:, None].float()
     fixed = 16 + 16 + int(0.02 * 1500)  # sink + window + the group's top-k
-    b_max = 0.05 * n + 2 * (0.05 * n).sqrt()  # the Bernoulli margin vAttention adds
+    b_max = 0.05 * n + 0.1 * n  # E|second sample| <= c <= the cap; E|pilot| <= base_rate * n
     assert (a.density * n > fixed + b_max).any(), "the uncapped budget must exceed the cap"
     assert (b.density * n <= fixed + b_max + 4 * b_max.sqrt()).all()
     assert b.over_eps.mean() > a.over_eps.mean()
@@ -222,10 +222,7 @@ def captured():
 @pytest.mark.parametrize("epsilon", [0.02, 0.05, 0.1])
 @pytest.mark.parametrize("delta", [0.05, 0.1])
 def test_guarantee_on_captured_activations(captured, epsilon, delta):
-    # top_k 0.15 per KV group: the exact-row budget that the union of the 3 query heads' 5% sets
-    # had before top-k became one set per group (docs/quality.md compares the two)
-    cfg = VAttention(epsilon=epsilon, delta=delta, sink=64, window=64, top_k=CAPTURED_TOP_K,
-                     base_rate=0.03)
+    cfg = VAttention(epsilon=epsilon, delta=delta, **CAPTURED)
     rate, n, out_err, density = violation_rate(captured, cfg, seeds=1)
     print(f"captured eps={epsilon} delta={delta}: violations {rate:.4f} of {n} (head, query), "
           f"output error {out_err:.4f}, density {density:.3f}")
@@ -264,11 +261,13 @@ def test_vattention_beats_topk_and_uniform_at_equal_density(captured):
 
 
 @pytest.mark.slow
-def test_vattention_with_hash_signatures_beats_uniform(captured):
-    """With the shipped hash predictor vAttention beats uniform sampling; against hash top-k alone
-    it does not win on mean output error (docs/quality.md has the numbers): the printed line
-    keeps that gap visible."""
-    cfg = VAttention(epsilon=0.1, delta=0.1, sink=64, window=64, top_k=0.05, base_rate=0.02)
+@pytest.mark.parametrize("epsilon,delta", [(0.05, 0.05), (0.1, 0.1)])
+def test_vattention_with_hash_signatures_beats_topk_and_uniform(captured, epsilon, delta):
+    """The same with the shipped hash predictor, against hash top-k alone (which ranks as
+    vAttention's top-k does): the sample, drawn by hash score, beats spending its rows on more
+    top-k."""
+    cfg = VAttention(epsilon=epsilon, delta=delta, **CAPTURED)
     mean = equal_density_errors(captured, cfg, oracle=False)
     print("hash predictor, mean relative output error at equal density:", mean)
+    assert mean["vattention"] < mean["top-k"]
     assert mean["vattention"] < mean["uniform"]

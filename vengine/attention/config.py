@@ -16,12 +16,12 @@ class VAttention:
     sink, window: first and most recent tokens, always attended exactly.
     top_k: predicted heavy hitters per KV head (one set for its GQA group of query heads), a
         fraction of the context (float < 1) or a count (int).
-    base_rate: fraction of the residual rows in the pilot sample that estimates the statistics;
-        also the floor of the sample size.
+    base_rate: the pilot sample's expected size, a fraction of the residual rows (32 at least);
+        it estimates the sample size, and its rows join the estimate.
     hash_bits: bits of the per-token key signature used to predict the top-k.
     seed: seed of the sampler (None: a random one per engine).
-    max_sample: cap on the sample, a fraction of the context (None: as large as the CLT asks).
-        It bounds each step's PCIe bytes; where it binds epsilon is not guaranteed, and the
+    max_sample: cap on the expected size of the sample beyond the pilot, a fraction of the context
+        (None: as large as the CLT asks). It bounds each step's PCIe bytes; where it binds epsilon is not guaranteed, and the
         certificate (Completion.stats) counts those heads.
     """
 
@@ -30,7 +30,7 @@ class VAttention:
     sink: int = 128
     window: int = 128
     top_k: float | int = 0.05
-    base_rate: float = 0.05
+    base_rate: float = 0.1
     hash_bits: int = 64
     seed: int | None = None
     max_sample: float | None = None

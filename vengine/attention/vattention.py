@@ -1,18 +1,19 @@
-"""vAttention decode: exact rows + predicted top-k + a CLT-sized uniform sample of the rest.
+"""vAttention decode: exact rows + predicted top-k + a CLT-sized sample of the rest.
 
 Per decode step, layer, sequence and KV head (the query heads of a GQA group share one row set):
 1. exact rows F: sink, recent window, and the group's predicted top-k: the rows whose hash
    signatures score highest against the group's summed query. Hash scores are linear in the
    query, so that is the sum of the heads' predicted scores; at equal rows it keeps more attention
    mass than the union of per-head top-k/G (docs/quality.md), for one scoring pass per group;
-2. residual R = the other rows (n_R of them); a pilot Bernoulli sample of R (rate base_rate, at
-   least MIN_BASE rows) gives each head sigma and D_hat = D_F + n_R * mean(exp(s));
-3. budget b = (z * n_R * sigma_up / (epsilon * D_hat))^2 per head, the group takes the largest,
-   clipped to [pilot size, n_R]; delta is split between the pilot (sigma_up, an upper confidence
-   bound on sigma at level delta/2) and the sample (z = z_{1-delta/4});
-4. a fresh Bernoulli sample S of R, inclusion probability about b / n_R, independent of the pilot.
-   Given |S| = s, S is a uniform sample without replacement of size s, so weighting each row by
-   n_R / s (a log-weight score bias) makes D_hat and N_hat unbiased conditional on s.
+2. residual R = the other rows (n_R of them), sampled by importance: the proposal pr
+   (reference.proposal) weights each row by its hash score, with a uniform floor. A pilot Poisson
+   sample of R (row i with probability min(1, m * pr_i), E|pilot| ~ m = base_rate * n_R) gives
+   each head Horvitz-Thompson estimates of D and of the sample's variance;
+3. the sample size c per head from the CLT (reference.pilot_budget), the group's largest;
+4. a second Poisson sample with probabilities min(1, c * pr_i), independent of the pilot. The
+   estimate is Horvitz-Thompson over the union of both samples: each row weighted by the inverse
+   of its inclusion probability (a log-weight score bias), unbiased (pilot_budget says how,
+   given that c depends on the pilot).
 Prefill is exact attention; it writes the K/V rows and their signatures.
 """
 
@@ -22,16 +23,17 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from vengine.attention.config import VAttention
 from vengine.attention.context import StepContext
 from vengine.attention.full import causal_attention
 from vengine.kernels import get_kernels
-from vengine.kernels.reference import pack_signatures
+from vengine.kernels.reference import PROPOSAL_FLOOR, pack_signatures, proposal
 from vengine.models.config import ModelConfig
 from vengine.offload.kv_pool import KVPool, ResidentPages, SignaturePool
 
-MIN_BASE = 32  # pilot rows at least, so that sigma is estimated from more than a handful
+MIN_BASE = 32  # expected pilot rows at least: the statistics need more than a handful
 RESIDENT_SEQUENCES = 8  # GPU copies of the sink and window pages for this many sequences
 
 
@@ -78,17 +80,18 @@ def vattention_decode(
     n = context_lens[:, None]
 
     # 1. the group's predicted top-k: picked [B, Hkv, S + 1] (column S takes the picks past a
-    # sequence's own k)
+    # sequence's own k); the hash scores of the rest make the sampling proposal
     k_max = min(cfg.top_k_rows(S), max(S - cfg.sink - cfg.window, 0))
     picked = torch.zeros(B, Hkv, S + 1, dtype=torch.int8, device=dev)
+    q_group = q.float().view(B, Hkv, G, D).sum(2)
+    scores = kernels.hash_scores(q_group, planes, sig, block_tables, cfg.sink,
+                                 context_lens - cfg.window)  # -inf at sink and window
     if k_max > 0:
         k_rows = torch.minimum(cfg.top_k_rows(context_lens), context_lens - cfg.sink - cfg.window)
-        q_group = q.float().view(B, Hkv, G, D).sum(2)
-        scores = kernels.hash_scores(q_group, planes, sig, block_tables, cfg.sink,
-                                     context_lens - cfg.window)  # -inf at sink and window
-        top = scores.topk(k_max, dim=-1, sorted=False).indices  # [B, Hkv, k_max]
+        top = scores.topk(k_max, dim=-1).indices  # [B, Hkv, k_max], sorted: keep takes the best
         keep = torch.arange(k_max, device=dev) < k_rows[:, None, None]
         picked.scatter_(-1, torch.where(keep, top, S), 1)
+    pr = proposal(scores.masked_fill(picked[..., :S] != 0, float("-inf")))  # [B, Hkv, S]
     exact_width = min(S, cfg.sink + cfg.window + k_max)
     rows_f, count_f = kernels.exact_rows(picked, context_lens, S, cfg.sink, cfg.window,
                                          exact_width)
@@ -96,34 +99,42 @@ def vattention_decode(
         q, k_pool, v_pool, block_tables, rows_f, count_f, None, scale, resident
     )
 
-    # 2. pilot sample of the residual: statistics of exp(s - m) per query head
+    # 2. the pilot: a Poisson sample of the residual, E|pilot| ~ base_rate * n_R (MIN_BASE rows
+    # at least), each row with probability pa = min(1, E|pilot| * pr)
     n_r = (n - count_f).float()  # [B, Hkv]
     u = torch.rand(2, B, Hkv, S, device=dev, generator=generator)
-    base_rate = torch.clamp(torch.clamp(MIN_BASE / n_r, min=cfg.base_rate), max=1.0)
+    pa = torch.clamp(torch.clamp(cfg.base_rate * n_r, min=MIN_BASE)[..., None] * pr, max=1.0)
     width_b = sample_width(cfg.base_rate * S + MIN_BASE, S)
-    rows_b, count_b = kernels.sample_rows(picked, u[0], base_rate, context_lens, cfg.sink,
-                                          cfg.window, width_b)
+    rows_b, count_b = kernels.sample_rows(picked, u[0], pa, context_lens, cfg.sink, cfg.window,
+                                          width_b)
     s_b = kernels.row_scores(q, k_pool, block_tables, rows_b, count_b, scale,
                              resident)  # [B, Hq, width_b]
 
-    # 3. CLT budget per head, the group's largest (kernels.pilot_budget)
-    cap = n_r if cfg.max_sample is None else torch.minimum(n_r, cfg.max_sample * n.float())
-    m, d_f, sigma, p = kernels.pilot_budget(s_b, count_b, m_f, l_f, n_r, cap, cfg.epsilon,
-                                            cfg.delta)
+    # 3. the second sample's size c per group (kernels.pilot_budget); with c at its cap every
+    # row is in (c * pr >= c * PROPOSAL_FLOOR / n_R)
+    most = n_r / PROPOSAL_FLOOR if cfg.max_sample is None else cfg.max_sample * n.float()
+    rows_b = torch.where(torch.arange(width_b, device=dev) < count_b[..., None], rows_b, S)
+    pa_b, pr_b = (F.pad(x, (0, 1)).gather(-1, rows_b) for x in (pa, pr))  # past the count: 0
+    m, d_f, c, pi_b, over_eps = kernels.pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, most,
+                                                     cfg.epsilon, cfg.delta)
 
-    # 4. the sample, weighted n_R / |S|
+    # 4. the union of the pilot and a Poisson sample with min(1, c * pr), weighted by the inverse
+    # of each row's inclusion probability (pilot rows: pi_b)
+    pc = torch.clamp(c[..., None] * pr, max=1.0)
+    pilot = u[0] < pa
     width_s = S
     if cfg.max_sample is not None:
-        most = cfg.max_sample * S
-        width_s = sample_width(most + 2 * math.sqrt(most), S)
-    rows_s, count_s = kernels.sample_rows(picked, u[1], p, context_lens, cfg.sink, cfg.window,
-                                          width_s)
-    logw = torch.log(n_r / count_s.clamp(min=1))[..., None].expand(B, Hkv, width_s)
+        width_s = min(S, width_b + sample_width(cfg.max_sample * S, S))
+    rows_s, count_s = kernels.sample_rows(picked, u[1], torch.where(pilot, 1.0, pc), context_lens,
+                                          cfg.sink, cfg.window, width_s)
+    pi = F.pad(1 - (1 - pa) * (1 - pc), (0, 1), value=1.0)  # column S: the lists' padding
+    pi.scatter_(-1, rows_b, pi_b)
+    live_s = torch.arange(width_s, device=dev) < count_s[..., None]
+    logw = -torch.log(pi.gather(-1, torch.where(live_s, rows_s, S)).clamp(min=1e-30))
     m_s, l_s, acc_s = kernels.partial_attention(
         q, k_pool, v_pool, block_tables, rows_s, count_s, logw, scale, resident
     )
-    out, d_hat, over_eps = kernels.finish((m_f, l_f, acc_f), (m_s, l_s, acc_s), m, d_f, sigma,
-                                          n_r, count_s, cfg.epsilon, cfg.delta)
+    out, d_hat = kernels.finish((m_f, l_f, acc_f), (m_s, l_s, acc_s), m, d_f)
     density = (count_f + count_s).float() / n.float()
     return DecodeResult(out.to(q.dtype), m, d_hat, density, over_eps)
 

@@ -129,13 +129,13 @@ def exact_rows(picked, context_lens, S: int, sink: int, window: int, width: int)
     return compact(exact_mask(picked, context_lens, S, sink, window), width)
 
 
-def sample_rows(picked, u, rate, context_lens, sink: int, window: int, width: int):
-    """A Bernoulli sample of the residual (valid rows not in exact_mask): row s of (b, h) is kept
-    when u[b, h, s] < rate[b, h]. Lists [B, Hkv, width] (the first width rows) and counts."""
+def sample_rows(picked, u, prob, context_lens, sink: int, window: int, width: int):
+    """A Poisson sample of the residual (valid rows not in exact_mask): row s of (b, h) is kept
+    when u[b, h, s] < prob[b, h, s]. Lists [B, Hkv, width] (the first width rows) and counts."""
     B, Hkv, S = u.shape
     pos = torch.arange(S, device=u.device)
     resid = (pos < context_lens[:, None, None]) & ~exact_mask(picked, context_lens, S, sink, window)
-    return compact(resid & (u < rate[..., None]), width)
+    return compact(resid & (u < prob[..., :S]), width)
 
 
 def gather_rows(pool: torch.Tensor, block_tables: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -196,61 +196,83 @@ def sigma_upper_factor(n: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def sample_z(delta: float) -> float:
-    """z_{1-delta/4}: the sample's normal quantile once delta is split with the pilot's sigma bound
-    (which takes delta/2; see pilot_budget)."""
+    """z_{1-delta/4}: the sample's normal quantile once delta is split with the pilot's variance
+    bound (which takes delta/2; see pilot_budget)."""
     return NormalDist().inv_cdf(1 - delta / 4)
 
 
-def pilot_budget(s_b, count_b, m_f, l_f, n_r, cap, epsilon: float, delta: float):
-    """The CLT budget from the pilot sample.
+PROPOSAL_TEMPERATURE = 1.0  # hash scores in units of their spread over the residual
+PROPOSAL_FLOOR = 0.1  # share of the proposal spread uniformly (defensive mixture)
 
-    s_b [B, Hq, W]: the pilot rows' scores (-inf past count_b [B, Hkv]); m_f, l_f [B, Hq]: the exact
-    rows' partials; n_r [B, Hkv] residual rows; cap [B, Hkv] the most rows the sample may take.
-    Per head: a scale m (the largest score seen), the exact rows' denominator d_f at exp(-m), and
-    sigma, an upper confidence bound on the std of exp(s - m) over the residual. Budget
-    b = (z * n_r * sigma / (epsilon * D_pilot))^2; the group takes its largest, clipped to
-    [pilot size, min(n_r, cap)]. delta is split: with probability 1 - delta/2 the sigma bound
-    holds, and given it the sample meets epsilon with probability 1 - delta/2 (z = z_{1-delta/4}).
-    (Point estimates of sigma from a small pilot of heavy-tailed exp-scores run low, and the
-    guarantee then fails in measurement.) Returns m, d_f, sigma [B, Hq] and the sample's
-    inclusion probability p [B, Hkv]: b plus a 2-sigma margin over n_r, so that the
-    Binomial(n_r, p) sample size reaches b in ~98% of draws.
+
+def proposal(scores: torch.Tensor) -> torch.Tensor:
+    """Sampling proposal over the residual from its hash scores [B, Hkv, S] (-inf off the
+    residual): (1 - f) * softmax(scores / sd) + f / n_R, summing to 1 over each (b, h) residual.
+
+    Why: a uniform sample wastes rows on keys the hash already calls negligible, and misses the
+    heavy hitters the top-k missed; weighting by the predicted score (tempered by the scores' own
+    spread, so the scale of q does not matter) and keeping a uniform floor f bounds the variance
+    at 1/f of a uniform sample's where the hash is wrong (defensive importance sampling).
+    """
+    live = torch.isfinite(scores)
+    n = live.sum(-1, keepdim=True).clamp(min=1)
+    mean = torch.where(live, scores, 0.0).sum(-1, keepdim=True) / n
+    var = torch.where(live, (scores - mean) ** 2, 0.0).sum(-1, keepdim=True) / n
+    z = scores / (PROPOSAL_TEMPERATURE * var.sqrt().clamp(min=1e-6))
+    pr = (1 - PROPOSAL_FLOOR) * torch.softmax(z, -1) + PROPOSAL_FLOOR / n
+    return torch.where(live, pr, 0.0)
+
+
+def pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, epsilon: float, delta: float):
+    """The second sample's size from the pilot. The residual R is sampled twice: the pilot
+    (Poisson, probability pa per row), then a Poisson sample with probability min(1, c * pr); D_hat
+    is Horvitz-Thompson over their union.
+
+    s_b [B, Hq, W]: the pilot rows' scores (-inf past count_b [B, Hkv]); pa_b, pr_b [B, Hkv, W]:
+    their pilot probability and proposal; m_f, l_f [B, Hq]: the exact rows' partials; cap [B, Hkv]
+    the largest c allowed. Per head, with x = exp(s - m) (m the largest score seen), the pilot
+    gives HT estimates of D = D_F + sum_R x and of A = sum_R x^2 / pr. The second sample's HT
+    variance, sum_R x^2 (1 / min(1, c pr) - 1), is below A / c (the variance of drawing row i
+    Poisson(c pr_i) times), so c = A / (epsilon * D / z)^2 meets z * sd <= epsilon * D; the group
+    takes its heads' largest c. delta is split: A is inflated by the chi2 factor that bounds a
+    sample variance with probability 1 - delta/2 (pilot noise), and z = z_{1-delta/4}.
+
+    Unbiased: c depends on the pilot, so a pilot row's inclusion probability
+    1 - (1 - pa)(1 - min(1, c pr)) is taken with c_{-i}, the budget computed without that row;
+    given the other rows, row i is then in the union with exactly the probability it is weighted
+    by. Returns m, d_f [B, Hq], c [B, Hkv], pi_b [B, Hkv, W] (the pilot rows' inclusion
+    probabilities) and over_eps [B, Hq]: 1 where the cap kept a head from its budget.
     """
     B, Hq, W = s_b.shape
-    Hkv = n_r.shape[1]
+    Hkv = count_b.shape[1]
     G = Hq // Hkv
     m = torch.maximum(m_f, s_b.amax(-1))  # any per-head constant works: use the largest seen
-    x = torch.exp(s_b - m[..., None])  # 0 past the counts
-    nb = count_b.repeat_interleave(G, dim=1).float()  # [B, Hq]
-    live = torch.arange(W, device=s_b.device) < nb[..., None]
-    n_rq = n_r.repeat_interleave(G, dim=1)
-    mean = x.sum(-1) / nb.clamp(min=1)
-    var = ((x - mean[..., None]) ** 2 * live).sum(-1) / (nb - 1).clamp(min=1)
-    d_f = l_f * torch.exp(m_f - m)
-    d_pilot = d_f + n_rq * mean
+    live = (torch.arange(W, device=s_b.device) < count_b[..., None])[:, :, None]  # [B,Hkv,1,W]
+    x = torch.exp(s_b - m[..., None]).view(B, Hkv, G, W)  # 0 past the counts
+    e = torch.where(live, x / pa_b.clamp(min=1e-30)[:, :, None], 0.0)
+    a = e * x / pr_b.clamp(min=1e-30)[:, :, None]
+    d_f = (l_f * torch.exp(m_f - m)).view(B, Hkv, G)
     z = sample_z(delta)
-    sigma = var.sqrt() * sigma_upper_factor(nb, delta / 2)
-    budget = (z * n_rq * sigma / (epsilon * d_pilot)) ** 2
-    budget = torch.where(nb >= 2, budget, n_rq)  # too few pilot rows: take everything
-    b_group = budget.view(B, Hkv, G).amax(-1)
-    b_group = torch.minimum(torch.minimum(torch.maximum(b_group, count_b.float()), n_r), cap)
-    p = torch.where(n_r > 0, (b_group + 2 * b_group.sqrt()) / n_r.clamp(min=1), 0.0)
-    return m, d_f, sigma, p.clamp(max=1)
+    nb = count_b.float()
+
+    def need(d, a_sum, n_pilot):
+        """c of each head [B, Hkv, G, ...]; a pilot of fewer than 2 rows asks for everything."""
+        more = (None,) * (d.dim() - 3)  # the trailing dims past G
+        infl = (sigma_upper_factor(n_pilot, delta / 2) ** 2)[(..., None) + more]
+        c = infl * a_sum / ((epsilon * d / z) ** 2).clamp(min=1e-30)
+        return torch.where(n_pilot[(..., None) + more] >= 2, c, float("inf"))
+
+    D, A = d_f + e.sum(-1), a.sum(-1)  # [B, Hkv, G]
+    c_head = need(D, A, nb)
+    c = torch.minimum(c_head.amax(2), cap)
+    c_loo = need((D[..., None] - e).clamp(min=0), A[..., None] - a, nb - 1).amax(2)
+    pi_b = 1 - (1 - pa_b) * (1 - torch.clamp(torch.minimum(c_loo, cap[..., None]) * pr_b, max=1))
+    over_eps = (c_head > c[..., None] * (1 + 1e-4)).float().view(B, Hq)
+    return m, d_f.view(B, Hq), c, pi_b, over_eps
 
 
-def finish(part_f, part_s, m, d_f, sigma, n_r, count_s, epsilon: float, delta: float):
-    """The step's output from the exact rows' and the sample's partials (m, l, acc).
-
-    Returns the attention output [B, Hq, D] f32, D_hat [B, Hq] at exp(-m), and over_eps [B, Hq]:
-    1 where the CLT's predicted relative error of D_hat (with the finite-population correction of
-    the sample actually drawn) exceeds epsilon.
-    """
-    G = m.shape[1] // n_r.shape[1]
-    out = merge_partials([part_f, part_s])
+def finish(part_f, part_s, m, d_f):
+    """The step's output [B, Hq, D] f32 from the exact rows' and the sample's partials
+    (m, l, acc), and D_hat [B, Hq] at exp(-m)."""
     m_s, l_s = part_s[:2]
-    d_hat = d_f + l_s * torch.exp(m_s - m)
-    s_q = count_s.repeat_interleave(G, dim=1).float()
-    n_rq = n_r.repeat_interleave(G, dim=1)
-    fpc = (1 / s_q.clamp(min=1) - 1 / n_rq.clamp(min=1)).clamp(min=0)
-    rel_err = sample_z(delta) * n_rq * sigma * fpc.sqrt() / d_hat
-    return out, d_hat, ((rel_err > epsilon) & (n_rq > 0)).float()
+    return merge_partials([part_f, part_s]), d_f + l_s * torch.exp(m_s - m)

@@ -16,14 +16,12 @@ to about float32 accuracy (_mma): decode is bound by memory (or PCIe), not by th
 
 from __future__ import annotations
 
-from statistics import NormalDist
-
 import torch
 import triton
 import triton.language as tl
 
-from vengine.kernels.reference import byte_signs, pack_signatures  # noqa: F401  (re-export)
-from vengine.kernels.reference import sample_z
+from vengine.kernels.reference import (  # noqa: F401  (re-export: the budget is a few
+    byte_signs, pack_signatures, pilot_budget)  # torch ops over the pilot rows)
 
 CHUNK = 256  # rows per partial_attention program (one flash-decoding split)
 BLOCK_R = 64  # rows per inner step
@@ -219,11 +217,11 @@ def _combine_kernel(m, l, acc, m_out, l_out, acc_out, NS, D: tl.constexpr, NSP: 
 
 
 @triton.jit
-def _rows_kernel(picked, u, rate, lens, counts, total, rows, width, sp0, sp1, su0, su1, sr0, sr1,
-                 SINK, WINDOW, HKV: tl.constexpr, SAMPLE: tl.constexpr, WRITE: tl.constexpr,
+def _rows_kernel(picked, u, prob, lens, counts, total, rows, width, sp0, sp1, su0, su1, sq0, sq1,
+                 sr0, sr1, SINK, WINDOW, HKV: tl.constexpr, SAMPLE: tl.constexpr, WRITE: tl.constexpr,
                  SPLIT_: tl.constexpr, BLOCK: tl.constexpr, NSP: tl.constexpr):
     """One split of the positions of one (sequence, KV head). Exact rows (SAMPLE False): sink,
-    window or picked; else the residual rows with u < rate. Pass 1 (WRITE False) counts them per
+    window or picked; else the residual rows with u < prob (both [B, Hkv, S]). Pass 1 (WRITE False) counts them per
     split; pass 2 writes them, ascending, from the split's offset (the sum of the earlier splits'
     counts), and split 0 writes the list's length, at most width."""
     bh = tl.program_id(0).to(tl.int64)
@@ -232,8 +230,6 @@ def _rows_kernel(picked, u, rate, lens, counts, total, rows, width, sp0, sp1, su
     n = tl.load(lens + b)
     start = split * SPLIT_
     end = tl.minimum(start + SPLIT_, n)
-    if SAMPLE:
-        p = tl.load(rate + bh)
     count = tl.zeros([], tl.int32)
     if WRITE:
         j = tl.arange(0, NSP)
@@ -248,6 +244,7 @@ def _rows_kernel(picked, u, rate, lens, counts, total, rows, width, sp0, sp1, su
         keep |= valid & (tl.load(picked + b * sp0 + h * sp1 + s, mask=valid, other=0) != 0)
         if SAMPLE:
             x = tl.load(u + b * su0 + h * su1 + s, mask=valid, other=1.0)
+            p = tl.load(prob + b * sq0 + h * sq1 + s, mask=valid, other=0.0)
             keep = valid & ~keep & (x < p)
         k = keep.to(tl.int32)
         if WRITE:
@@ -259,63 +256,13 @@ def _rows_kernel(picked, u, rate, lens, counts, total, rows, width, sp0, sp1, su
 
 
 @triton.jit
-def _budget_kernel(s_b, count_b, m_f, l_f, n_r, cap, m_out, d_f_out, sigma_out, p_out, W,
-                   Z, ZA, EPS, G: tl.constexpr, GP: tl.constexpr, BW: tl.constexpr):
-    """One (sequence, KV head): the group's pilot statistics and budget (reference.pilot_budget).
-    s_b [B*Hkv, G, W]; the per-head tensors [B*Hkv, G]; the per-group ones [B*Hkv]."""
-    bh = tl.program_id(0).to(tl.int64)
-    g = tl.arange(0, GP)
-    gm = g < G
-    nb = tl.load(count_b + bh).to(tl.float32)
-    nr = tl.load(n_r + bh)
-    mf = tl.load(m_f + bh * G + g, mask=gm, other=0.0)  # padding heads: finite, unused
-    lf = tl.load(l_f + bh * G + g, mask=gm, other=0.0)
-    row = s_b + (bh * G + g[:, None]) * W
-    mb = tl.full([GP], float("-inf"), tl.float32)
-    for w0 in range(0, W, BW):
-        w = w0 + tl.arange(0, BW)
-        x = tl.load(row + w[None, :], mask=gm[:, None] & (w < W)[None, :], other=float("-inf"))
-        mb = tl.maximum(mb, tl.max(x, 1))
-    m = tl.maximum(mf, mb)
-    total = tl.zeros([GP], tl.float32)
-    for w0 in range(0, W, BW):
-        w = w0 + tl.arange(0, BW)
-        x = tl.load(row + w[None, :], mask=gm[:, None] & (w < W)[None, :], other=float("-inf"))
-        total += tl.sum(tl.exp(x - m[:, None]), 1)
-    mean = total / tl.maximum(nb, 1.0)
-    sq = tl.zeros([GP], tl.float32)
-    for w0 in range(0, W, BW):
-        w = w0 + tl.arange(0, BW)
-        x = tl.load(row + w[None, :], mask=gm[:, None] & (w < W)[None, :], other=float("-inf"))
-        dev = tl.where((w < nb)[None, :], tl.exp(x - m[:, None]) - mean[:, None], 0.0)
-        sq += tl.sum(dev * dev, 1)
-    var = sq / tl.maximum(nb - 1, 1.0)
-    d_f = lf * tl.exp(mf - m)
-    d_pilot = d_f + nr * mean
-    k = tl.maximum(nb - 1, 1.0)  # sigma's upper bound: chi2 quantile by Wilson-Hilferty
-    c = 1 - 2 / (9 * k) + ZA * tl.sqrt(2 / (9 * k))
-    sigma = tl.sqrt(var) * tl.sqrt(k / tl.maximum(k * c * c * c, 1e-3))
-    budget = Z * nr * sigma / (EPS * d_pilot)
-    budget = tl.where(nb >= 2, budget * budget, nr)
-    b = tl.max(tl.where(gm, budget, float("-inf")), 0)
-    b = tl.minimum(tl.minimum(tl.maximum(b, nb), nr), tl.load(cap + bh))
-    p = tl.where(nr > 0, (b + 2 * tl.sqrt(b)) / tl.maximum(nr, 1.0), 0.0)
-    tl.store(m_out + bh * G + g, m, mask=gm)
-    tl.store(d_f_out + bh * G + g, d_f, mask=gm)
-    tl.store(sigma_out + bh * G + g, sigma, mask=gm)
-    tl.store(p_out + bh, tl.minimum(p, 1.0))
-
-
-@triton.jit
-def _finish_kernel(m_f, l_f, acc_f, m_s, l_s, acc_s, m, d_f, sigma, n_r, count_s, out, d_hat_out,
-                   over_out, Z, EPS, G: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
-                   DP: tl.constexpr):
-    """One (sequence, KV head): merge the two partials, D_hat and the certificate
-    (reference.finish). Per-head tensors [B*Hkv, G], acc and out [B*Hkv, G, D]."""
-    bh = tl.program_id(0).to(tl.int64)
-    g, d = tl.arange(0, GP), tl.arange(0, DP)
-    gm = g < G
-    h = bh * G + g
+def _finish_kernel(m_f, l_f, acc_f, m_s, l_s, acc_s, m, d_f, out, d_hat_out, N,
+                   G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+    """G of the N = B * Hq query heads: merge the two partials and D_hat (reference.finish).
+    Per-head tensors [N], acc and out [N, D]."""
+    g, d = tl.arange(0, G), tl.arange(0, DP)
+    h = tl.program_id(0).to(tl.int64) * G + g
+    gm = h < N
     gd = gm[:, None] & (d < D)[None, :]
     mf = tl.load(m_f + h, mask=gm, other=0.0)  # padding heads: finite, unused
     ms = tl.load(m_s + h, mask=gm, other=float("-inf"))
@@ -329,13 +276,7 @@ def _finish_kernel(m_f, l_f, acc_f, m_s, l_s, acc_s, m, d_f, sigma, n_r, count_s
     tl.store(out + h[:, None] * D + d[None, :], o, mask=gd)
     d_hat = tl.load(d_f + h, mask=gm, other=1.0) + ls * tl.exp(ms - tl.load(m + h, mask=gm,
                                                                              other=0.0))
-    nr = tl.load(n_r + bh)
-    fpc = tl.maximum(1 / tl.maximum(tl.load(count_s + bh).to(tl.float32), 1.0)
-                     - 1 / tl.maximum(nr, 1.0), 0.0)
-    rel_err = Z * nr * tl.load(sigma + h, mask=gm, other=0.0) * tl.sqrt(fpc) / d_hat
     tl.store(d_hat_out + h, d_hat, mask=gm)
-    over = tl.where(rel_err > EPS, 1.0, 0.0)
-    tl.store(over_out + h, tl.where(nr > 0, over, 0.0), mask=gm)
 
 
 # TRITON_INTERPRET=1 (read when the kernels were decorated) runs them in the CPU interpreter
@@ -399,7 +340,7 @@ def hash_scores(q: torch.Tensor, planes: torch.Tensor, sig: torch.Tensor,
     return out
 
 
-def _select(picked, u, rate, context_lens, sink: int, window: int, width: int, S: int):
+def _select(picked, u, prob, context_lens, sink: int, window: int, width: int, S: int):
     assert picked.dtype == torch.int8 and picked.stride(-1) == 1 and picked.shape[-1] >= S
     B, Hkv, dev = len(context_lens), picked.shape[1], context_lens.device
     n_splits = max(1, triton.cdiv(S, SPLIT))
@@ -407,10 +348,11 @@ def _select(picked, u, rate, context_lens, sink: int, window: int, width: int, S
     total = torch.empty(B, Hkv, dtype=torch.long, device=dev)
     rows = torch.empty(B, Hkv, width, dtype=torch.long, device=dev)
     su = u.stride()[:2] if u is not None else (0, 0)
+    sq = prob.stride()[:2] if prob is not None else (0, 0)
     for write in (False, True):
         _rows_kernel[(B * Hkv, n_splits)](
-            picked, u if u is not None else counts, rate if rate is not None else counts,
-            context_lens, counts, total, rows, width, *picked.stride()[:2], *su,
+            picked, u if u is not None else counts, prob if prob is not None else counts,
+            context_lens, counts, total, rows, width, *picked.stride()[:2], *su, *sq,
             *rows.stride()[:2], sink, window, Hkv, u is not None, write, SPLIT, BLOCK_SEL,
             _p2(n_splits, 1))
     return rows, total
@@ -421,40 +363,25 @@ def exact_rows(picked, context_lens, S: int, sink: int, window: int, width: int)
     return _select(picked, None, None, context_lens, sink, window, width, S)
 
 
-def sample_rows(picked, u, rate, context_lens, sink: int, window: int, width: int):
-    """A Bernoulli sample of the residual rows: lists [B, Hkv, width], counts (see reference)."""
+def sample_rows(picked, u, prob, context_lens, sink: int, window: int, width: int):
+    """A Poisson sample of the residual rows: lists [B, Hkv, width], counts (see reference)."""
     assert u.stride(-1) == 1
-    return _select(picked, u, rate.float().contiguous(), context_lens, sink, window, width,
-                   u.shape[2])
+    prob = prob.float()
+    if prob.stride(-1) != 1:
+        prob = prob.contiguous()
+    return _select(picked, u, prob, context_lens, sink, window, width, u.shape[2])
 
 
-def pilot_budget(s_b, count_b, m_f, l_f, n_r, cap, epsilon: float, delta: float):
-    """The CLT budget from the pilot sample, one program per group (see reference.pilot_budget)."""
-    B, Hq, W = s_b.shape
-    Hkv = n_r.shape[1]
-    G = Hq // Hkv
-    m, d_f, sigma = (torch.empty(B, Hq, dtype=torch.float32, device=s_b.device) for _ in range(3))
-    p = torch.empty(B, Hkv, dtype=torch.float32, device=s_b.device)
-    _budget_kernel[(B * Hkv,)](
-        s_b.contiguous(), count_b.contiguous(), m_f.contiguous(), l_f.contiguous(),
-        n_r.float().contiguous(), cap.float().contiguous(), m, d_f, sigma, p, W,
-        sample_z(delta), NormalDist().inv_cdf(delta / 2), epsilon, G,
-        _p2(G, 1), 256)
-    return m, d_f, sigma, p
-
-
-def finish(part_f, part_s, m, d_f, sigma, n_r, count_s, epsilon: float, delta: float):
-    """Output, D_hat and over_eps from the two partials, one program per group (reference.finish)."""
+def finish(part_f, part_s, m, d_f):
+    """Output and D_hat from the two partials, one program per group (reference.finish)."""
     (m_f, l_f, acc_f), (m_s, l_s, acc_s) = part_f, part_s
     B, Hq, D = acc_f.shape
-    Hkv = n_r.shape[1]
+    G = 4  # query heads per program
     out = torch.empty(B, Hq, D, dtype=torch.float32, device=acc_f.device)
-    d_hat, over = torch.empty_like(m), torch.empty_like(m)
-    c = [t.contiguous() for t in (m_f, l_f, acc_f, m_s, l_s, acc_s, m, d_f, sigma)]
-    _finish_kernel[(B * Hkv,)](
-        *c, n_r.float().contiguous(), count_s.contiguous(), out, d_hat, over,
-        sample_z(delta), epsilon, Hq // Hkv, D, _p2(Hq // Hkv, 1), _p2(D, 1))
-    return out, d_hat, over
+    d_hat = torch.empty_like(m)
+    c = [t.contiguous() for t in (m_f, l_f, acc_f, m_s, l_s, acc_s, m, d_f)]
+    _finish_kernel[(triton.cdiv(B * Hq, G),)](*c, out, d_hat, B * Hq, G, D, _p2(D, 1))
+    return out, d_hat
 
 
 def row_scores(q: torch.Tensor, k_pool: torch.Tensor, block_tables: torch.Tensor,
