@@ -113,43 +113,80 @@ def test_kernels_match_reference(Hkv, G, D, P):
                     rtol=1e-4)
 
 
-@pytest.mark.parametrize("S,width", [(300, 300), (9000, 9000), (9000, 700)])  # 9000: 3 splits
-def test_row_selection_matches_reference(S, width):
-    """exact_rows and sample_rows give the reference's lists: same rows in the same order, the
-    same counts, also when a list is cut at the buffer width."""
-    g = torch.Generator().manual_seed(S + width)
+def selection_problem(S: int):
+    """Hash-like scores (-inf off the candidates), picks, context lengths and draws."""
+    g = torch.Generator().manual_seed(S)
     B, Hkv = 3, 2
     lens = torch.tensor([S, S - 1000 if S > 1000 else S - 100, 40])  # the last: all fixed
     picked = (torch.rand(B, Hkv, S + 1, generator=g) < 0.1).to(torch.int8)
-    u = torch.rand(B, Hkv, S, generator=g)
-    rate = torch.tensor([[0.1, 0.5], [1.0, 0.0], [0.3, 0.3]])
-    prob = rate[..., None] * torch.rand(B, Hkv, S, generator=g) * 2  # per row, some above 1
+    scores = reference.mask_range(torch.randn(B, Hkv, S, generator=g) * 30 + 50, 16,
+                                  lens - 24)
+    u = torch.rand(2, B, Hkv, S, generator=g)
+    return picked, scores, lens, u
+
+
+@pytest.mark.parametrize("S,width", [(300, 300), (9000, 9000), (9000, 700)])  # 9000: 3 splits
+def test_row_selection_matches_reference(S, width):
+    """exact_rows, pilot_rows and second_rows give the reference's lists: same rows in the same
+    order, the same counts (also when a list is cut at the buffer width), and the same values
+    beside them; proposal_params the reference's."""
+    picked, scores, lens, u = selection_problem(S)
+    n_r = (lens[:, None].float() * 0.8).expand(3, 2)
+    prop_ref = (scores, *reference.proposal_params(scores, picked), n_r)
+    prop_tri = (scores.to(DEV), *triton_gpu.proposal_params(scores.to(DEV), picked.to(DEV)),
+                prop_ref[3].to(DEV))
+    for name, r, t in zip(("inv_t", "lse"), prop_ref[1:3], prop_tri[1:3]):
+        torch.testing.assert_close(t.cpu(), r, rtol=1e-5, atol=1e-5, msg=name)
+    size = torch.tensor([[30.0, 300.0], [1e4, 0.0], [50.0, 50.0]])
+    c = torch.tensor([[100.0, 5.0], [0.0, 1e9], [20.0, 2000.0]])
+    d = [t.to(DEV) for t in (picked, u, size, c, lens)]
     for name, ref, tri in (
         ("exact", reference.exact_rows(picked, lens, S, 16, 24, width),
-         triton_gpu.exact_rows(picked.to(DEV), lens.to(DEV), S, 16, 24, width)),
-        ("sample", reference.sample_rows(picked, u, prob, lens, 16, 24, width),
-         triton_gpu.sample_rows(picked.to(DEV), u.to(DEV), prob.to(DEV), lens.to(DEV), 16, 24,
-                                width)),
+         triton_gpu.exact_rows(d[0], d[4], S, 16, 24, width)),
+        ("pilot", reference.pilot_rows(picked, u, prop_ref, size, lens, 16, 24, width),
+         triton_gpu.pilot_rows(d[0], d[1], prop_tri, d[2], d[4], 16, 24, width)),
+        ("second", reference.second_rows(picked, u, prop_ref, size, c, lens, 16, 24, width),
+         triton_gpu.second_rows(d[0], d[1], prop_tri, d[2], d[3], d[4], 16, 24, width)),
     ):
-        (rows, counts), (rows_t, counts_t) = ref, (t.cpu() for t in tri)
+        (rows, counts, *aux), (rows_t, counts_t, *aux_t) = ref, (t.cpu() for t in tri)
         assert torch.equal(counts, counts_t), f"{name}: counts {counts} vs {counts_t}"
         assert counts.max() > 0 and (width == S or counts.max() == width)
-        for b in range(B):
-            for h in range(Hkv):
-                c = int(counts[b, h])
-                assert torch.equal(rows[b, h, :c], rows_t[b, h, :c]), f"{name} ({b}, {h})"
+        for b in range(3):
+            for h in range(2):
+                k = int(counts[b, h])
+                assert torch.equal(rows[b, h, :k], rows_t[b, h, :k]), f"{name} ({b}, {h})"
+                for a, a_t in zip(aux, aux_t):
+                    torch.testing.assert_close(a_t[b, h, :k], a[b, h, :k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("B,Hq", [(1, 1), (3, 6), (2, 9)])  # 9: a partial program of 4 heads
-def test_finish_matches_reference(B, Hq):
-    """finish (the two partials merged, D_hat) against the reference, an empty sample included."""
-    g = torch.Generator().manual_seed(B * Hq)
-    D = 32
+@pytest.mark.parametrize("G,W", [(1, 40), (4, 300), (3, 700)])
+def test_budget_and_finish_match_reference(G, W):
+    """pilot_budget and finish against the reference, pilot sizes 0, 1, 2 and larger included,
+    and a cap that binds."""
+    g = torch.Generator().manual_seed(G * W)
+    B, Hkv, D = 3, 2, 32
+    Hq = Hkv * G
+    count_b = torch.tensor([[0, 1], [2, W // 2], [W, W - 3]])
+    s_b = torch.randn(B, Hq, W, generator=g) * 3
+    s_b[torch.arange(W) >= count_b.repeat_interleave(G, 1)[..., None]] = -math.inf
+    pr_b = torch.rand(B, Hkv, W, generator=g) / 500 + 1e-5
+    pa_b = torch.clamp(pr_b * 300, max=1.0)
+    m_f, l_f = torch.randn(B, Hq, generator=g), torch.rand(B, Hq, generator=g) * 20 + 1
+    cap = torch.tensor([[5000.0, 1e12], [1e12, 80.0], [1e12, 1e12]])
+    args = (s_b, count_b, pa_b, pr_b, m_f, l_f, cap, 0.05, 0.1)
+    ref = reference.pilot_budget(*args)
+    tri = triton_gpu.pilot_budget(*(a.to(DEV) if torch.is_tensor(a) else a for a in args))
+    live = torch.arange(W) < count_b[..., None]
+    for name, r, t in zip(("m", "d_f", "c", "logw_b", "over_eps"), ref, tri):
+        r, t = (x.masked_fill(~live, 0) if name == "logw_b" else x for x in (r, t.cpu()))
+        torch.testing.assert_close(t, r, rtol=1e-4, atol=1e-5, msg=name)
+    assert (ref[4] == 1).any() and (ref[4] == 0).any()  # the cap binds somewhere, not everywhere
+
+    m, d_f = ref[:2]
     parts = [(torch.randn(B, Hq, generator=g), torch.rand(B, Hq, generator=g) * 9 + 1,
-              torch.randn(B, Hq, D, generator=g)) for _ in range(2)]
-    parts[1][0][0, 0] = -math.inf  # an empty sample
-    m, d_f = torch.randn(B, Hq, generator=g) + 1, torch.rand(B, Hq, generator=g) * 5
-    ref = reference.finish(parts[0], parts[1], m, d_f)
+              torch.randn(B, Hq, D, generator=g)) for _ in range(3)]
+    parts[2][0][0, 0] = -math.inf  # an empty sample
+    ref = reference.finish(*parts, m, d_f)
     dev = [tuple(t.to(DEV) for t in part) for part in parts]
     tri = triton_gpu.finish(*dev, m.to(DEV), d_f.to(DEV))
     for name, r, t in zip(("out", "d_hat"), ref, tri):

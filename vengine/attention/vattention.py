@@ -23,13 +23,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from vengine.attention.config import VAttention
 from vengine.attention.context import StepContext
 from vengine.attention.full import causal_attention
 from vengine.kernels import get_kernels
-from vengine.kernels.reference import PROPOSAL_FLOOR, pack_signatures, proposal
+from vengine.kernels.reference import PROPOSAL_FLOOR, pack_signatures
 from vengine.models.config import ModelConfig
 from vengine.offload.kv_pool import KVPool, ResidentPages, SignaturePool
 
@@ -91,7 +90,6 @@ def vattention_decode(
         top = scores.topk(k_max, dim=-1).indices  # [B, Hkv, k_max], sorted: keep takes the best
         keep = torch.arange(k_max, device=dev) < k_rows[:, None, None]
         picked.scatter_(-1, torch.where(keep, top, S), 1)
-    pr = proposal(scores.masked_fill(picked[..., :S] != 0, float("-inf")))  # [B, Hkv, S]
     exact_width = min(S, cfg.sink + cfg.window + k_max)
     rows_f, count_f = kernels.exact_rows(picked, context_lens, S, cfg.sink, cfg.window,
                                          exact_width)
@@ -99,43 +97,37 @@ def vattention_decode(
         q, k_pool, v_pool, block_tables, rows_f, count_f, None, scale, resident
     )
 
-    # 2. the pilot: a Poisson sample of the residual, E|pilot| ~ base_rate * n_R (MIN_BASE rows
-    # at least), each row with probability pa = min(1, E|pilot| * pr)
+    # 2. the pilot: a Poisson sample of the residual, row i with probability
+    # min(1, size * pr_i) (pr: the proposal, kernels.proposal_params), E|pilot| <= size
     n_r = (n - count_f).float()  # [B, Hkv]
+    prop = (scores, *kernels.proposal_params(scores, picked), n_r)
     u = torch.rand(2, B, Hkv, S, device=dev, generator=generator)
-    pa = torch.clamp(torch.clamp(cfg.base_rate * n_r, min=MIN_BASE)[..., None] * pr, max=1.0)
+    size = torch.clamp(cfg.base_rate * n_r, min=MIN_BASE)
     width_b = sample_width(cfg.base_rate * S + MIN_BASE, S)
-    rows_b, count_b = kernels.sample_rows(picked, u[0], pa, context_lens, cfg.sink, cfg.window,
-                                          width_b)
+    rows_b, count_b, pa_b, pr_b = kernels.pilot_rows(picked, u, prop, size, context_lens,
+                                                     cfg.sink, cfg.window, width_b)
     s_b = kernels.row_scores(q, k_pool, block_tables, rows_b, count_b, scale,
                              resident)  # [B, Hq, width_b]
 
     # 3. the second sample's size c per group (kernels.pilot_budget); with c at its cap every
     # row is in (c * pr >= c * PROPOSAL_FLOOR / n_R)
     most = n_r / PROPOSAL_FLOOR if cfg.max_sample is None else cfg.max_sample * n.float()
-    rows_b = torch.where(torch.arange(width_b, device=dev) < count_b[..., None], rows_b, S)
-    pa_b, pr_b = (F.pad(x, (0, 1)).gather(-1, rows_b) for x in (pa, pr))  # past the count: 0
-    m, d_f, c, pi_b, over_eps = kernels.pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, most,
-                                                     cfg.epsilon, cfg.delta)
+    m, d_f, c, logw_b, over_eps = kernels.pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, most,
+                                                       cfg.epsilon, cfg.delta)
 
-    # 4. the union of the pilot and a Poisson sample with min(1, c * pr), weighted by the inverse
-    # of each row's inclusion probability (pilot rows: pi_b)
-    pc = torch.clamp(c[..., None] * pr, max=1.0)
-    pilot = u[0] < pa
+    # 4. the second sample, from the rows outside the pilot; the estimate is Horvitz-Thompson
+    # over the union: each row weighted by the inverse of its inclusion probability
     width_s = S
     if cfg.max_sample is not None:
-        width_s = min(S, width_b + sample_width(cfg.max_sample * S, S))
-    rows_s, count_s = kernels.sample_rows(picked, u[1], torch.where(pilot, 1.0, pc), context_lens,
-                                          cfg.sink, cfg.window, width_s)
-    pi = F.pad(1 - (1 - pa) * (1 - pc), (0, 1), value=1.0)  # column S: the lists' padding
-    pi.scatter_(-1, rows_b, pi_b)
-    live_s = torch.arange(width_s, device=dev) < count_s[..., None]
-    logw = -torch.log(pi.gather(-1, torch.where(live_s, rows_s, S)).clamp(min=1e-30))
-    m_s, l_s, acc_s = kernels.partial_attention(
-        q, k_pool, v_pool, block_tables, rows_s, count_s, logw, scale, resident
-    )
-    out, d_hat = kernels.finish((m_f, l_f, acc_f), (m_s, l_s, acc_s), m, d_f)
-    density = (count_f + count_s).float() / n.float()
+        width_s = sample_width(cfg.max_sample * S, S)
+    rows_s, count_s, logw_s = kernels.second_rows(picked, u, prop, size, c, context_lens,
+                                                  cfg.sink, cfg.window, width_s)
+    part_b, part_s = (kernels.partial_attention(q, k_pool, v_pool, block_tables, rows, count,
+                                                logw, scale, resident)
+                      for rows, count, logw in ((rows_b, count_b, logw_b),
+                                                (rows_s, count_s, logw_s)))
+    out, d_hat = kernels.finish((m_f, l_f, acc_f), part_b, part_s, m, d_f)
+    density = (count_f + count_b + count_s).float() / n.float()
     return DecodeResult(out.to(q.dtype), m, d_hat, density, over_eps)
 
 

@@ -20,7 +20,9 @@ from vengine.kernels.reference import (  # noqa: F401  (re-export: selection and
     pack_signatures,
     paged_rows,
     pilot_budget,
-    sample_rows,
+    pilot_rows,
+    proposal_params,
+    second_rows,
     store_rows,
 )
 

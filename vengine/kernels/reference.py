@@ -129,13 +129,67 @@ def exact_rows(picked, context_lens, S: int, sink: int, window: int, width: int)
     return compact(exact_mask(picked, context_lens, S, sink, window), width)
 
 
-def sample_rows(picked, u, prob, context_lens, sink: int, window: int, width: int):
-    """A Poisson sample of the residual (valid rows not in exact_mask): row s of (b, h) is kept
-    when u[b, h, s] < prob[b, h, s]. Lists [B, Hkv, width] (the first width rows) and counts."""
-    B, Hkv, S = u.shape
-    pos = torch.arange(S, device=u.device)
-    resid = (pos < context_lens[:, None, None]) & ~exact_mask(picked, context_lens, S, sink, window)
-    return compact(resid & (u < prob[..., :S]), width)
+PROPOSAL_TEMPERATURE = 1.0  # hash scores in units of their spread over the residual
+PROPOSAL_FLOOR = 0.1  # share of the proposal spread uniformly (defensive mixture)
+
+
+def proposal_params(scores: torch.Tensor, picked: torch.Tensor):
+    """scores [B, Hkv, S]: the hash scores of the candidates (-inf elsewhere), picked: the top-k.
+    Per (b, h) [B, Hkv]: inv_t, 1 / the spread (population sd) of the residual's hash scores,
+    and lse = logsumexp of score * inv_t over the residual. The proposal is then
+    pr_i = (1 - f) exp(score_i * inv_t - lse) + f / n_R, summing to 1 over R.
+
+    Why: a uniform sample wastes rows on keys the hash already calls negligible, and misses the
+    heavy hitters the top-k missed; weighting by the predicted score (in units of the scores' own
+    spread, so the scale of q does not matter) and keeping a uniform floor f bounds the variance
+    at 1/f of a uniform sample's where the hash is wrong (defensive importance sampling).
+    """
+    resid = torch.isfinite(scores) & (picked[..., :scores.shape[-1]] == 0)
+    n = resid.sum(-1).clamp(min=1)
+    h = torch.where(resid, scores, 0.0)
+    var = ((h * h).sum(-1) / n - (h.sum(-1) / n) ** 2).clamp(min=0)  # one pass, as the kernel
+    inv_t = 1 / (PROPOSAL_TEMPERATURE * var.sqrt().clamp(min=1e-6))
+    lse = torch.logsumexp(torch.where(resid, scores * inv_t[..., None], float("-inf")), -1)
+    return inv_t, lse
+
+
+def residual_mask(picked, context_lens, S: int, sink: int, window: int) -> torch.Tensor:
+    """[B, Hkv, S]: the residual R, the valid rows not in exact_mask."""
+    pos = torch.arange(S, device=context_lens.device)
+    return (pos < context_lens[:, None, None]) & ~exact_mask(picked, context_lens, S, sink, window)
+
+
+def proposal(prop, resid: torch.Tensor) -> torch.Tensor:
+    """The proposal [B, Hkv, S] of residual rows from prop = (scores, inv_t, lse, n_r) (see
+    proposal_params): (1 - f) exp(score * inv_t - lse) + f / n_R on R, 0 elsewhere."""
+    scores, inv_t, lse, n_r = prop
+    soft = torch.exp(scores * inv_t[..., None] - lse[..., None])
+    pr = (1 - PROPOSAL_FLOOR) * soft + PROPOSAL_FLOOR / n_r.clamp(min=1)[..., None]
+    return torch.where(resid, pr, 0.0)
+
+
+def pilot_rows(picked, u, prop, size, context_lens, sink: int, window: int, width: int):
+    """The pilot: row i of R with probability pa_i = min(1, size * pr_i) (kept when u[0] < pa;
+    u [2, B, Hkv, S], size [B, Hkv]). Lists [B, Hkv, width] (the first width rows) and counts, and
+    each listed row's pa and pr [B, Hkv, width]."""
+    resid = residual_mask(picked, context_lens, u.shape[-1], sink, window)
+    pr = proposal(prop, resid)
+    pa = torch.clamp(size[..., None] * pr, max=1.0)
+    rows, counts = compact(resid & (u[0] < pa), width)
+    return rows, counts, pa.gather(-1, rows), pr.gather(-1, rows)
+
+
+def second_rows(picked, u, prop, size, c, context_lens, sink: int, window: int, width: int):
+    """The second sample: row i of R outside the pilot (u[0] >= pa_i) with probability
+    pc_i = min(1, c * pr_i) (kept when u[1] < pc). Lists, counts, and each listed row's log
+    weight -log(1 - (1 - pa)(1 - pc)): the inverse of its probability of being in the union."""
+    resid = residual_mask(picked, context_lens, u.shape[-1], sink, window)
+    pr = proposal(prop, resid)
+    pa = torch.clamp(size[..., None] * pr, max=1.0)
+    pc = torch.clamp(c[..., None] * pr, max=1.0)
+    rows, counts = compact(resid & (u[0] >= pa) & (u[1] < pc), width)
+    pi = 1 - (1 - pa.gather(-1, rows)) * (1 - pc.gather(-1, rows))
+    return rows, counts, -torch.log(pi.clamp(min=1e-30))
 
 
 def gather_rows(pool: torch.Tensor, block_tables: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -201,28 +255,6 @@ def sample_z(delta: float) -> float:
     return NormalDist().inv_cdf(1 - delta / 4)
 
 
-PROPOSAL_TEMPERATURE = 1.0  # hash scores in units of their spread over the residual
-PROPOSAL_FLOOR = 0.1  # share of the proposal spread uniformly (defensive mixture)
-
-
-def proposal(scores: torch.Tensor) -> torch.Tensor:
-    """Sampling proposal over the residual from its hash scores [B, Hkv, S] (-inf off the
-    residual): (1 - f) * softmax(scores / sd) + f / n_R, summing to 1 over each (b, h) residual.
-
-    Why: a uniform sample wastes rows on keys the hash already calls negligible, and misses the
-    heavy hitters the top-k missed; weighting by the predicted score (tempered by the scores' own
-    spread, so the scale of q does not matter) and keeping a uniform floor f bounds the variance
-    at 1/f of a uniform sample's where the hash is wrong (defensive importance sampling).
-    """
-    live = torch.isfinite(scores)
-    n = live.sum(-1, keepdim=True).clamp(min=1)
-    mean = torch.where(live, scores, 0.0).sum(-1, keepdim=True) / n
-    var = torch.where(live, (scores - mean) ** 2, 0.0).sum(-1, keepdim=True) / n
-    z = scores / (PROPOSAL_TEMPERATURE * var.sqrt().clamp(min=1e-6))
-    pr = (1 - PROPOSAL_FLOOR) * torch.softmax(z, -1) + PROPOSAL_FLOOR / n
-    return torch.where(live, pr, 0.0)
-
-
 def pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, epsilon: float, delta: float):
     """The second sample's size from the pilot. The residual R is sampled twice: the pilot
     (Poisson, probability pa per row), then a Poisson sample with probability min(1, c * pr); D_hat
@@ -240,8 +272,9 @@ def pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, epsilon: float, delta:
     Unbiased: c depends on the pilot, so a pilot row's inclusion probability
     1 - (1 - pa)(1 - min(1, c pr)) is taken with c_{-i}, the budget computed without that row;
     given the other rows, row i is then in the union with exactly the probability it is weighted
-    by. Returns m, d_f [B, Hq], c [B, Hkv], pi_b [B, Hkv, W] (the pilot rows' inclusion
-    probabilities) and over_eps [B, Hq]: 1 where the cap kept a head from its budget.
+    by. Returns m, d_f [B, Hq], c [B, Hkv], logw_b [B, Hkv, W] (the pilot rows' log weights,
+    -log of their inclusion probabilities) and over_eps [B, Hq]: 1 where the cap kept a head
+    from its budget.
     """
     B, Hq, W = s_b.shape
     Hkv = count_b.shape[1]
@@ -268,11 +301,11 @@ def pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, epsilon: float, delta:
     c_loo = need((D[..., None] - e).clamp(min=0), A[..., None] - a, nb - 1).amax(2)
     pi_b = 1 - (1 - pa_b) * (1 - torch.clamp(torch.minimum(c_loo, cap[..., None]) * pr_b, max=1))
     over_eps = (c_head > c[..., None] * (1 + 1e-4)).float().view(B, Hq)
-    return m, d_f.view(B, Hq), c, pi_b, over_eps
+    return m, d_f.view(B, Hq), c, -torch.log(pi_b.clamp(min=1e-30)), over_eps
 
 
-def finish(part_f, part_s, m, d_f):
-    """The step's output [B, Hq, D] f32 from the exact rows' and the sample's partials
-    (m, l, acc), and D_hat [B, Hq] at exp(-m)."""
-    m_s, l_s = part_s[:2]
-    return merge_partials([part_f, part_s]), d_f + l_s * torch.exp(m_s - m)
+def finish(part_f, part_b, part_s, m, d_f):
+    """The step's output [B, Hq, D] f32 from the partials (m, l, acc) of the exact rows, the
+    pilot and the second sample, and D_hat [B, Hq] at exp(-m)."""
+    d_hat = d_f + sum(p[1] * torch.exp(p[0] - m) for p in (part_b, part_s))
+    return merge_partials([part_f, part_b, part_s]), d_hat

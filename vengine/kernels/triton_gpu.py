@@ -16,12 +16,14 @@ to about float32 accuracy (_mma): decode is bound by memory (or PCIe), not by th
 
 from __future__ import annotations
 
+from statistics import NormalDist
+
 import torch
 import triton
 import triton.language as tl
 
-from vengine.kernels.reference import (  # noqa: F401  (re-export: the budget is a few
-    byte_signs, pack_signatures, pilot_budget)  # torch ops over the pilot rows)
+from vengine.kernels.reference import (PROPOSAL_FLOOR, PROPOSAL_TEMPERATURE, byte_signs,  # noqa: F401
+                                       pack_signatures, sample_z)
 
 CHUNK = 256  # rows per partial_attention program (one flash-decoding split)
 BLOCK_R = 64  # rows per inner step
@@ -217,19 +219,31 @@ def _combine_kernel(m, l, acc, m_out, l_out, acc_out, NS, D: tl.constexpr, NSP: 
 
 
 @triton.jit
-def _rows_kernel(picked, u, prob, lens, counts, total, rows, width, sp0, sp1, su0, su1, sq0, sq1,
-                 sr0, sr1, SINK, WINDOW, HKV: tl.constexpr, SAMPLE: tl.constexpr, WRITE: tl.constexpr,
-                 SPLIT_: tl.constexpr, BLOCK: tl.constexpr, NSP: tl.constexpr):
-    """One split of the positions of one (sequence, KV head). Exact rows (SAMPLE False): sink,
-    window or picked; else the residual rows with u < prob (both [B, Hkv, S]). Pass 1 (WRITE False) counts them per
-    split; pass 2 writes them, ascending, from the split's offset (the sum of the earlier splits'
-    counts), and split 0 writes the list's length, at most width."""
+def _rows_kernel(picked, scores, u, head, lens, counts, total, rows, aux0, aux1, width, S, NBH,
+                 sp, SINK, WINDOW, FLOOR, HKV: tl.constexpr, MODE: tl.constexpr,
+                 WRITE: tl.constexpr, SPLIT_: tl.constexpr, BLOCK: tl.constexpr,
+                 NSP: tl.constexpr):
+    """One split of the positions of one (sequence, KV head). MODE 0: the exact rows (sink,
+    window or picked). MODE 1: the pilot, residual rows with u0 < pa = min(1, size * pr), pa and
+    pr listed beside (aux0, aux1). MODE 2: the second sample, residual rows with u0 >= pa and
+    u1 < pc = min(1, c * pr), the log weight -log(1 - (1 - pa)(1 - pc)) beside (aux0). The
+    proposal pr = (1 - FLOOR) exp(score * inv_t - lse) + FLOOR / n_r from head [5, NBH]: inv_t,
+    lse, n_r, size, c (reference.proposal). Pass 1 (WRITE False) counts rows per split; pass 2
+    writes them, ascending, from the split's offset (the sum of the earlier splits' counts), and
+    split 0 writes the list's length, at most width. scores, u [2, NBH, S] and the lists
+    [NBH, width] are contiguous."""
     bh = tl.program_id(0).to(tl.int64)
     split, n_splits = tl.program_id(1), tl.num_programs(1)
-    b, h = bh // HKV, bh % HKV
+    b = bh // HKV
     n = tl.load(lens + b)
     start = split * SPLIT_
     end = tl.minimum(start + SPLIT_, n)
+    if MODE > 0:
+        inv_t, lse = tl.load(head + bh), tl.load(head + NBH + bh)
+        floor = FLOOR / tl.maximum(tl.load(head + 2 * NBH + bh), 1.0)
+        size = tl.load(head + 3 * NBH + bh)
+        if MODE == 2:
+            c = tl.load(head + 4 * NBH + bh)
     count = tl.zeros([], tl.int32)
     if WRITE:
         j = tl.arange(0, NSP)
@@ -241,41 +255,165 @@ def _rows_kernel(picked, u, prob, lens, counts, total, rows, width, sp0, sp1, su
         s = s0 + tl.arange(0, BLOCK)
         valid = s < end
         keep = valid & ((s < SINK) | (s >= n - WINDOW))
-        keep |= valid & (tl.load(picked + b * sp0 + h * sp1 + s, mask=valid, other=0) != 0)
-        if SAMPLE:
-            x = tl.load(u + b * su0 + h * su1 + s, mask=valid, other=1.0)
-            p = tl.load(prob + b * sq0 + h * sq1 + s, mask=valid, other=0.0)
-            keep = valid & ~keep & (x < p)
+        keep |= valid & (tl.load(picked + bh * sp + s, mask=valid, other=0) != 0)
+        if MODE > 0:
+            resid = valid & ~keep
+            x = tl.load(scores + bh * S + s, mask=resid, other=float("-inf"))
+            pr = (1 - FLOOR) * tl.exp(x * inv_t - lse) + floor
+            pa = tl.minimum(size * pr, 1.0)
+            u0 = tl.load(u + bh * S + s, mask=valid, other=1.0)
+            if MODE == 1:
+                keep = resid & (u0 < pa)
+            else:
+                pc = tl.minimum(c * pr, 1.0)
+                u1 = tl.load(u + (NBH + bh) * S + s, mask=valid, other=1.0)
+                keep = resid & (u0 >= pa) & (u1 < pc)
         k = keep.to(tl.int32)
         if WRITE:
             slot = count + tl.cumsum(k, 0) - 1
-            tl.store(rows + b * sr0 + h * sr1 + slot, s.to(tl.int64), mask=keep & (slot < width))
+            out = keep & (slot < width)
+            tl.store(rows + bh * width + slot, s.to(tl.int64), mask=out)
+            if MODE == 1:
+                tl.store(aux0 + bh * width + slot, pa, mask=out)
+                tl.store(aux1 + bh * width + slot, pr, mask=out)
+            if MODE == 2:
+                w = -tl.log(tl.maximum(1 - (1 - pa) * (1 - pc), 1e-30))
+                tl.store(aux0 + bh * width + slot, w, mask=out)
         count += tl.sum(k, 0)
     if not WRITE:
         tl.store(counts + bh * n_splits + split, count)
 
 
 @triton.jit
-def _finish_kernel(m_f, l_f, acc_f, m_s, l_s, acc_s, m, d_f, out, d_hat_out, N,
-                   G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
-    """G of the N = B * Hq query heads: merge the two partials and D_hat (reference.finish).
+def _proposal_kernel(scores, picked, inv_t, stats, S, sp, SPLIT_: tl.constexpr,
+                     BLOCK: tl.constexpr, PASS: tl.constexpr):
+    """One split of one (sequence, KV head)'s residual (finite score, not picked): pass 1 its
+    count, sum and sum of squares; pass 2 (given inv_t) the max and sum of exp(score * inv_t -
+    max). stats [NBH, splits, 3]."""
+    bh = tl.program_id(0).to(tl.int64)
+    split, n_splits = tl.program_id(1), tl.num_programs(1)
+    a = tl.zeros([], tl.float32)
+    b = tl.zeros([], tl.float32)
+    sq = tl.zeros([], tl.float32)
+    mx = tl.full([], float("-inf"), tl.float32)
+    if PASS == 2:
+        it = tl.load(inv_t + bh)
+    for s0 in range(split * SPLIT_, tl.minimum(split * SPLIT_ + SPLIT_, S), BLOCK):
+        s = s0 + tl.arange(0, BLOCK)
+        valid = s < S
+        x = tl.load(scores + bh * S + s, mask=valid, other=float("-inf"))
+        resid = (x > float("-inf")) & (tl.load(picked + bh * sp + s, mask=valid, other=1) == 0)
+        if PASS == 1:
+            a += tl.sum(resid.to(tl.float32), 0)
+            b += tl.sum(tl.where(resid, x, 0.0), 0)
+            sq += tl.sum(tl.where(resid, x * x, 0.0), 0)
+        else:
+            y = tl.where(resid, x * it, float("-inf"))
+            new = tl.maximum(mx, tl.max(y, 0))
+            safe = tl.where(new == float("-inf"), 0.0, new)
+            b = b * tl.exp(mx - safe) + tl.sum(tl.exp(y - safe), 0)
+            mx = new
+    out = stats + (bh * n_splits + split) * 3
+    if PASS == 1:
+        tl.store(out, a)
+        tl.store(out + 1, b)
+        tl.store(out + 2, sq)
+    else:
+        tl.store(out, mx)
+        tl.store(out + 1, b)
+
+
+@triton.jit
+def _budget_kernel(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, m_out, d_f_out, c_out, logw_out,
+                   over_out, W, Z, ZA, EPS, G: tl.constexpr, GP: tl.constexpr,
+                   BW: tl.constexpr):
+    """One (sequence, KV head): reference.pilot_budget. s_b [NBH, G, W]; pa_b, pr_b, logw_out
+    [NBH, W]; the per-head tensors [NBH, G]; count_b, cap, c_out [NBH]."""
+    bh = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, GP)
+    gm = g < G
+    nb = tl.load(count_b + bh).to(tl.float32)
+    lim = tl.load(cap + bh)
+    mf = tl.load(m_f + bh * G + g, mask=gm, other=0.0)  # padding heads: finite, unused
+    lf = tl.load(l_f + bh * G + g, mask=gm, other=0.0)
+    row = s_b + (bh * G + g[:, None]) * W
+    m = mf
+    for w0 in range(0, W, BW):
+        w = w0 + tl.arange(0, BW)
+        x = tl.load(row + w[None, :], mask=gm[:, None] & (w < W)[None, :], other=float("-inf"))
+        m = tl.maximum(m, tl.max(x, 1))
+    d = lf * tl.exp(mf - m)
+    d_f = d
+    a_sum = tl.zeros([GP], tl.float32)
+    for w0 in range(0, W, BW):
+        w = w0 + tl.arange(0, BW)
+        live = w < nb
+        x = tl.exp(tl.load(row + w[None, :], mask=gm[:, None] & (w < W)[None, :],
+                           other=float("-inf")) - m[:, None])
+        pa = tl.load(pa_b + bh * W + w, mask=live, other=1.0)
+        pr = tl.load(pr_b + bh * W + w, mask=live, other=1.0)
+        e = tl.where(live[None, :], x / tl.maximum(pa, 1e-30)[None, :], 0.0)
+        d += tl.sum(e, 1)
+        a_sum += tl.sum(e * x / tl.maximum(pr, 1e-30)[None, :], 1)
+    infl = _chi2_factor(nb, ZA)
+    c_head = infl * a_sum / tl.maximum((EPS * d / Z) * (EPS * d / Z), 1e-30)
+    c_head = tl.where(nb >= 2, c_head, float("inf"))
+    c = tl.minimum(tl.max(tl.where(gm, c_head, float("-inf")), 0), lim)
+    tl.store(m_out + bh * G + g, m, mask=gm)
+    tl.store(d_f_out + bh * G + g, d_f, mask=gm)
+    tl.store(over_out + bh * G + g, tl.where(c_head > c * (1 + 1e-4), 1.0, 0.0), mask=gm)
+    tl.store(c_out + bh, c)
+    infl1 = _chi2_factor(nb - 1, ZA)  # the budget without one pilot row: its own terms out
+    for w0 in range(0, W, BW):
+        w = w0 + tl.arange(0, BW)
+        live = w < nb
+        x = tl.exp(tl.load(row + w[None, :], mask=gm[:, None] & (w < W)[None, :],
+                           other=float("-inf")) - m[:, None])
+        pa = tl.load(pa_b + bh * W + w, mask=live, other=1.0)
+        pr = tl.load(pr_b + bh * W + w, mask=live, other=1.0)
+        e = x / tl.maximum(pa, 1e-30)[None, :]
+        a = e * x / tl.maximum(pr, 1e-30)[None, :]
+        d_loo = tl.maximum(d[:, None] - e, 0.0)
+        c_loo = infl1 * (a_sum[:, None] - a) / tl.maximum(
+            (EPS * d_loo / Z) * (EPS * d_loo / Z), 1e-30)
+        c_loo = tl.where(nb - 1 >= 2, c_loo, float("inf"))
+        c_loo = tl.minimum(tl.max(tl.where(gm[:, None], c_loo, float("-inf")), 0), lim)
+        pi = 1 - (1 - pa) * (1 - tl.minimum(c_loo * pr, 1.0))
+        tl.store(logw_out + bh * W + w, -tl.log(tl.maximum(pi, 1e-30)), mask=w < W)
+
+
+@triton.jit
+def _chi2_factor(n, ZA):
+    """reference.sigma_upper_factor(n, alpha) squared (ZA = its normal quantile)."""
+    k = tl.maximum(n - 1, 1.0)
+    c = 1 - 2 / (9 * k) + ZA * tl.sqrt(2 / (9 * k))
+    return k / tl.maximum(k * c * c * c, 1e-3)
+
+
+@triton.jit
+def _finish_kernel(m_f, l_f, acc_f, m_b, l_b, acc_b, m_s, l_s, acc_s, m, d_f, out, d_hat_out,
+                   N, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+    """G of the N = B * Hq query heads: merge the three partials and D_hat (reference.finish).
     Per-head tensors [N], acc and out [N, D]."""
     g, d = tl.arange(0, G), tl.arange(0, DP)
     h = tl.program_id(0).to(tl.int64) * G + g
     gm = h < N
     gd = gm[:, None] & (d < D)[None, :]
     mf = tl.load(m_f + h, mask=gm, other=0.0)  # padding heads: finite, unused
+    mb = tl.load(m_b + h, mask=gm, other=float("-inf"))
     ms = tl.load(m_s + h, mask=gm, other=float("-inf"))
     lf = tl.load(l_f + h, mask=gm, other=1.0)
+    lb = tl.load(l_b + h, mask=gm, other=0.0)
     ls = tl.load(l_s + h, mask=gm, other=0.0)
-    top = tl.maximum(tl.maximum(mf, ms), -3.4028234663852886e38)
-    cf, cs = tl.exp(mf - top), tl.exp(ms - top)
-    af = tl.load(acc_f + h[:, None] * D + d[None, :], mask=gd, other=0.0)
-    a_s = tl.load(acc_s + h[:, None] * D + d[None, :], mask=gd, other=0.0)
-    o = (af * cf[:, None] + a_s * cs[:, None]) / (lf * cf + ls * cs)[:, None]
-    tl.store(out + h[:, None] * D + d[None, :], o, mask=gd)
-    d_hat = tl.load(d_f + h, mask=gm, other=1.0) + ls * tl.exp(ms - tl.load(m + h, mask=gm,
-                                                                             other=0.0))
+    top = tl.maximum(tl.maximum(tl.maximum(mf, mb), ms), -3.4028234663852886e38)
+    cf, cb, cs = tl.exp(mf - top), tl.exp(mb - top), tl.exp(ms - top)
+    o = tl.load(acc_f + h[:, None] * D + d[None, :], mask=gd, other=0.0) * cf[:, None]
+    o += tl.load(acc_b + h[:, None] * D + d[None, :], mask=gd, other=0.0) * cb[:, None]
+    o += tl.load(acc_s + h[:, None] * D + d[None, :], mask=gd, other=0.0) * cs[:, None]
+    tl.store(out + h[:, None] * D + d[None, :], o / (lf * cf + lb * cb + ls * cs)[:, None],
+             mask=gd)
+    mh = tl.load(m + h, mask=gm, other=0.0)
+    d_hat = tl.load(d_f + h, mask=gm, other=1.0) + lb * tl.exp(mb - mh) + ls * tl.exp(ms - mh)
     tl.store(d_hat_out + h, d_hat, mask=gm)
 
 
@@ -340,47 +478,97 @@ def hash_scores(q: torch.Tensor, planes: torch.Tensor, sig: torch.Tensor,
     return out
 
 
-def _select(picked, u, prob, context_lens, sink: int, window: int, width: int, S: int):
+def _select(mode: int, picked, context_lens, sink: int, window: int, width: int, S: int,
+            scores=None, u=None, head=None):
+    """Row lists [B, Hkv, width] and counts [B, Hkv] (see _rows_kernel), and the lists beside."""
     assert picked.dtype == torch.int8 and picked.stride(-1) == 1 and picked.shape[-1] >= S
     B, Hkv, dev = len(context_lens), picked.shape[1], context_lens.device
     n_splits = max(1, triton.cdiv(S, SPLIT))
     counts = torch.empty(B, Hkv, n_splits, dtype=torch.int32, device=dev)
     total = torch.empty(B, Hkv, dtype=torch.long, device=dev)
     rows = torch.empty(B, Hkv, width, dtype=torch.long, device=dev)
-    su = u.stride()[:2] if u is not None else (0, 0)
-    sq = prob.stride()[:2] if prob is not None else (0, 0)
+    aux = [torch.empty(B, Hkv, width, dtype=torch.float32, device=dev)
+           for _ in range((0, 2, 1)[mode])]  # pilot: pa, pr; second sample: log weights
+    if mode:
+        assert scores.is_contiguous() and u.is_contiguous() and u.shape == (2, B, Hkv, S)
+    dummy = counts
     for write in (False, True):
         _rows_kernel[(B * Hkv, n_splits)](
-            picked, u if u is not None else counts, prob if prob is not None else counts,
-            context_lens, counts, total, rows, width, *picked.stride()[:2], *su, *sq,
-            *rows.stride()[:2], sink, window, Hkv, u is not None, write, SPLIT, BLOCK_SEL,
+            picked, scores if mode else dummy, u if mode else dummy, head if mode else dummy,
+            context_lens, counts, total, rows, *(aux + [dummy, dummy])[:2], width, S, B * Hkv,
+            picked.stride(1), sink, window, PROPOSAL_FLOOR, Hkv, mode, write, SPLIT, BLOCK_SEL,
             _p2(n_splits, 1))
-    return rows, total
+    return rows, total, *aux
 
 
 def exact_rows(picked, context_lens, S: int, sink: int, window: int, width: int):
     """Row lists [B, Hkv, width] of sink, window and picked rows, counts [B, Hkv] (reference)."""
-    return _select(picked, None, None, context_lens, sink, window, width, S)
+    return _select(0, picked, context_lens, sink, window, width, S)
 
 
-def sample_rows(picked, u, prob, context_lens, sink: int, window: int, width: int):
-    """A Poisson sample of the residual rows: lists [B, Hkv, width], counts (see reference)."""
-    assert u.stride(-1) == 1
-    prob = prob.float()
-    if prob.stride(-1) != 1:
-        prob = prob.contiguous()
-    return _select(picked, u, prob, context_lens, sink, window, width, u.shape[2])
+def _head(prop, size, c=None) -> torch.Tensor:
+    scores, inv_t, lse, n_r = prop
+    cols = [inv_t, lse, n_r, size, c if c is not None else size]
+    return torch.stack([x.float().reshape(-1) for x in cols])
 
 
-def finish(part_f, part_s, m, d_f):
-    """Output and D_hat from the two partials, one program per group (reference.finish)."""
-    (m_f, l_f, acc_f), (m_s, l_s, acc_s) = part_f, part_s
-    B, Hq, D = acc_f.shape
+def pilot_rows(picked, u, prop, size, context_lens, sink: int, window: int, width: int):
+    """The pilot's lists, counts, pa and pr (reference.pilot_rows)."""
+    return _select(1, picked, context_lens, sink, window, width, u.shape[-1], prop[0], u,
+                   _head(prop, size))
+
+
+def second_rows(picked, u, prop, size, c, context_lens, sink: int, window: int, width: int):
+    """The second sample's lists, counts and log weights (reference.second_rows)."""
+    return _select(2, picked, context_lens, sink, window, width, u.shape[-1], prop[0], u,
+                   _head(prop, size, c))
+
+
+def proposal_params(scores: torch.Tensor, picked: torch.Tensor):
+    """inv_t and lse [B, Hkv] of the residual's hash scores (reference.proposal_params): two
+    passes over splits of the positions, the splits' partials combined by torch."""
+    B, Hkv, S = scores.shape
+    assert scores.is_contiguous()
+    n_splits = max(1, triton.cdiv(S, SPLIT))
+    stats = torch.empty(B * Hkv, n_splits, 3, dtype=torch.float32, device=scores.device)
+    grid = (B * Hkv, n_splits)
+    _proposal_kernel[grid](scores, picked, stats, stats, S, picked.stride(1), SPLIT, BLOCK_SEL, 1)
+    n, total, sq = stats.sum(1).unbind(-1)
+    n = n.clamp(min=1)
+    var = (sq / n - (total / n) ** 2).clamp(min=0)
+    inv_t = (1 / (PROPOSAL_TEMPERATURE * var.sqrt().clamp(min=1e-6))).contiguous()
+    _proposal_kernel[grid](scores, picked, inv_t, stats, S, picked.stride(1), SPLIT, BLOCK_SEL, 2)
+    mx, se = stats[..., 0], stats[..., 1]
+    top = mx.amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)
+    lse = top[:, 0] + torch.log((se * torch.exp(mx - top)).sum(-1))
+    return inv_t.view(B, Hkv), lse.view(B, Hkv)
+
+
+def pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, epsilon: float, delta: float):
+    """The second sample's size from the pilot, one program per group (reference.pilot_budget)."""
+    B, Hq, W = s_b.shape
+    Hkv = count_b.shape[1]
+    G = Hq // Hkv
+    dev = s_b.device
+    m, d_f, over = (torch.empty(B, Hq, dtype=torch.float32, device=dev) for _ in range(3))
+    c = torch.empty(B, Hkv, dtype=torch.float32, device=dev)
+    logw = torch.empty(B, Hkv, W, dtype=torch.float32, device=dev)
+    _budget_kernel[(B * Hkv,)](
+        s_b.contiguous(), count_b.contiguous(), pa_b.contiguous(), pr_b.contiguous(),
+        m_f.contiguous(), l_f.contiguous(), cap.float().contiguous(), m, d_f, c, logw, over, W,
+        sample_z(delta), NormalDist().inv_cdf(delta / 2), epsilon, G, _p2(G, 1), 256)
+    return m, d_f, c, logw, over
+
+
+def finish(part_f, part_b, part_s, m, d_f):
+    """Output and D_hat from the three partials (reference.finish)."""
+    B, Hq, D = part_f[2].shape
     G = 4  # query heads per program
-    out = torch.empty(B, Hq, D, dtype=torch.float32, device=acc_f.device)
+    out = torch.empty(B, Hq, D, dtype=torch.float32, device=m.device)
     d_hat = torch.empty_like(m)
-    c = [t.contiguous() for t in (m_f, l_f, acc_f, m_s, l_s, acc_s, m, d_f)]
-    _finish_kernel[(triton.cdiv(B * Hq, G),)](*c, out, d_hat, B * Hq, G, D, _p2(D, 1))
+    c = [t.contiguous() for part in (part_f, part_b, part_s) for t in part]
+    _finish_kernel[(triton.cdiv(B * Hq, G),)](*c, m.contiguous(), d_f.contiguous(), out, d_hat,
+                                              B * Hq, G, D, _p2(D, 1))
     return out, d_hat
 
 
