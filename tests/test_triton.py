@@ -111,6 +111,12 @@ def test_kernels_match_reference(Hkv, G, D, P):
                     reference.partial_attention, (rows, counts, w, scale),
                     triton_gpu.partial_attention(q, kp, vp, bt, rd, cd, wd, scale, chunk=128),
                     rtol=1e-4)
+        # given the rows' scores, K is not read: a pool of NaN keys gives the same answer
+        s = triton_gpu.row_scores(q, kp, bt, rd, cd, scale)
+        compare("partial_attention from scores", reference.partial_attention,
+                (rows, counts, logw, scale),
+                triton_gpu.partial_attention(q, torch.full_like(kp, math.nan), vp, bt, rd, cd,
+                                             logw.to(DEV), scale, scores=s, chunk=128), rtol=1e-4)
 
 
 def selection_problem(S: int):

@@ -122,10 +122,10 @@ def vattention_decode(
         width_s = sample_width(cfg.max_sample * S, S)
     rows_s, count_s, logw_s = kernels.second_rows(picked, u, prop, size, c, context_lens,
                                                   cfg.sink, cfg.window, width_s)
-    part_b, part_s = (kernels.partial_attention(q, k_pool, v_pool, block_tables, rows, count,
-                                                logw, scale, resident)
-                      for rows, count, logw in ((rows_b, count_b, logw_b),
-                                                (rows_s, count_s, logw_s)))
+    part_b = kernels.partial_attention(q, k_pool, v_pool, block_tables, rows_b, count_b, logw_b,
+                                       scale, resident, scores=s_b)  # reads V only
+    part_s = kernels.partial_attention(q, k_pool, v_pool, block_tables, rows_s, count_s, logw_s,
+                                       scale, resident)
     out, d_hat = kernels.finish((m_f, l_f, acc_f), part_b, part_s, m, d_f)
     density = (count_f + count_b + count_s).float() / n.float()
     return DecodeResult(out.to(q.dtype), m, d_hat, density, over_eps)

@@ -12,6 +12,7 @@ import numba as nb
 import numpy as np
 import torch
 
+from vengine.kernels import reference
 from vengine.kernels.reference import (  # noqa: F401  (re-export: selection and statistics are
     _BYTE_SIGNS,  # vectorised torch over whole tensors)
     exact_rows,
@@ -125,7 +126,11 @@ def row_scores(q, k_pool, block_tables, rows, counts, scale, resident=None):
     return out
 
 
-def partial_attention(q, k_pool, v_pool, block_tables, rows, counts, logw, scale, resident=None):
+def partial_attention(q, k_pool, v_pool, block_tables, rows, counts, logw, scale, resident=None,
+                      scores=None):
+    if scores is not None:  # the pilot: its scores are known, the reference reads V only
+        return reference.partial_attention(q, k_pool, v_pool, block_tables, rows, counts, logw,
+                                           scale, scores=scores)
     B, Hq, D = q.shape
     m, l, acc = torch.empty(B, Hq), torch.empty(B, Hq), torch.empty(B, Hq, D)
     w = _np(logw.float()) if logw is not None else np.zeros((1, 1, 1), np.float32)

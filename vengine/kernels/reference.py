@@ -212,15 +212,18 @@ def row_scores(q, k_pool, block_tables, rows, counts, scale: float, resident=Non
 
 
 def partial_attention(q, k_pool, v_pool, block_tables, rows, counts, logw, scale: float,
-                      resident=None):
-    """Softmax attention over the listed rows with score bias logw, left unnormalised.
+                      resident=None, scores=None):
+    """Softmax attention over the listed rows with score bias logw, left unnormalised; scores:
+    the rows' row_scores when known (the kernels then skip reading K).
 
     Returns m [B, Hq] (row max of biased scores), l [B, Hq] (sum of exp(s - m)) and
     acc [B, Hq, D] (sum of exp(s - m) v), all float32; an empty list gives m=-inf, l=0, acc=0.
     """
     B, Hq, D = q.shape
     Hkv = rows.shape[1]
-    s = row_scores(q, k_pool, block_tables, rows, counts, scale).view(B, Hkv, Hq // Hkv, -1)
+    if scores is None:
+        scores = row_scores(q, k_pool, block_tables, rows, counts, scale)
+    s = scores.view(B, Hkv, Hq // Hkv, -1)
     if logw is not None:
         s = s + logw[:, :, None].float()
     m = s.amax(-1)

@@ -160,11 +160,12 @@ def _row_kernel(q, k_pool, k_hot, slot_of, tables, rows, counts, out, scale, R, 
 
 
 @triton.jit
-def _attn_kernel(q, k_pool, v_pool, k_hot, v_hot, slot_of, tables, rows, counts, logw, m_out,
-                 l_out, acc_out, scale, st0, sr0, sr1, sw0, sw1, sw2, sk0, sk1, sk2, sv0, sv1, sv2,
-                 HKV: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
+def _attn_kernel(q, k_pool, v_pool, k_hot, v_hot, slot_of, tables, rows, counts, logw, scores,
+                 m_out, l_out, acc_out, scale, R, st0, sr0, sr1, sw0, sw1, sw2, sk0, sk1, sk2, sv0,
+                 sv1, sv2, HKV: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
                  GP: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, CHUNK_: tl.constexpr,
-                 HAS_W: tl.constexpr, HOT: tl.constexpr, INTERPRET: tl.constexpr):
+                 HAS_W: tl.constexpr, HAS_S: tl.constexpr, HOT: tl.constexpr,
+                 INTERPRET: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     split, n_splits = tl.program_id(1), tl.num_programs(1)
     b, h = bh // HKV, bh % HKV
@@ -178,9 +179,14 @@ def _attn_kernel(q, k_pool, v_pool, k_hot, v_hot, slot_of, tables, rows, counts,
         i = r0 + tl.arange(0, BLOCK)
         live = i < end
         row_ptr = rows + b * sr0 + h * sr1 + i
-        k = _load_rows(k_pool, k_hot, slot_of, tables, row_ptr, live, b, h, st0, sk0, sk1, sk2,
-                       P, D, DP, HOT)
-        s = _mma(qt, tl.trans(k), INTERPRET) * scale  # [GP, BLOCK]
+        if HAS_S:  # the rows' scores are known (row_scores): K is not read again
+            g = tl.arange(0, GP)
+            s = tl.load(scores + (bh * G + g[:, None]) * R + i[None, :],
+                        mask=(g[:, None] < G) & live[None, :], other=float("-inf"))
+        else:
+            k = _load_rows(k_pool, k_hot, slot_of, tables, row_ptr, live, b, h, st0, sk0, sk1,
+                           sk2, P, D, DP, HOT)
+            s = _mma(qt, tl.trans(k), INTERPRET) * scale  # [GP, BLOCK]
         if HAS_W:
             w = tl.load(logw + b * sw0 + h * sw1 + i * sw2, mask=live, other=0.0)
             s += w.to(tl.float32)[None, :]
@@ -595,9 +601,11 @@ def row_scores(q: torch.Tensor, k_pool: torch.Tensor, block_tables: torch.Tensor
 def partial_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                       block_tables: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor,
                       logw: torch.Tensor | None, scale: float, resident: tuple | None = None,
+                      scores: torch.Tensor | None = None,
                       chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unnormalised softmax attention over the listed rows, scores biased by logw [B, Hkv, R];
-    rows of pages with a GPU copy (resident: ResidentPages.layer) are read from the copy.
+    rows of pages with a GPU copy (resident: ResidentPages.layer) are read from the copy; given
+    scores (row_scores of the same rows), K is not read.
 
     Returns m [B, Hq], l [B, Hq], acc [B, Hq, D] (f32; see reference.partial_attention). Each of
     cdiv(R, chunk) splits per (sequence, KV head) handles chunk consecutive list entries.
@@ -617,11 +625,11 @@ def partial_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     sw = logw.stride() if logw is not None else (0, 0, 0)
     slot_of, k_hot, v_hot = _resident(resident, k_pool, v_pool)
     _attn_kernel[(B * Hkv, n_splits)](
-        q.contiguous(), k_pool, v_pool, k_hot, v_hot, slot_of, block_tables, rows, counts, w, m,
-        l, acc, scale,
+        q.contiguous(), k_pool, v_pool, k_hot, v_hot, slot_of, block_tables, rows, counts, w,
+        scores if scores is not None else m, m, l, acc, scale, R,
         block_tables.stride(0), rows.stride(0), rows.stride(1), *sw, *k_pool.stride()[:3],
         *v_pool.stride()[:3], Hkv, G, P, D, _p2(G), _p2(D), min(BLOCK_R, chunk), chunk,
-        logw is not None, resident is not None, _INTERPRET)
+        logw is not None, scores is not None, resident is not None, _INTERPRET)
     if n_splits == 1:
         return m[..., 0], l[..., 0], acc[..., 0, :]
     m_all, l_all = torch.empty(B, Hq, dtype=torch.float32, device=dev), torch.empty_like(m[..., 0])
