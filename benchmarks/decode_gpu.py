@@ -221,12 +221,12 @@ class RecordingKernels:
         return getattr(triton_gpu, name)
 
     def row_scores(self, *args):
-        self.calls.append((triton_gpu.row_scores, args))
+        self.calls.append((triton_gpu.row_scores, args, {}))
         return triton_gpu.row_scores(*args)
 
-    def partial_attention(self, *args):
-        self.calls.append((triton_gpu.partial_attention, args))
-        return triton_gpu.partial_attention(*args)
+    def partial_attention(self, *args, **kwargs):
+        self.calls.append((triton_gpu.partial_attention, args, kwargs))
+        return triton_gpu.partial_attention(*args, **kwargs)
 
 
 def gpu_ms(replay, repeats: int = 20) -> float:
@@ -277,14 +277,15 @@ def layer_split(cfg: ModelConfig, backend: VAttentionBackend, tables, B: int,
     recorder = RecordingKernels()
     layer(recorder)
     layer_ms = gpu_ms(graphed(lambda: layer(triton_gpu), gen))
-    fetch_ms = gpu_ms(graphed(lambda: [fn(*args) for fn, args in recorder.calls]))
-    rows_k = sum(host_rows(backend, tables, a[3], a[4]) for fn, a in recorder.calls
-                 if fn is triton_gpu.row_scores)
-    rows_kv = sum(host_rows(backend, tables, a[4], a[5]) for fn, a in recorder.calls
-                  if fn is not triton_gpu.row_scores)
-    row_bytes = cfg.head_dim * DTYPE.itemsize
+    fetch_ms = gpu_ms(graphed(lambda: [fn(*a, **kw) for fn, a, kw in recorder.calls]))
+    rows = 0  # K or V rows read over PCIe: row_scores reads K, partial_attention K and V (only V
+    for fn, a, kw in recorder.calls:  # when given the rows' scores)
+        if fn is triton_gpu.row_scores:
+            rows += host_rows(backend, tables, a[3], a[4])
+        else:
+            rows += host_rows(backend, tables, a[4], a[5]) * (1 if "scores" in kw else 2)
     return {"layer_ms": layer_ms, "fetch_ms": fetch_ms,
-            "layer_bytes": (2 * rows_kv + rows_k) * row_bytes}
+            "layer_bytes": rows * cfg.head_dim * DTYPE.itemsize}
 
 
 def profile_layer(cfg: ModelConfig, backend: VAttentionBackend, tables, context: int) -> str:
