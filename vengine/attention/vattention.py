@@ -114,6 +114,8 @@ def vattention_decode(
     most = n_r / PROPOSAL_FLOOR if cfg.max_sample is None else cfg.max_sample * n.float()
     m, d_f, c, logw_b, over_eps = kernels.pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, most,
                                                        cfg.epsilon, cfg.delta)
+    # a head over its budget with every row in (c >= n_R / f) has no error to certify
+    over_eps = over_eps * (c < n_r / PROPOSAL_FLOOR).repeat_interleave(G, 1)
 
     # 4. the second sample, from the rows outside the pilot; the estimate is Horvitz-Thompson
     # over the union: each row weighted by the inverse of its inclusion probability
