@@ -21,8 +21,8 @@ class VAttention:
     hash_bits: bits of the per-token key signature used to predict the top-k.
     seed: seed of the sampler (None: a random one per engine).
     max_sample: cap on the expected size of the sample beyond the pilot, a fraction of the context
-        (None: as large as the CLT asks). It bounds each step's PCIe bytes; where it binds epsilon is not guaranteed, and the
-        certificate (Completion.stats) counts those heads.
+        (None: as large as the CLT asks). It bounds each step's PCIe bytes; where it binds
+        epsilon is not guaranteed, and the certificate (Completion.stats) counts those heads.
     """
 
     epsilon: float = 0.05

@@ -5,8 +5,9 @@ block_tables [B, max_pages]; rows [B, Hkv, R] token positions (only the first co
 valid); logw [B, Hkv, R] log importance weights; key signatures sig [pages, Hkv, P, nbytes] uint8,
 paged like the pool (S = max_pages * P positions per sequence).
 The query heads of a GQA group (Hq // Hkv of them) read the same rows.
-Row selection: picked [B, Hkv, >= S] int8 marks each group's predicted top-k;
-u [B, Hkv, S] uniform draws; context_lens [B].
+Row selection: picked [B, Hkv, >= S] int8 marks each group's predicted top-k; u [2, B, Hkv, S]
+uniform draws (the pilot's, the second sample's); context_lens [B]; prop = (scores, inv_t, lse,
+n_r), the sampling proposal (proposal_params).
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@ Why: on the GPU the K/V pool may live in pinned host memory read through a UVA v
 (vengine.offload.uva), so every byte a kernel reads is PCIe traffic. Each program therefore owns
 one (sequence, KV head) and reads each selected K/V row once for all G = Hq / Hkv query heads of
 the GQA group (the group is padded to >= 16 rows so tl.dot applies). Row lists are sorted
-ascending by construction (exact_rows, sample_rows), which keeps the reads sequential-ish. Long row
-lists are split over programs flash-decoding style: each split writes unnormalised online-softmax
-partials and a second kernel combines the splits. The number of splits comes from the padded
-row-buffer width R (a host int), so no host sync on the counts is needed; splits past a list's
-count are empty.
+ascending by construction (exact_rows, pilot_rows, second_rows), which keeps the reads
+sequential-ish. Long row lists are split over programs flash-decoding style: each split writes
+unnormalised online-softmax partials and a second kernel combines the splits. The number of splits
+comes from the padded row-buffer width R (a host int), so no host sync on the counts is needed;
+splits past a list's count are empty.
 
 Inputs may be float32, bfloat16 or float16; outputs are float32. The dots run on tensor cores
 to about float32 accuracy (_mma): decode is bound by memory (or PCIe), not by these few MMAs.
@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vengine.kernels.reference import (PROPOSAL_FLOOR, PROPOSAL_TEMPERATURE, byte_signs,  # noqa: F401
-                                       pack_signatures, sample_z)
+from vengine.kernels.reference import (  # noqa: F401  (byte_signs, pack_signatures: re-exports)
+    PROPOSAL_FLOOR, PROPOSAL_TEMPERATURE, byte_signs, pack_signatures, sample_z)
 
 CHUNK = 256  # rows per partial_attention program (one flash-decoding split)
 BLOCK_R = 64  # rows per inner step
