@@ -513,7 +513,8 @@ def exact_rows(picked, context_lens, S: int, sink: int, window: int, width: int)
 
 
 def _head(prop, size, c=None) -> torch.Tensor:
-    scores, inv_t, lse, n_r = prop
+    """_rows_kernel's per-head numbers [5, B * Hkv]: inv_t, lse, n_r, size, c (pilot: unused)."""
+    _, inv_t, lse, n_r = prop
     cols = [inv_t, lse, n_r, size, c if c is not None else size]
     return torch.stack([x.float().reshape(-1) for x in cols])
 
