@@ -19,6 +19,7 @@ import re
 import torch
 
 from vengine.errors import ConfigError, HostMemoryError
+from vengine.kernels.reference import paged_rows
 from vengine.offload.uva import uva_view
 
 _SIDE_STREAM_ROWS = 1024  # writes of at least this many tokens go on the side stream
@@ -150,9 +151,8 @@ class KVPool:
         """block_tables: [B, n] -> K, V: [B, kv_heads, n * page_size, D] (padding pages included),
         on the compute device."""
         self.wait_writes()
-        k, v = self.k_view[layer, block_tables], self.v_view[layer, block_tables]  # [B, n, H, P, D]
-        B, n, H, P, D = k.shape
-        return (k.transpose(1, 2).reshape(B, H, n * P, D), v.transpose(1, 2).reshape(B, H, n * P, D))
+        return paged_rows(self.k_view[layer], block_tables), paged_rows(self.v_view[layer],
+                                                                          block_tables)
 
 
 class SignaturePool:
