@@ -165,6 +165,28 @@ def test_row_selection_matches_reference(S, width):
                     torch.testing.assert_close(a_t[b, h, :k], a[b, h, :k], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("S,k_max", [(300, 40), (9000, 700)])
+def test_pick_top_matches_reference(S, k_max):
+    """Each sequence's k_rows best finite scores, as the reference's sorted top-k picks them:
+    k_rows below k_max, equal to it, above the finite candidates, and 0; with tied scores,
+    exactly k_rows, none below a row left out."""
+    _, scores, _, _ = selection_problem(S)
+    scores = torch.cat([scores, scores[:1]])
+    k_rows = torch.tensor([k_max // 2, k_max, k_max, 0])  # the third has 0 finite scores
+    ref = reference.pick_top(scores, k_max, k_rows)
+    tri = triton_gpu.pick_top(scores.to(DEV), k_max, k_rows.to(DEV)).cpu()
+    assert torch.equal(tri[..., :S], ref[..., :S])
+    assert ref[0, :, :S].sum(-1).tolist() == [k_max // 2] * 2 and ref[2, :, :S].sum() == 0
+
+    ties = (scores / 20).round()  # a few distinct values: the k-th largest is tied
+    tri = triton_gpu.pick_top(ties.to(DEV), k_max, k_rows.to(DEV)).cpu()[..., :S].bool()
+    finite = ties > float("-inf")
+    assert torch.equal(tri.sum(-1), torch.minimum(k_rows[:, None], finite.sum(-1)))
+    low = ties.masked_fill(~tri, float("inf")).amin(-1)  # the lowest picked
+    high = ties.masked_fill(tri | ~finite, float("-inf")).amax(-1)  # the highest not picked
+    assert (low >= high).all()
+
+
 @pytest.mark.parametrize("G,W", [(1, 40), (4, 300), (3, 700)])
 def test_budget_and_finish_match_reference(G, W):
     """pilot_budget and finish against the reference, pilot sizes 0, 1, 2 and larger included,
@@ -179,8 +201,11 @@ def test_budget_and_finish_match_reference(G, W):
     pa_b = torch.clamp(pr_b * 300, max=1.0)
     m_f, l_f = torch.randn(B, Hq, generator=g), torch.rand(B, Hq, generator=g) * 20 + 1
     cap = torch.tensor([[5000.0, 1e12], [1e12, 80.0], [1e12, 1e12]])
-    args = (s_b, count_b, pa_b, pr_b, m_f, l_f, cap, 0.05, 0.1)
+    n_r = torch.tensor([[1e6, 1e6], [1e6, 8.0], [1e6, 1e6]])  # (1, 1): the cap takes every row
+    args = (s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, 0.05, 0.1)
     ref = reference.pilot_budget(*args)
+    uncapped = reference.pilot_budget(*args[:7], n_r.clamp(min=1e6), *args[8:])[4]
+    assert not torch.equal(uncapped, ref[4])  # a head over its cap with every row in: certified
     tri = triton_gpu.pilot_budget(*(a.to(DEV) if torch.is_tensor(a) else a for a in args))
     live = torch.arange(W) < count_b[..., None]
     for name, r, t in zip(("m", "d_f", "c", "logw_b", "over_eps"), ref, tri):

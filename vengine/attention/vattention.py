@@ -19,6 +19,8 @@ Prefill is exact attention; it writes the K/V rows and their signatures.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -43,6 +45,30 @@ class DecodeResult:
     d_hat: torch.Tensor  # [B, Hq] estimated denominator, at exp(-log_scale)
     density: torch.Tensor  # [B, Hkv] attended rows / context length
     over_eps: torch.Tensor  # [B, Hq] predicted relative error of D_hat above epsilon (0/1)
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def beside(device: torch.device):
+    """Work issued inside runs on a side stream, after the current stream's work so far, and
+    beside what the current stream is given next, until join(device). Why: the selection's small
+    kernels leave the GPU idle while the fetch waits on PCIe. Works in CUDA graph capture (a
+    fork and join); off the GPU, a no-op. Tensors crossing streams stay alive until join: the
+    caller joins before it returns."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    side = _side_stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    return torch.cuda.stream(side)
+
+
+def join(device: torch.device) -> None:
+    """The current stream waits for the work issued beside it."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).wait_stream(_side_stream(device))
 
 
 def sample_width(expected: float, S: int) -> int:
@@ -78,56 +104,55 @@ def vattention_decode(
     scale = 1.0 / math.sqrt(D)
     n = context_lens[:, None]
 
-    # 1. the group's predicted top-k: picked [B, Hkv, S + 1] (column S takes the picks past a
-    # sequence's own k); the hash scores of the rest make the sampling proposal
+    # 1. the group's predicted top-k: picked [B, Hkv, S + 1] (column S is scratch); the hash
+    # scores of the rest make the sampling proposal
     k_max = min(cfg.top_k_rows(S), max(S - cfg.sink - cfg.window, 0))
-    picked = torch.zeros(B, Hkv, S + 1, dtype=torch.int8, device=dev)
     q_group = q.float().view(B, Hkv, G, D).sum(2)
     scores = kernels.hash_scores(q_group, planes, sig, block_tables, cfg.sink,
                                  context_lens - cfg.window)  # -inf at sink and window
-    if k_max > 0:
-        k_rows = torch.minimum(cfg.top_k_rows(context_lens), context_lens - cfg.sink - cfg.window)
-        top = scores.topk(k_max, dim=-1).indices  # [B, Hkv, k_max], sorted: keep takes the best
-        keep = torch.arange(k_max, device=dev) < k_rows[:, None, None]
-        picked.scatter_(-1, torch.where(keep, top, S), 1)
+    picked = kernels.pick_top(scores, k_max, cfg.top_k_rows(context_lens))
     exact_width = min(S, cfg.sink + cfg.window + k_max)
     rows_f, count_f = kernels.exact_rows(picked, context_lens, S, cfg.sink, cfg.window,
                                          exact_width)
+    n_r = (n - count_f).float()  # [B, Hkv]
+
+    # 2. the pilot: a Poisson sample of the residual, row i with probability
+    # min(1, size * pr_i) (pr: the proposal, kernels.proposal_params), E|pilot| <= size;
+    # selected and its K read while the exact rows are fetched
+    with beside(dev):
+        prop = (scores, *kernels.proposal_params(scores, picked), n_r)
+        u = torch.rand(2, B, Hkv, S, device=dev, generator=generator)
+        size = torch.clamp(cfg.base_rate * n_r, min=MIN_BASE)
+        width_b = sample_width(cfg.base_rate * S + MIN_BASE, S)
+        rows_b, count_b, pa_b, pr_b = kernels.pilot_rows(picked, u, prop, size, context_lens,
+                                                         cfg.sink, cfg.window, width_b)
+        s_b = kernels.row_scores(q, k_pool, block_tables, rows_b, count_b, scale,
+                                 resident)  # [B, Hq, width_b]
     m_f, l_f, acc_f = kernels.partial_attention(
         q, k_pool, v_pool, block_tables, rows_f, count_f, None, scale, resident
     )
-
-    # 2. the pilot: a Poisson sample of the residual, row i with probability
-    # min(1, size * pr_i) (pr: the proposal, kernels.proposal_params), E|pilot| <= size
-    n_r = (n - count_f).float()  # [B, Hkv]
-    prop = (scores, *kernels.proposal_params(scores, picked), n_r)
-    u = torch.rand(2, B, Hkv, S, device=dev, generator=generator)
-    size = torch.clamp(cfg.base_rate * n_r, min=MIN_BASE)
-    width_b = sample_width(cfg.base_rate * S + MIN_BASE, S)
-    rows_b, count_b, pa_b, pr_b = kernels.pilot_rows(picked, u, prop, size, context_lens,
-                                                     cfg.sink, cfg.window, width_b)
-    s_b = kernels.row_scores(q, k_pool, block_tables, rows_b, count_b, scale,
-                             resident)  # [B, Hq, width_b]
+    join(dev)
 
     # 3. the second sample's size c per group (kernels.pilot_budget); with c at its cap every
     # row is in (c * pr >= c * PROPOSAL_FLOOR / n_R)
     most = n_r / PROPOSAL_FLOOR if cfg.max_sample is None else cfg.max_sample * n.float()
     m, d_f, c, logw_b, over_eps = kernels.pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, most,
-                                                       cfg.epsilon, cfg.delta)
-    # a head over its budget with every row in (c >= n_R / f) has no error to certify
-    over_eps = over_eps * (c < n_r / PROPOSAL_FLOOR).repeat_interleave(G, 1)
+                                                       n_r, cfg.epsilon, cfg.delta)
 
-    # 4. the second sample, from the rows outside the pilot; the estimate is Horvitz-Thompson
-    # over the union: each row weighted by the inverse of its inclusion probability
+    # 4. the second sample, from the rows outside the pilot (selected and fetched while the
+    # pilot's V is); the estimate is Horvitz-Thompson over the union: each row weighted by the
+    # inverse of its inclusion probability
     width_s = S
     if cfg.max_sample is not None:
         width_s = sample_width(cfg.max_sample * S, S)
-    rows_s, count_s, logw_s = kernels.second_rows(picked, u, prop, size, c, context_lens,
-                                                  cfg.sink, cfg.window, width_s)
+    with beside(dev):
+        rows_s, count_s, logw_s = kernels.second_rows(picked, u, prop, size, c, context_lens,
+                                                      cfg.sink, cfg.window, width_s)
+        part_s = kernels.partial_attention(q, k_pool, v_pool, block_tables, rows_s, count_s,
+                                           logw_s, scale, resident)
     part_b = kernels.partial_attention(q, k_pool, v_pool, block_tables, rows_b, count_b, logw_b,
                                        scale, resident, scores=s_b)  # reads V only
-    part_s = kernels.partial_attention(q, k_pool, v_pool, block_tables, rows_s, count_s, logw_s,
-                                       scale, resident)
+    join(dev)
     out, d_hat = kernels.finish((m_f, l_f, acc_f), part_b, part_s, m, d_f)
     density = (count_f + count_b + count_s).float() / n.float()
     return DecodeResult(out.to(q.dtype), m, d_hat, density, over_eps)

@@ -20,6 +20,7 @@ from vengine.kernels.reference import (  # noqa: F401  (re-export: selection and
     mask_range,
     pack_signatures,
     paged_rows,
+    pick_top,
     pilot_budget,
     pilot_rows,
     proposal_params,

@@ -117,6 +117,19 @@ def compact(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]
     return rows[..., :width], counts
 
 
+def pick_top(scores: torch.Tensor, k_max: int, k_rows: torch.Tensor) -> torch.Tensor:
+    """picked [B, Hkv, S + 1] int8 from scores [B, Hkv, S]: 1 at each (b, h)'s k_rows[b] highest
+    finite scores (k_rows [B] <= k_max, a host int that sizes the buffers); column S is scratch."""
+    B, H, S = scores.shape
+    picked = torch.zeros(B, H, S + 1, dtype=torch.int8, device=scores.device)
+    if k_max > 0:
+        top = scores.topk(k_max, dim=-1)  # sorted: the first k_rows[b] are the best
+        rank = torch.arange(k_max, device=scores.device)
+        keep = (rank < k_rows[:, None, None]) & (top.values > float("-inf"))
+        picked.scatter_(-1, torch.where(keep, top.indices, S), 1)
+    return picked
+
+
 def exact_mask(picked, context_lens, S: int, sink: int, window: int) -> torch.Tensor:
     """[B, Hkv, S]: the rows attended exactly: sink, recent window and the picked rows."""
     pos = torch.arange(S, device=context_lens.device)
@@ -259,14 +272,14 @@ def sample_z(delta: float) -> float:
     return NormalDist().inv_cdf(1 - delta / 4)
 
 
-def pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, epsilon: float, delta: float):
+def pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, epsilon: float, delta: float):
     """The second sample's size from the pilot. The residual R is sampled twice: the pilot
     (Poisson, probability pa per row), then a Poisson sample with probability min(1, c * pr); D_hat
     is Horvitz-Thompson over their union.
 
     s_b [B, Hq, W]: the pilot rows' scores (-inf past count_b [B, Hkv]); pa_b, pr_b [B, Hkv, W]:
     their pilot probability and proposal; m_f, l_f [B, Hq]: the exact rows' partials; cap [B, Hkv]
-    the largest c allowed. Per head, with x = exp(s - m) (m the largest score seen), the pilot
+    the largest c allowed; n_r [B, Hkv] the residual's size. Per head, with x = exp(s - m) (m the largest score seen), the pilot
     gives HT estimates of D = D_F + sum_R x and of A = sum_R x^2 / pr. The second sample's HT
     variance, sum_R x^2 (1 / min(1, c pr) - 1), is below A / c (the variance of drawing row i
     Poisson(c pr_i) times), so c = A / (epsilon * D / z)^2 meets z * sd <= epsilon * D; the group
@@ -278,7 +291,8 @@ def pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, epsilon: float, delta:
     given the other rows, row i is then in the union with exactly the probability it is weighted
     by. Returns m, d_f [B, Hq], c [B, Hkv], logw_b [B, Hkv, W] (the pilot rows' log weights,
     -log of their inclusion probabilities) and over_eps [B, Hq]: 1 where the cap kept a head
-    from its budget.
+    from its budget, unless c >= n_r / PROPOSAL_FLOOR: then every row is in (pr >= f / n_R), and
+    there is no error to certify.
     """
     B, Hq, W = s_b.shape
     Hkv = count_b.shape[1]
@@ -304,7 +318,8 @@ def pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, epsilon: float, delta:
     c = torch.minimum(c_head.amax(2), cap)
     c_loo = need((D[..., None] - e).clamp(min=0), A[..., None] - a, nb - 1).amax(2)
     pi_b = 1 - (1 - pa_b) * (1 - torch.clamp(torch.minimum(c_loo, cap[..., None]) * pr_b, max=1))
-    over_eps = (c_head > c[..., None] * (1 + 1e-4)).float().view(B, Hq)
+    over_eps = (c_head > c[..., None] * (1 + 1e-4)) & (c < n_r / PROPOSAL_FLOOR)[..., None]
+    over_eps = over_eps.float().view(B, Hq)
     return m, d_f.view(B, Hq), c, -torch.log(pi_b.clamp(min=1e-30)), over_eps
 
 

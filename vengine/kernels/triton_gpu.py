@@ -225,16 +225,17 @@ def _combine_kernel(m, l, acc, m_out, l_out, acc_out, NS, D: tl.constexpr, NSP: 
 
 
 @triton.jit
-def _rows_kernel(picked, scores, u, head, lens, counts, total, rows, aux0, aux1, width, S, NBH,
-                 sp, SINK, WINDOW, FLOOR, HKV: tl.constexpr, MODE: tl.constexpr,
+def _rows_kernel(picked, scores, u, inv_t_, lse_, n_r_, size_, c_, lens, counts, total, rows,
+                 aux0, aux1, width, S, NBH, sp, SINK, WINDOW, FLOOR, HKV: tl.constexpr,
+                 MODE: tl.constexpr,
                  WRITE: tl.constexpr, SPLIT_: tl.constexpr, BLOCK: tl.constexpr,
                  NSP: tl.constexpr):
     """One split of the positions of one (sequence, KV head). MODE 0: the exact rows (sink,
     window or picked). MODE 1: the pilot, residual rows with u0 < pa = min(1, size * pr), pa and
     pr listed beside (aux0, aux1). MODE 2: the second sample, residual rows with u0 >= pa and
     u1 < pc = min(1, c * pr), the log weight -log(1 - (1 - pa)(1 - pc)) beside (aux0). The
-    proposal pr = (1 - FLOOR) exp(score * inv_t - lse) + FLOOR / n_r from head [5, NBH]: inv_t,
-    lse, n_r, size, c (reference.proposal). Pass 1 (WRITE False) counts rows per split; pass 2
+    proposal pr = (1 - FLOOR) exp(score * inv_t - lse) + FLOOR / n_r (reference.proposal); the
+    per-head inv_t, lse, n_r, size and c are [NBH] f32. Pass 1 (WRITE False) counts rows per split; pass 2
     writes them, ascending, from the split's offset (the sum of the earlier splits' counts), and
     split 0 writes the list's length, at most width. scores, u [2, NBH, S] and the lists
     [NBH, width] are contiguous."""
@@ -245,11 +246,11 @@ def _rows_kernel(picked, scores, u, head, lens, counts, total, rows, aux0, aux1,
     start = split * SPLIT_
     end = tl.minimum(start + SPLIT_, n)
     if MODE > 0:
-        inv_t, lse = tl.load(head + bh), tl.load(head + NBH + bh)
-        floor = FLOOR / tl.maximum(tl.load(head + 2 * NBH + bh), 1.0)
-        size = tl.load(head + 3 * NBH + bh)
+        inv_t, lse = tl.load(inv_t_ + bh), tl.load(lse_ + bh)
+        floor = FLOOR / tl.maximum(tl.load(n_r_ + bh), 1.0)
+        size = tl.load(size_ + bh)
         if MODE == 2:
-            c = tl.load(head + 4 * NBH + bh)
+            c = tl.load(c_ + bh)
     count = tl.zeros([], tl.int32)
     if WRITE:
         j = tl.arange(0, NSP)
@@ -291,11 +292,12 @@ def _rows_kernel(picked, scores, u, head, lens, counts, total, rows, aux0, aux1,
 
 
 @triton.jit
-def _proposal_kernel(scores, picked, inv_t, stats, S, sp, SPLIT_: tl.constexpr,
-                     BLOCK: tl.constexpr, PASS: tl.constexpr):
+def _proposal_kernel(scores, picked, stats1, stats2, inv_t, S, sp, TEMP, SPLIT_: tl.constexpr,
+                     BLOCK: tl.constexpr, NSP: tl.constexpr, PASS: tl.constexpr):
     """One split of one (sequence, KV head)'s residual (finite score, not picked): pass 1 its
-    count, sum and sum of squares; pass 2 (given inv_t) the max and sum of exp(score * inv_t -
-    max). stats [NBH, splits, 3]."""
+    count, sum and sum of squares (stats1 [NBH, splits, 3]); pass 2 the max and sum of
+    exp(score * inv_t - max) (stats2 [NBH, splits, 2]), inv_t = 1 / (TEMP * sd) from all of pass
+    1's splits (split 0 stores it)."""
     bh = tl.program_id(0).to(tl.int64)
     split, n_splits = tl.program_id(1), tl.num_programs(1)
     a = tl.zeros([], tl.float32)
@@ -303,7 +305,15 @@ def _proposal_kernel(scores, picked, inv_t, stats, S, sp, SPLIT_: tl.constexpr,
     sq = tl.zeros([], tl.float32)
     mx = tl.full([], float("-inf"), tl.float32)
     if PASS == 2:
-        it = tl.load(inv_t + bh)
+        j = tl.arange(0, NSP)
+        part = stats1 + (bh * n_splits + j) * 3
+        n = tl.maximum(tl.sum(tl.load(part, mask=j < n_splits, other=0.0), 0), 1.0)
+        mean = tl.sum(tl.load(part + 1, mask=j < n_splits, other=0.0), 0) / n
+        var = tl.maximum(tl.sum(tl.load(part + 2, mask=j < n_splits, other=0.0), 0) / n
+                         - mean * mean, 0.0)
+        it = 1 / (TEMP * tl.maximum(tl.sqrt(var), 1e-6))
+        if split == 0:
+            tl.store(inv_t + bh, it)
     for s0 in range(split * SPLIT_, tl.minimum(split * SPLIT_ + SPLIT_, S), BLOCK):
         s = s0 + tl.arange(0, BLOCK)
         valid = s < S
@@ -319,22 +329,61 @@ def _proposal_kernel(scores, picked, inv_t, stats, S, sp, SPLIT_: tl.constexpr,
             safe = tl.where(new == float("-inf"), 0.0, new)
             b = b * tl.exp(mx - safe) + tl.sum(tl.exp(y - safe), 0)
             mx = new
-    out = stats + (bh * n_splits + split) * 3
     if PASS == 1:
+        out = stats1 + (bh * n_splits + split) * 3
         tl.store(out, a)
         tl.store(out + 1, b)
         tl.store(out + 2, sq)
     else:
+        out = stats2 + (bh * n_splits + split) * 2
         tl.store(out, mx)
         tl.store(out + 1, b)
 
 
 @triton.jit
-def _budget_kernel(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, m_out, d_f_out, c_out, logw_out,
-                   over_out, W, Z, ZA, EPS, G: tl.constexpr, GP: tl.constexpr,
+def _lse_kernel(stats2, lse, n_splits, NSP: tl.constexpr):
+    """One (sequence, KV head): logsumexp from the splits' (max, sum of exp) of _proposal_kernel
+    pass 2; -inf for an empty residual."""
+    bh = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, NSP)
+    mx = tl.load(stats2 + (bh * n_splits + j) * 2, mask=j < n_splits, other=float("-inf"))
+    se = tl.load(stats2 + (bh * n_splits + j) * 2 + 1, mask=j < n_splits, other=0.0)
+    top = tl.maximum(tl.max(mx, 0), -3.4028234663852886e38)
+    tl.store(lse + bh, top + tl.log(tl.sum(se * tl.exp(mx - top), 0)))
+
+
+@triton.jit
+def _top_kernel(values, indices, k_rows, picked, K, sp, HKV: tl.constexpr, KP: tl.constexpr):
+    """Marks in picked the best k = k_rows[b] finite values of one (sequence, KV head)'s K
+    unsorted top-k candidates (ties: the earlier in the list). The k-th largest is found bit by
+    bit on integer keys ordered as the values, the K candidates held in registers: 32 counts
+    instead of a sort. Why: torch.topk's sort of the candidates cost ~20 us per layer."""
+    bh = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, KP)
+    v = tl.load(values + bh * K + j, mask=j < K, other=float("-inf"))
+    bits = v.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2**31  # [0, 2^32)
+    finite = v > float("-inf")
+    k = tl.minimum(tl.load(k_rows + bh // HKV), tl.sum(finite.to(tl.int64), 0))
+    t = tl.zeros([], tl.int64)  # the largest key with at least k keys >= it
+    step = tl.full([], 2**31, tl.int64)
+    for _ in range(32):
+        t = tl.where(tl.sum((key >= t + step).to(tl.int64), 0) >= k, t + step, t)
+        step = step // 2
+    above = key > t
+    tie = key == t
+    room = k - tl.sum(above.to(tl.int64), 0)  # ties kept, in list order
+    keep = finite & (above | (tie & (tl.cumsum(tie.to(tl.int64), 0) <= room)))
+    idx = tl.load(indices + bh * K + j, mask=keep, other=0)
+    tl.store(picked + bh * sp + idx, tl.full([KP], 1, tl.int8), mask=keep)
+
+
+@triton.jit
+def _budget_kernel(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, m_out, d_f_out, c_out,
+                   logw_out, over_out, W, Z, ZA, EPS, FLOOR, G: tl.constexpr, GP: tl.constexpr,
                    BW: tl.constexpr):
     """One (sequence, KV head): reference.pilot_budget. s_b [NBH, G, W]; pa_b, pr_b, logw_out
-    [NBH, W]; the per-head tensors [NBH, G]; count_b, cap, c_out [NBH]."""
+    [NBH, W]; the per-head tensors [NBH, G]; count_b, cap, n_r, c_out [NBH]."""
     bh = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, GP)
     gm = g < G
@@ -367,7 +416,8 @@ def _budget_kernel(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, m_out, d_f_out, c_ou
     c = tl.minimum(tl.max(tl.where(gm, c_head, float("-inf")), 0), lim)
     tl.store(m_out + bh * G + g, m, mask=gm)
     tl.store(d_f_out + bh * G + g, d_f, mask=gm)
-    tl.store(over_out + bh * G + g, tl.where(c_head > c * (1 + 1e-4), 1.0, 0.0), mask=gm)
+    bar = tl.where(c < tl.load(n_r + bh) / FLOOR, c * (1 + 1e-4), float("inf"))  # all in: none
+    tl.store(over_out + bh * G + g, tl.where(c_head > bar, 1.0, 0.0), mask=gm)
     tl.store(c_out + bh, c)
     infl1 = _chi2_factor(nb - 1, ZA)  # the budget without one pilot row: its own terms out
     for w0 in range(0, W, BW):
@@ -485,7 +535,7 @@ def hash_scores(q: torch.Tensor, planes: torch.Tensor, sig: torch.Tensor,
 
 
 def _select(mode: int, picked, context_lens, sink: int, window: int, width: int, S: int,
-            scores=None, u=None, head=None):
+            u=None, prop=None, size=None, c=None):
     """Row lists [B, Hkv, width] and counts [B, Hkv] (see _rows_kernel), and the lists beside."""
     assert picked.dtype == torch.int8 and picked.stride(-1) == 1 and picked.shape[-1] >= S
     B, Hkv, dev = len(context_lens), picked.shape[1], context_lens.device
@@ -495,15 +545,16 @@ def _select(mode: int, picked, context_lens, sink: int, window: int, width: int,
     rows = torch.empty(B, Hkv, width, dtype=torch.long, device=dev)
     aux = [torch.empty(B, Hkv, width, dtype=torch.float32, device=dev)
            for _ in range((0, 2, 1)[mode])]  # pilot: pa, pr; second sample: log weights
-    if mode:
-        assert scores.is_contiguous() and u.is_contiguous() and u.shape == (2, B, Hkv, S)
     dummy = counts
+    head = [dummy] * 6  # scores, inv_t, lse, n_r, size, c
+    if mode:
+        assert u.is_contiguous() and u.shape == (2, B, Hkv, S)
+        head = [x.float().contiguous() for x in (*prop, size, c if c is not None else size)]
     for write in (False, True):
         _rows_kernel[(B * Hkv, n_splits)](
-            picked, scores if mode else dummy, u if mode else dummy, head if mode else dummy,
-            context_lens, counts, total, rows, *(aux + [dummy, dummy])[:2], width, S, B * Hkv,
-            picked.stride(1), sink, window, PROPOSAL_FLOOR, Hkv, mode, write, SPLIT, BLOCK_SEL,
-            _p2(n_splits, 1))
+            picked, head[0], u if mode else dummy, *head[1:], context_lens, counts, total, rows,
+            *(aux + [dummy, dummy])[:2], width, S, B * Hkv, picked.stride(1), sink, window,
+            PROPOSAL_FLOOR, Hkv, mode, write, SPLIT, BLOCK_SEL, _p2(n_splits, 1))
     return rows, total, *aux
 
 
@@ -512,46 +563,47 @@ def exact_rows(picked, context_lens, S: int, sink: int, window: int, width: int)
     return _select(0, picked, context_lens, sink, window, width, S)
 
 
-def _head(prop, size, c=None) -> torch.Tensor:
-    """_rows_kernel's per-head numbers [5, B * Hkv]: inv_t, lse, n_r, size, c (pilot: unused)."""
-    _, inv_t, lse, n_r = prop
-    cols = [inv_t, lse, n_r, size, c if c is not None else size]
-    return torch.stack([x.float().reshape(-1) for x in cols])
-
-
 def pilot_rows(picked, u, prop, size, context_lens, sink: int, window: int, width: int):
     """The pilot's lists, counts, pa and pr (reference.pilot_rows)."""
-    return _select(1, picked, context_lens, sink, window, width, u.shape[-1], prop[0], u,
-                   _head(prop, size))
+    return _select(1, picked, context_lens, sink, window, width, u.shape[-1], u, prop, size)
 
 
 def second_rows(picked, u, prop, size, c, context_lens, sink: int, window: int, width: int):
     """The second sample's lists, counts and log weights (reference.second_rows)."""
-    return _select(2, picked, context_lens, sink, window, width, u.shape[-1], prop[0], u,
-                   _head(prop, size, c))
+    return _select(2, picked, context_lens, sink, window, width, u.shape[-1], u, prop, size, c)
+
+
+def pick_top(scores: torch.Tensor, k_max: int, k_rows: torch.Tensor) -> torch.Tensor:
+    """reference.pick_top: an unsorted torch.topk, then _top_kernel keeps each sequence's best."""
+    B, Hkv, S = scores.shape
+    picked = torch.zeros(B, Hkv, S + 1, dtype=torch.int8, device=scores.device)
+    if k_max > 0:
+        values, indices = scores.topk(k_max, dim=-1, sorted=False)
+        KP = _p2(k_max)
+        _top_kernel[(B * Hkv,)](values.contiguous(), indices.contiguous(), k_rows.contiguous(),
+                                picked, k_max, S + 1, Hkv, KP, num_warps=min(16, max(4, KP // 512)))
+    return picked
 
 
 def proposal_params(scores: torch.Tensor, picked: torch.Tensor):
     """inv_t and lse [B, Hkv] of the residual's hash scores (reference.proposal_params): two
-    passes over splits of the positions, the splits' partials combined by torch."""
+    passes over splits of the positions, then one program per head combines the splits."""
     B, Hkv, S = scores.shape
     assert scores.is_contiguous()
     n_splits = max(1, triton.cdiv(S, SPLIT))
-    stats = torch.empty(B * Hkv, n_splits, 3, dtype=torch.float32, device=scores.device)
-    grid = (B * Hkv, n_splits)
-    _proposal_kernel[grid](scores, picked, stats, stats, S, picked.stride(1), SPLIT, BLOCK_SEL, 1)
-    n, total, sq = stats.sum(1).unbind(-1)
-    n = n.clamp(min=1)
-    var = (sq / n - (total / n) ** 2).clamp(min=0)
-    inv_t = (1 / (PROPOSAL_TEMPERATURE * var.sqrt().clamp(min=1e-6))).contiguous()
-    _proposal_kernel[grid](scores, picked, inv_t, stats, S, picked.stride(1), SPLIT, BLOCK_SEL, 2)
-    mx, se = stats[..., 0], stats[..., 1]
-    top = mx.amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)
-    lse = top[:, 0] + torch.log((se * torch.exp(mx - top)).sum(-1))
-    return inv_t.view(B, Hkv), lse.view(B, Hkv)
+    dev = scores.device
+    stats1 = torch.empty(B * Hkv, n_splits, 3, dtype=torch.float32, device=dev)
+    stats2 = torch.empty(B * Hkv, n_splits, 2, dtype=torch.float32, device=dev)
+    inv_t, lse = (torch.empty(B, Hkv, dtype=torch.float32, device=dev) for _ in range(2))
+    for step in (1, 2):
+        _proposal_kernel[(B * Hkv, n_splits)](
+            scores, picked, stats1, stats2, inv_t, S, picked.stride(1), PROPOSAL_TEMPERATURE,
+            SPLIT, BLOCK_SEL, _p2(n_splits, 1), step)
+    _lse_kernel[(B * Hkv,)](stats2, lse, n_splits, _p2(n_splits, 1))
+    return inv_t, lse
 
 
-def pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, epsilon: float, delta: float):
+def pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, epsilon: float, delta: float):
     """The second sample's size from the pilot, one program per group (reference.pilot_budget)."""
     B, Hq, W = s_b.shape
     Hkv = count_b.shape[1]
@@ -562,8 +614,9 @@ def pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, epsilon: float, delta:
     logw = torch.empty(B, Hkv, W, dtype=torch.float32, device=dev)
     _budget_kernel[(B * Hkv,)](
         s_b.contiguous(), count_b.contiguous(), pa_b.contiguous(), pr_b.contiguous(),
-        m_f.contiguous(), l_f.contiguous(), cap.float().contiguous(), m, d_f, c, logw, over, W,
-        sample_z(delta), NormalDist().inv_cdf(delta / 2), epsilon, G, _p2(G, 1), 256)
+        m_f.contiguous(), l_f.contiguous(), cap.float().contiguous(), n_r.float().contiguous(), m,
+        d_f, c, logw, over, W, sample_z(delta), NormalDist().inv_cdf(delta / 2), epsilon,
+        PROPOSAL_FLOOR, G, _p2(G, 1), 256)
     return m, d_f, c, logw, over
 
 
