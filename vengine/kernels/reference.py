@@ -279,11 +279,11 @@ def pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, epsilon: float, d
 
     s_b [B, Hq, W]: the pilot rows' scores (-inf past count_b [B, Hkv]); pa_b, pr_b [B, Hkv, W]:
     their pilot probability and proposal; m_f, l_f [B, Hq]: the exact rows' partials; cap [B, Hkv]
-    the largest c allowed; n_r [B, Hkv] the residual's size. Per head, with x = exp(s - m) (m the largest score seen), the pilot
-    gives HT estimates of D = D_F + sum_R x and of A = sum_R x^2 / pr. The second sample's HT
-    variance, sum_R x^2 (1 / min(1, c pr) - 1), is below A / c (the variance of drawing row i
-    Poisson(c pr_i) times), so c = A / (epsilon * D / z)^2 meets z * sd <= epsilon * D; the group
-    takes its heads' largest c. delta is split: A is inflated by the chi2 factor that bounds a
+    the largest c allowed; n_r [B, Hkv] the residual's size. Per head, with x = exp(s - m) (m the
+    largest score seen), the pilot gives HT estimates of D = D_F + sum_R x and of
+    A = sum_R x^2 / pr. The second sample's HT variance, sum_R x^2 (1 / min(1, c pr) - 1), is
+    below A / c (the variance of drawing row i Poisson(c pr_i) times), so c = A / (epsilon * D /
+    z)^2 meets z * sd <= epsilon * D; the group takes its heads' largest c. delta is split: A is inflated by the chi2 factor that bounds a
     sample variance with probability 1 - delta/2 (pilot noise), and z = z_{1-delta/4}.
 
     Unbiased: c depends on the pilot, so a pilot row's inclusion probability

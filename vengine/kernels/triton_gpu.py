@@ -227,18 +227,17 @@ def _combine_kernel(m, l, acc, m_out, l_out, acc_out, NS, D: tl.constexpr, NSP: 
 @triton.jit
 def _rows_kernel(picked, scores, u, inv_t_, lse_, n_r_, size_, c_, lens, counts, total, rows,
                  aux0, aux1, width, S, NBH, sp, SINK, WINDOW, FLOOR, HKV: tl.constexpr,
-                 MODE: tl.constexpr,
-                 WRITE: tl.constexpr, SPLIT_: tl.constexpr, BLOCK: tl.constexpr,
-                 NSP: tl.constexpr):
+                 MODE: tl.constexpr, WRITE: tl.constexpr, SPLIT_: tl.constexpr,
+                 BLOCK: tl.constexpr, NSP: tl.constexpr):
     """One split of the positions of one (sequence, KV head). MODE 0: the exact rows (sink,
     window or picked). MODE 1: the pilot, residual rows with u0 < pa = min(1, size * pr), pa and
     pr listed beside (aux0, aux1). MODE 2: the second sample, residual rows with u0 >= pa and
     u1 < pc = min(1, c * pr), the log weight -log(1 - (1 - pa)(1 - pc)) beside (aux0). The
     proposal pr = (1 - FLOOR) exp(score * inv_t - lse) + FLOOR / n_r (reference.proposal); the
-    per-head inv_t, lse, n_r, size and c are [NBH] f32. Pass 1 (WRITE False) counts rows per split; pass 2
-    writes them, ascending, from the split's offset (the sum of the earlier splits' counts), and
-    split 0 writes the list's length, at most width. scores, u [2, NBH, S] and the lists
-    [NBH, width] are contiguous."""
+    per-head inv_t, lse, n_r, size and c are [NBH] f32. Pass 1 (WRITE False) counts rows per
+    split; pass 2 writes them, ascending, from the split's offset (the sum of the earlier splits'
+    counts), and split 0 writes the list's length, at most width. scores, u [2, NBH, S] and the
+    lists [NBH, width] are contiguous."""
     bh = tl.program_id(0).to(tl.int64)
     split, n_splits = tl.program_id(1), tl.num_programs(1)
     b = bh // HKV
@@ -355,9 +354,10 @@ def _lse_kernel(stats2, lse, n_splits, NSP: tl.constexpr):
 @triton.jit
 def _top_kernel(values, indices, k_rows, picked, K, sp, HKV: tl.constexpr, KP: tl.constexpr):
     """Marks in picked the best k = k_rows[b] finite values of one (sequence, KV head)'s K
-    unsorted top-k candidates (ties: the earlier in the list). The k-th largest is found bit by
-    bit on integer keys ordered as the values, the K candidates held in registers: 32 counts
-    instead of a sort. Why: torch.topk's sort of the candidates cost ~20 us per layer."""
+    unsorted top-k candidates (ties: the earlier in the list). The k-th largest is found two bits
+    at a time on integer keys ordered as the values, the K candidates held in registers: 16
+    rounds of three counts. Why: a sequence's k may be below the batch's k_max, and a sorted
+    torch.topk (to keep the first k) cost ~20 us per layer plus the torch ops of the keep mask."""
     bh = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, KP)
     v = tl.load(values + bh * K + j, mask=j < K, other=float("-inf"))
@@ -366,10 +366,13 @@ def _top_kernel(values, indices, k_rows, picked, K, sp, HKV: tl.constexpr, KP: t
     finite = v > float("-inf")
     k = tl.minimum(tl.load(k_rows + bh // HKV), tl.sum(finite.to(tl.int64), 0))
     t = tl.zeros([], tl.int64)  # the largest key with at least k keys >= it
-    step = tl.full([], 2**31, tl.int64)
-    for _ in range(32):
-        t = tl.where(tl.sum((key >= t + step).to(tl.int64), 0) >= k, t + step, t)
-        step = step // 2
+    step = tl.full([], 2**30, tl.int64)
+    for _ in range(16):  # the three counts of a round are independent: they overlap
+        n1 = tl.sum((key >= t + step).to(tl.int32), 0)
+        n2 = tl.sum((key >= t + 2 * step).to(tl.int32), 0)
+        n3 = tl.sum((key >= t + 3 * step).to(tl.int32), 0)
+        t += step * ((n1 >= k).to(tl.int64) + (n2 >= k).to(tl.int64) + (n3 >= k).to(tl.int64))
+        step = step // 4
     above = key > t
     tie = key == t
     room = k - tl.sum(above.to(tl.int64), 0)  # ties kept, in list order
