@@ -204,8 +204,8 @@ def test_budget_and_finish_match_reference(G, W):
     n_r = torch.tensor([[1e6, 1e6], [1e6, 8.0], [1e6, 1e6]])  # (1, 1): the cap takes every row
     args = (s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, 0.05, 0.1)
     ref = reference.pilot_budget(*args)
-    uncapped = reference.pilot_budget(*args[:7], n_r.clamp(min=1e6), *args[8:])[4]
-    assert not torch.equal(uncapped, ref[4])  # a head over its cap with every row in: certified
+    never_all_in = reference.pilot_budget(*args[:7], n_r.clamp(min=1e6), *args[8:])[4]
+    assert not torch.equal(never_all_in, ref[4])  # a head over its cap with every row in: certified
     tri = triton_gpu.pilot_budget(*(a.to(DEV) if torch.is_tensor(a) else a for a in args))
     live = torch.arange(W) < count_b[..., None]
     for name, r, t in zip(("m", "d_f", "c", "logw_b", "over_eps"), ref, tri):
