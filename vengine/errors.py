@@ -12,7 +12,15 @@ class ModelLoadError(VengineError):
 
 
 class ConfigError(VengineError, ValueError):
-    """An argument or flag with an invalid value."""
+    """An argument or flag with an invalid value.
+
+    `field` names the config field the message is about ("max_context", "VAttention.epsilon"),
+    so the CLI can name its own flag instead; `str(e)` stays the complete one-line message.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ContextLengthError(VengineError):
