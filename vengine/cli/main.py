@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vengine.cli.pull import add_pull_parser, cmd_pull
 from vengine.errors import VengineError
 
 
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run the benchmark scripts with default settings")
     bench.add_argument("name", nargs="?", default="decode",
                        choices=("decode", "decode_gpu", "long_generation", "attention_error"))
+    add_pull_parser(sub)
     return parser
 
 
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"chat": cmd_chat, "generate": cmd_generate, "info": cmd_info,
-                    "eval": cmd_eval, "bench": cmd_bench}
+                    "eval": cmd_eval, "bench": cmd_bench, "pull": cmd_pull}
         return commands[args.command](args)
     except VengineError as e:
         print(f"vengine: error: {e}", file=sys.stderr)

@@ -6,6 +6,7 @@ that here so that every model in vengine uses the HF (rotate-half) layout.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,19 @@ import numpy as np
 
 from vengine.errors import ModelLoadError
 
-SUPPORTED_QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+
+@functools.cache
+def supported_quants() -> tuple[str, ...]:
+    """Every tensor type `gguf.quants.dequantize` reads: F32 and F16, which it views directly, and
+    each type with a quant class of its own name in `gguf.quants` (Q4_K, Q5_0, IQ4_XS, ...)."""
+    from gguf import GGMLQuantizationType, quants
+
+    return tuple(
+        t.name
+        for t in GGMLQuantizationType
+        if t in (GGMLQuantizationType.F32, GGMLQuantizationType.F16)
+        or getattr(getattr(quants, t.name, None), "qtype", None) == t
+    )
 
 
 def open_gguf(path: str | Path):
@@ -55,10 +68,10 @@ def gguf_tensors(reader, path: str | Path, n_head: int, n_kv_head: int, arch: st
 
     for t in reader.tensors:
         qtype = GGMLQuantizationType(t.tensor_type)
-        if qtype.name not in SUPPORTED_QUANTS:
+        if qtype.name not in supported_quants():
             raise ModelLoadError(
                 f"{path}: tensor {t.name} uses quantisation {qtype.name}, "
-                f"supported: {', '.join(SUPPORTED_QUANTS)}"
+                f"supported: {', '.join(supported_quants())}"
             )
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists ne0 (columns) first
         try:

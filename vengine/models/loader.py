@@ -60,6 +60,10 @@ def default_model_path() -> Path:
 
 
 def resolve_model(model: str | Path | None) -> ModelSource:
+    from vengine.models import catalog
+
+    if isinstance(model, str) and model in catalog.CATALOG and not Path(model).exists():
+        model = catalog.require(model)  # the cached file, or "run `vengine pull NAME`"
     path = default_model_path() if model is None else Path(model).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
