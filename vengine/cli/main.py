@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
+from vengine import __version__
+from vengine.cli.options import (
+    MODEL_HELP,
+    add_model_args,
+    add_threads_arg,
+    apply_threads,
+    engine_options,
+    load_llm,
+    resolve_model_flag,
+    sampling_flags,
+)
 from vengine.cli.pull import add_pull_parser, cmd_pull
-from vengine.errors import VengineError
+from vengine.errors import ConfigError, VengineError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -17,32 +26,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"vengine: error: {message}\n")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--ctx", default="8k", help="context length in tokens: 8192, 8k, 128K")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    p.add_argument("--attention", choices=("full", "vattention"), default="full")
-    p.add_argument("--epsilon", type=float, default=0.05, help="vAttention relative error bound")
-    p.add_argument("--delta", type=float, default=0.05, help="vAttention failure probability")
-    p.add_argument("--host-mem", help="host KV budget, e.g. 64GiB")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="default 512, or 32768 with --input")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vengine", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"vengine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     chat = sub.add_parser("chat", help="talk to a model (reads one turn per line when piped)")
-    _add_model_args(chat)
+    add_model_args(chat)
     chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--json", action="store_true",
+                      help="piped: one JSON object per turn ({\"reply\", \"finish_reason\"} or "
+                           "{\"error\"}) instead of one reply per line with \\n escaped")
     gen = sub.add_parser("generate", help="complete one prompt, or a jsonl file of them")
-    _add_model_args(gen)
+    add_model_args(gen)
     what = gen.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="the prompt text")
     what.add_argument("--input", type=Path, help="jsonl: {\"id\", \"prompt\" or \"messages\"} rows")
@@ -51,11 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                      help="skip ids already in --output (default); --no-resume starts it afresh")
     info = sub.add_parser("info", help="device, memory budgets, model and kernel backend")
-    info.add_argument("--model", help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    info.add_argument("--model", help=MODEL_HELP)
     info.add_argument("--device", default="auto")
+    add_threads_arg(info)
     ev = sub.add_parser("eval", help="RULER-style accuracy of full, vAttention and baselines")
-    ev.add_argument("--model", help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    ev.add_argument("--model", help=MODEL_HELP)
     ev.add_argument("--device", default="auto")
+    add_threads_arg(ev)
     ev.add_argument("--tasks", default="all", help="comma-separated task names, or all")
     ev.add_argument("--context", default="2k", help="haystack length in tokens")
     ev.add_argument("--cases", type=int, default=5, help="cases per task")
@@ -72,52 +69,42 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     ev.add_argument("--out", type=Path, default=Path("eval.json"))
     ev.add_argument("--plot-dir", type=Path, help="write PNG plots here (needs matplotlib)")
-    bench = sub.add_parser("bench", help="run the benchmark scripts with default settings")
+    bench = sub.add_parser("bench", help="run a benchmark script; options after the name are "
+                           "its own (vengine bench decode --help)")
     bench.add_argument("name", nargs="?", default="decode",
                        choices=("decode", "decode_gpu", "long_generation", "attention_error"))
+    add_threads_arg(bench)
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="the script's own options")
     add_pull_parser(sub)
     return parser
 
 
-def _load(args: argparse.Namespace, **options: Any):
-    from vengine import LLM, VAttention
-
-    attention: Any = "full"
-    if args.attention == "vattention":
-        attention = VAttention(epsilon=args.epsilon, delta=args.delta)
-    if args.host_mem:
-        options["host_mem"] = args.host_mem
-    return LLM(model=args.model, device=args.device, dtype=args.dtype, max_context=args.ctx,
-               attention=attention, **options)
-
-
-def _sampling(args: argparse.Namespace, max_new_tokens: int = 512) -> dict[str, Any]:
-    from vengine.engine.sampling import SamplingParams
-
-    sampling = {"max_new_tokens": args.max_new_tokens or max_new_tokens, "temperature": args.temperature,
-            "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
-            "repetition_penalty": args.repetition_penalty}
-    SamplingParams(**sampling)  # bad flags fail before the model loads
-    return sampling
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    from vengine.errors import ConfigError
-
     if args.input is not None:
-        from vengine.cli.batch import run_batch
+        from vengine.cli.batch import prepare_batch, run_batch
 
-        if args.output is None:
-            raise ConfigError("--output is required with --input")
-        if not args.input.is_file():
-            raise ConfigError(f"--input: {args.input}: no such file")
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-        sampling = _sampling(args, max_new_tokens=32768)
-        llm = _load(args, max_batch=args.batch_size)
-        return run_batch(llm, args.input, args.output, args.resume, sampling)
-    sampling = _sampling(args)
-    llm = _load(args)
+        sampling = sampling_flags(args, max_new_tokens=32768)
+        options = engine_options(args, max_batch=args.batch_size)
+        resolve_model_flag(args.model)
+        requests, out = prepare_batch(args.input, args.output, args.resume, sampling)
+        try:
+            if args.resume and all(r["id"] in out.ids for r in requests):
+                print(f"nothing to do: all {len(requests)} requests are in {args.output} "
+                      "(--no-resume starts it afresh)", file=sys.stderr)
+                return 0
+            return run_batch(load_llm(options), args.input, out, args.resume,
+                             requests)
+        finally:
+            out.close()
+    if args.output is not None:
+        raise ConfigError("--output goes with --input (a jsonl file of prompts); "
+                          "--prompt prints to stdout")
+    sampling = sampling_flags(args)
+    options = engine_options(args, max_batch=1)
+    resolve_model_flag(args.model)
+    llm = load_llm(options)
     for piece in llm.stream(args.prompt, **sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -128,26 +115,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from vengine.cli.chat import run_chat
 
-    sampling = _sampling(args)
-    return run_chat(_load(args), args.system, sampling)
+    sampling = sampling_flags(args)
+    options = engine_options(args, max_batch=1)
+    resolve_model_flag(args.model)
+    return run_chat(load_llm(options), args.system, sampling, args.json)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
+    from vengine.cli.options import as_flag_error
     from vengine.engine.config import resolve_device
     from vengine.kernels import get_kernels
     from vengine.models.loader import load_model, resolve_model
 
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as e:
+        raise as_flag_error(e) from None
     source = resolve_model(args.model)
+    threads = apply_threads(args.threads)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tok = load_model(source, device, dtype)
     c = model.config
     params = sum(p.numel() for p in model.parameters())
     rows = [
         ("device", f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'})"),
-        ("torch", torch.__version__),
+        ("torch", f"{torch.__version__}, {threads} threads"),
         ("model", f"{source.path} ({source.kind})"),
         ("architecture", f"{c.arch}: {c.num_layers} layers, {c.num_heads} heads / {c.num_kv_heads} KV, "
                          f"head dim {c.head_dim}, hidden {c.hidden_size}, vocab {c.vocab_size}"),
@@ -175,7 +169,6 @@ def _avail_host() -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from vengine import LLM
     from vengine.engine.config import parse_context
-    from vengine.errors import ConfigError
     from vengine.eval.run import EvalSettings, plot, print_table, run_eval, save
     from vengine.eval.tasks import TASKS
 
@@ -203,6 +196,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from vengine.eval.run import vattention_settings
 
         vattention_settings(settings, eps)
+    resolve_model_flag(args.model)
+    apply_threads(args.threads)
     llm = LLM(model=args.model, device=args.device, max_context=context + 512,
               max_batch=args.max_batch)
     results = run_eval(llm, settings)
@@ -215,23 +210,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from vengine.errors import ConfigError
+    """Run the script in this process, so that Ctrl-C ends it as it ends any command (exit 130,
+    no traceback); its options are its own."""
+    import runpy
 
     script = Path(__file__).resolve().parents[2] / "benchmarks" / f"{args.name}.py"
     if not script.is_file():
         raise ConfigError(f"bench: {script} not found (benchmarks ship with the source tree)")
-    return subprocess.call([sys.executable, str(script)])
+    apply_threads(args.threads)
+    argv, path = sys.argv, list(sys.path)
+    sys.argv, sys.path[:0] = [f"vengine bench {args.name}", *args.options], [str(script.parent)]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:  # the script's own exit, or its argparse's
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv, sys.path[:] = argv, path
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         commands = {"chat": cmd_chat, "generate": cmd_generate, "info": cmd_info,
                     "eval": cmd_eval, "bench": cmd_bench, "pull": cmd_pull}
         return commands[args.command](args)
     except VengineError as e:
         print(f"vengine: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `vengine ... | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

@@ -25,28 +25,42 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        # Checked in full here because a value that passes Python's comparisons but not torch's
+        # (NaN, inf, an int beyond int64) would otherwise crash a batch hours in, on every rerun.
         def bad(name: str, want: str) -> ConfigError:
-            return ConfigError(f"{name} must be {want}, got {getattr(self, name)!r}")
+            shown = repr(getattr(self, name))
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            return ConfigError(f"{name} must be {want}, got {shown}", field=name)
 
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise bad("max_new_tokens", "an int >= 1")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise bad("temperature", "a number >= 0")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        def is_int(value: object, lo: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and lo <= value < 2**63
+
+        def in_range(value: object, lo: float, hi: float) -> bool:  # NaN fails both comparisons
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
+
+        if not is_int(self.max_new_tokens, 1):
+            raise bad("max_new_tokens", "an int in [1, 2**63)")
+        # Outside these bounds logits / temperature (or * penalty) overflow float32 and sampling
+        # dies on NaN probabilities.
+        if isinstance(self.temperature, bool) or self.temperature != 0 and not in_range(self.temperature, 1e-3, 1e3):
+            raise bad("temperature", "0 (greedy) or a number in [0.001, 1000]")
+        if not in_range(self.top_p, 0, 1) or self.top_p == 0:
             raise bad("top_p", "in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", "an int >= 0 (0: off)")
-        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "a number > 0")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "an int or None")
+        if not is_int(self.top_k, 0):
+            raise bad("top_k", "an int >= 0 (0: off) below 2**63")
+        if not in_range(self.repetition_penalty, 1e-3, 1e3):
+            raise bad("repetition_penalty", "a number in [0.001, 1000]")
+        if self.seed is not None and not is_int(self.seed, -2**63):
+            raise bad("seed", "an int in [-2**63, 2**63) or None")
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", "a bool")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif self.stop is None:
             object.__setattr__(self, "stop", ())
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             object.__setattr__(self, "stop", tuple(self.stop))
-        if not all(isinstance(s, str) and s for s in self.stop):
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "a string or a list of non-empty strings")
 
     @property

@@ -14,6 +14,12 @@ import numpy as np
 
 from vengine.errors import ModelLoadError
 
+# Neither GGUF nor safetensors carries a checksum: damage is caught where it breaks the format
+# (truncation, a bad header) or makes a weight NaN/inf, not where it only changes finite values.
+NON_FINITE = "holds NaN or infinite values: the file is corrupt"
+# The formats carry no checksums: non-finite values are what a load can catch of damaged data.
+NON_FINITE = "holds non-finite values (NaN or inf): the file is damaged"
+
 
 @functools.cache
 def supported_quants() -> tuple[str, ...]:
@@ -79,6 +85,8 @@ def gguf_tensors(reader, path: str | Path, n_head: int, n_kv_head: int, arch: st
             w = w.astype(np.float32) if w.dtype != np.float32 or not w.flags.writeable else w
         except (ValueError, IndexError) as e:
             raise ModelLoadError(f"{path}: tensor {t.name} is truncated or corrupt ({e})") from None
+        if not np.isfinite(w).all():
+            raise ModelLoadError(f"{path}: tensor {t.name} {NON_FINITE}")
         if arch == "llama" and t.name.endswith("attn_q.weight"):
             w = _unpermute(w, n_head)
         elif arch == "llama" and t.name.endswith("attn_k.weight"):

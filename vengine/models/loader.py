@@ -1,5 +1,8 @@
 """Find a model (default package, local path, or hub id), read its config, tokenizer and weights.
 
+A hub id (`org/name`, fetched with huggingface_hub) is tried only for names that cannot be a
+local path.
+
 Formats: an HF directory (config.json + *.safetensors, sharded or not) or one .gguf file.
 """
 
@@ -15,6 +18,7 @@ import torch
 
 from vengine.errors import ModelLoadError
 from vengine.models.config import ModelConfig
+from vengine.models.gguf_file import NON_FINITE
 from vengine.models.llama import LlamaForCausalLM, rope_inv_freq
 from vengine.models.tokenizer import Tokenizer
 
@@ -77,10 +81,19 @@ def resolve_model(model: str | Path | None) -> ModelSource:
             return ModelSource(ggufs[0], "gguf")
         why = "several .gguf files: pass one" if ggufs else "no config.json and no .gguf file"
         raise ModelLoadError(f"{path}: not a model directory ({why})")
-    name = str(model)
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        return ModelSource(_download(name), "hf")
+    if _looks_like_hub_id(str(model)):
+        return ModelSource(_download(str(model)), "hf")
     raise ModelLoadError(f"{path}: no such file or directory")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """'org/name' is a hub id unless it reads as a local path: a file suffix, or a first part
+    that exists here (a typo in 'models/x.gguf' must not be sent to the hub)."""
+    if name.count("/") != 1 or name.startswith((".", "/", "~")) or name.endswith("/"):
+        return False
+    first, last = name.split("/")
+    return bool(first) and not Path(first).exists() and Path(last).suffix.lower() not in (
+        ".gguf", ".safetensors", ".json", ".bin", ".pt", ".pth", ".model")
 
 
 def _download(repo_id: str) -> Path:
@@ -96,8 +109,8 @@ def _download(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:
         raise ModelLoadError(
-            f"could not fetch '{repo_id}' from the hub ({type(e).__name__}); "
-            "pass a local model directory or .gguf file"
+            f"'{repo_id}' is not a local path, and fetching it as a hub id failed "
+            f"({type(e).__name__}); pass a local model directory or .gguf file"
         ) from None
 
 
@@ -162,6 +175,9 @@ def _safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    tensor = f.get_tensor(name)
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        raise ModelLoadError(f"{file}: tensor {name} {NON_FINITE}")
+                    yield name, tensor
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{file}: truncated or corrupt safetensors file ({e})") from None

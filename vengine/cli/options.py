@@ -1,0 +1,140 @@
+"""Flags shared by the commands that load a model, checked before the model loads.
+
+Every check that needs no model runs first (loading the default model takes ~10 s on two cores),
+and errors name the flag the user typed, not the engine's field behind it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vengine.errors import ConfigError
+
+# engine / SamplingParams field -> the flag that sets it
+FLAGS = {
+    "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
+    "top_k": "--top-k", "repetition_penalty": "--repetition-penalty", "seed": "--seed",
+    "max_context": "--ctx", "host_mem": "--host-mem", "VAttention.epsilon": "--epsilon",
+    "VAttention.delta": "--delta", "device": "--device", "dtype": "--dtype",
+    "max_batch": "--batch-size", "threads": "--threads", "attention": "--attention",
+}
+MODEL_HELP = ("HF directory (config.json + *.safetensors), .gguf file, or a hub id 'org/name' "
+              "fetched with huggingface_hub (default: SmolLM2-135M-Instruct)")
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, help="CPU threads for torch and numba "
+                   "(default: the cores this process may use: affinity mask and cgroup quota)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--ctx", default="8k", help="context length in tokens: 8192, 8k, 128K")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--attention", choices=("full", "vattention"), default="full")
+    p.add_argument("--epsilon", type=float, help="vAttention relative error bound (default 0.05)")
+    p.add_argument("--delta", type=float, help="vAttention failure probability (default 0.05)")
+    p.add_argument("--host-mem", help="host KV budget, e.g. 64GiB")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default 512, or 32768 with --input")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    add_threads_arg(p)
+
+
+def as_flag_error(e: ConfigError) -> ConfigError:
+    """The same error with the engine's field name replaced by the flag that set it."""
+    message = str(e)
+    field = getattr(e, "field", None)
+    if field is None:  # errors raised before `field` existed lead with the field's name
+        m = re.match(r"[A-Za-z_][\w.]*", message)
+        field = m.group(0) if m else None
+    flag = FLAGS.get(field or "")
+    if flag is None or field not in message:
+        return e
+    return ConfigError(message.replace(field, flag, 1), field=field)
+
+
+def sampling_flags(args: argparse.Namespace, max_new_tokens: int = 512) -> dict[str, Any]:
+    """The sampling defaults the flags set, checked (SamplingParams) with the flags' names."""
+    from vengine.engine.sampling import SamplingParams
+
+    sampling = {"max_new_tokens": max_new_tokens if args.max_new_tokens is None
+                else args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "top_k": args.top_k, "seed": args.seed,
+                "repetition_penalty": args.repetition_penalty}
+    try:
+        SamplingParams(**sampling)
+    except ConfigError as e:
+        raise as_flag_error(e) from None
+    return sampling
+
+
+def engine_options(args: argparse.Namespace, **options: Any) -> dict[str, Any]:
+    """Keyword arguments for vengine.LLM, checked now (EngineConfig) with the flags' names."""
+    from vengine import VAttention
+    from vengine.engine.config import EngineConfig
+
+    attention: Any = "full"
+    given = [f for f in ("epsilon", "delta") if getattr(args, f) is not None]
+    try:
+        if args.attention == "vattention":
+            attention = VAttention(**{f: getattr(args, f) for f in given})
+        elif given:
+            raise ConfigError(f"--{given[0]} applies only with --attention vattention")
+        if args.host_mem:
+            options["host_mem"] = args.host_mem
+        kwargs = dict(model=args.model, device=args.device, dtype=args.dtype,
+                      max_context=args.ctx, attention=attention, **options)
+        EngineConfig(**kwargs)
+    except ConfigError as e:
+        raise as_flag_error(e) from None
+    apply_threads(args.threads)
+    return kwargs
+
+
+def apply_threads(threads: int | None) -> int:
+    """set_threads with the error naming --threads."""
+    from vengine.engine.threads import set_threads
+
+    try:
+        return set_threads(threads)
+    except ConfigError as e:
+        raise as_flag_error(e) from None
+
+
+def resolve_model_flag(model: str | None):
+    """The model's source (path and kind) without loading it: a bad --model fails at once."""
+    from vengine.models.loader import resolve_model
+
+    return resolve_model(model)
+
+
+def load_llm(kwargs: dict[str, Any]):
+    """Load the model (saying so on a terminal, where it takes seconds), and warn once when the
+    context is longer than the model was trained for."""
+    from vengine import LLM
+
+    source = resolve_model_flag(kwargs.get("model"))
+    tty = sys.stderr.isatty()
+    if tty:
+        print(f"loading {source.path.name} ...", end="", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    llm = LLM(**{**kwargs, "model": str(source.path)})
+    if tty:
+        print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    trained = llm.model.config.max_position_embeddings
+    if llm.config.max_context > trained:
+        print(f"vengine: warning: --ctx {llm.config.max_context} is longer than the "
+              f"{trained} tokens {Path(source.path).name} was trained on; output past "
+              f"{trained} tokens may be poor", file=sys.stderr)
+    return llm
