@@ -14,9 +14,6 @@ import numpy as np
 
 from vengine.errors import ModelLoadError
 
-# Neither GGUF nor safetensors carries a checksum: damage is caught where it breaks the format
-# (truncation, a bad header) or makes a weight NaN/inf, not where it only changes finite values.
-NON_FINITE = "holds NaN or infinite values: the file is corrupt"
 # The formats carry no checksums: non-finite values are what a load can catch of damaged data.
 NON_FINITE = "holds non-finite values (NaN or inf): the file is damaged"
 
