@@ -107,7 +107,7 @@ def test_error_bad_ctx(cli):
 
 def test_error_bad_temperature(cli):
     assert_cli_error(cli("chat", "--temperature", "-1", stdin="hi\n"), "temperature")
-    assert_cli_error(cli("chat", "--top-p", "0", stdin="hi\n"), "top_p")
+    assert_cli_error(cli("chat", "--top-p", "0", stdin="hi\n"), "--top-p")
 
 
 def test_error_hub_id_offline(cli, hub_offline):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,8 @@ def default_model_path() -> Path:
 
 
 def resolve_model(model: str | Path | None) -> ModelSource:
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise ModelLoadError(f"model must be a path, a hub id or None, got {type(model).__name__}")
     from vengine.models import catalog
 
     if isinstance(model, str) and model in catalog.CATALOG and not Path(model).exists():
