@@ -36,7 +36,8 @@ from vengine.eval.baselines import (_fixed, group_scores, oracle_group_scores, o
 from vengine.kernels import get_kernels
 
 from record import git_commit, save  # benchmarks/record.py (this script's folder)
-from vengine.kernels.reference import hash_scores, paged_signatures
+from vengine.kernels.common import paged_signatures
+from vengine.kernels.reference import hash_scores
 
 EPSILONS = (0.02, 0.05, 0.1, 0.2, 0.3)
 DELTAS = (0.05, 0.1)

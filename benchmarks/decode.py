@@ -22,7 +22,7 @@ from vengine.attention.full import decode_attention
 from vengine.attention.vattention import vattention_decode
 from vengine.eval.activations import corpus_text
 from vengine.kernels import get_kernels
-from vengine.kernels.reference import paged_signatures
+from vengine.kernels.common import paged_signatures
 
 from record import git_commit, save  # benchmarks/record.py (this script's folder)
 

@@ -40,7 +40,7 @@ from vengine.engine.model_runner import ModelRunner
 from vengine.engine.sampling import SamplingParams
 from vengine.engine.sequence import Sequence
 from vengine.kernels import triton_gpu
-from vengine.kernels.reference import pack_signatures
+from vengine.kernels.common import pack_signatures
 from vengine.models.config import ModelConfig, RopeScaling
 from vengine.models.llama import LlamaForCausalLM
 from vengine.offload.kv_pool import KVPool

@@ -22,7 +22,8 @@ from datetime import date
 import torch
 
 from vengine.eval.activations import capture, corpus_text, to_pages
-from vengine.kernels.reference import hash_scores, paged_signatures
+from vengine.kernels.common import paged_signatures
+from vengine.kernels.reference import hash_scores
 from vengine.models.loader import load_model, resolve_model
 
 from record import git_commit, save  # benchmarks/record.py (this script's folder)

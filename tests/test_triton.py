@@ -14,7 +14,7 @@ from vengine.attention.config import VAttention  # noqa: E402
 from vengine.attention.vattention import vattention_decode  # noqa: E402
 from vengine.eval.activations import DecodeProblem  # noqa: E402
 from vengine.kernels import reference, triton_gpu  # noqa: E402
-from vengine.kernels.reference import compact, paged_signatures  # noqa: E402
+from vengine.kernels.common import compact, paged_signatures  # noqa: E402
 from vengine.offload.uva import uva_view  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -15,8 +15,8 @@ from vengine.eval.activations import DecodeProblem, capture, corpus_text, decode
 from vengine.eval.baselines import (oracle_kernels, relative_errors, topk_attention,
                                     uniform_attention)
 from vengine.kernels import numba_cpu, reference
-from vengine.kernels.reference import (compact, merge_partials, paged_rows, paged_signatures,
-                                       sigma_upper_factor)
+from vengine.kernels.common import compact, paged_rows, paged_signatures, sigma_upper_factor
+from vengine.kernels.reference import merge_partials
 
 
 def random_problem(B=2, Hkv=3, G=3, D=64, P=16, n=700, bits=64, seed=0, sharpness=0.0,

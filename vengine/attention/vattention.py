@@ -30,7 +30,7 @@ from vengine.attention.config import VAttention
 from vengine.attention.context import StepContext
 from vengine.attention.full import causal_attention
 from vengine.kernels import get_kernels
-from vengine.kernels.reference import PROPOSAL_FLOOR, pack_signatures
+from vengine.kernels.common import PROPOSAL_FLOOR, pack_signatures
 from vengine.models.config import ModelConfig
 from vengine.offload.kv_pool import KVPool, ResidentPages, SignaturePool
 

@@ -13,7 +13,7 @@ import torch
 
 from vengine.attention.context import StepContext
 from vengine.attention.full import causal_attention
-from vengine.kernels.reference import paged_rows, paged_signatures
+from vengine.kernels.common import paged_rows, paged_signatures
 
 _DOC_MODULES = ("argparse", "collections", "json", "email", "typing", "logging", "asyncio",
                 "functools", "itertools", "pathlib", "subprocess", "threading", "unittest",

@@ -21,7 +21,8 @@ from vengine.attention.config import VAttention
 from vengine.attention.vattention import DecodeResult, VAttentionBackend, vattention_decode
 from vengine.errors import ConfigError
 from vengine.eval.activations import DecodeProblem
-from vengine.kernels.reference import hash_scores, mask_range
+from vengine.kernels.common import mask_range
+from vengine.kernels.reference import hash_scores
 
 
 def _fixed(S: int, n: torch.Tensor, sink: int, window: int) -> torch.Tensor:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import importlib
 import os
+from typing import cast
 
 import torch
 
 from vengine.errors import ConfigError
+from vengine.kernels.base import KernelBackend
 
 _MODULES = {"torch": "vengine.kernels.reference", "numba": "vengine.kernels.numba_cpu",
             "triton": "vengine.kernels.triton_gpu"}
 
 
-def get_kernels(device: torch.device, dtype: torch.dtype, name: str | None = None):
+def get_kernels(device: torch.device, dtype: torch.dtype, name: str | None = None
+                ) -> KernelBackend:
     """The kernel module for a device: triton on CUDA, numba for float32 on CPU, else the torch
     reference.
 
@@ -28,7 +31,7 @@ def get_kernels(device: torch.device, dtype: torch.dtype, name: str | None = Non
     if name not in _MODULES:
         raise ConfigError(f"VENGINE_KERNELS: unknown kernel backend '{name}' ({', '.join(_MODULES)})")
     try:
-        return importlib.import_module(_MODULES[name])
+        return cast(KernelBackend, importlib.import_module(_MODULES[name]))
     except ImportError as e:
         if name != "triton":
             raise

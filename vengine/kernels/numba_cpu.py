@@ -1,7 +1,9 @@
-"""numba CPU kernels for vAttention decode, parallel over (sequence, KV head).
+"""numba CPU kernels for vAttention decode, parallel over (sequence, KV head); float32 only.
 
-Same interface as vengine.kernels.reference (which documents the shapes); float32 only. Each K/V
-row is read once for all query heads of its GQA group, with an online softmax.
+Its own: hash_scores, row_scores and partial_attention, the ops that loop over rows: each K/V row
+is read once for all query heads of its GQA group, with an online softmax. The others are the
+reference's (assigned below), which are vectorised torch over whole tensors already. Shapes:
+vengine.kernels.base.KernelBackend.
 """
 
 from __future__ import annotations
@@ -11,22 +13,20 @@ import math
 import numba as nb
 import numpy as np
 import torch
+from torch import Tensor
 
 from vengine.kernels import reference
-from vengine.kernels.reference import (  # noqa: F401  (re-export: selection and statistics are
-    _BYTE_SIGNS,  # vectorised torch over whole tensors)
-    exact_rows,
-    finish,
-    mask_range,
-    pack_signatures,
-    paged_rows,
-    pick_top,
-    pilot_budget,
-    pilot_rows,
-    proposal_params,
-    second_rows,
-    store_rows,
-)
+from vengine.kernels.base import Partial, Resident
+from vengine.kernels.common import byte_signs, mask_range, paged_rows
+
+store_rows = reference.store_rows
+pick_top = reference.pick_top
+exact_rows = reference.exact_rows
+proposal_params = reference.proposal_params
+pilot_rows = reference.pilot_rows
+second_rows = reference.second_rows
+pilot_budget = reference.pilot_budget
+finish = reference.finish
 
 
 @nb.njit(parallel=True, cache=True)
@@ -103,23 +103,25 @@ def _partial_attention(q, k_pool, v_pool, tables, rows, counts, logw, has_w, sca
                 acc_out[b, h * G + g, d] = acc[g, d]
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
+def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-def hash_scores(q, planes, sig, block_tables, lo, hi):
+def hash_scores(q: Tensor, planes: Tensor, sig: Tensor, block_tables: Tensor, lo: int,
+                hi: Tensor) -> Tensor:
     B, Hq, D = q.shape
     sig = paged_rows(sig, block_tables)
     _, Hkv, S, nbytes = sig.shape
     G = Hq // Hkv
     w = torch.einsum("bhgd,hdn->bhgn", q.float().view(B, Hkv, G, D), planes)
-    table = w.view(B, Hkv, G, nbytes, 8) @ _BYTE_SIGNS.T  # [B, Hkv, G, nbytes, 256]
+    table = w.view(B, Hkv, G, nbytes, 8) @ byte_signs(q.device).T  # [B, Hkv, G, nbytes, 256]
     out = torch.empty(B, Hq, S, dtype=torch.float32)
     _hash_scores(_np(table), _np(sig), out.numpy())
     return mask_range(out, lo, hi)
 
 
-def row_scores(q, k_pool, block_tables, rows, counts, scale, resident=None):
+def row_scores(q: Tensor, k_pool: Tensor, block_tables: Tensor, rows: Tensor, counts: Tensor,
+               scale: float, resident: Resident | None = None) -> Tensor:
     B, Hq, _ = q.shape
     out = torch.empty(B, Hq, rows.shape[2], dtype=torch.float32)
     _row_scores(_np(q.float()), _np(k_pool), _np(block_tables), _np(rows), _np(counts),
@@ -127,8 +129,10 @@ def row_scores(q, k_pool, block_tables, rows, counts, scale, resident=None):
     return out
 
 
-def partial_attention(q, k_pool, v_pool, block_tables, rows, counts, logw, scale, resident=None,
-                      scores=None):
+def partial_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
+                      rows: Tensor, counts: Tensor, logw: Tensor | None, scale: float,
+                      resident: Resident | None = None, scores: Tensor | None = None
+                      ) -> Partial:
     if scores is not None:  # the pilot: its scores are known, the reference reads V only
         return reference.partial_attention(q, k_pool, v_pool, block_tables, rows, counts, logw,
                                            scale, scores=scores)

@@ -1,80 +1,37 @@
-"""Plain PyTorch reference of every vAttention kernel; the numba and Triton kernels must match it.
-
-Shapes: q [B, Hq, D]; one layer of the paged pool k_pool, v_pool [pages, Hkv, P, D];
-block_tables [B, max_pages]; rows [B, Hkv, R] token positions (only the first counts[b, h] are
-valid); logw [B, Hkv, R] log importance weights; key signatures sig [pages, Hkv, P, nbytes] uint8,
-paged like the pool (S = max_pages * P positions per sequence).
-The query heads of a GQA group (Hq // Hkv of them) read the same rows.
-Row selection: picked [B, Hkv, >= S] int8 marks each group's predicted top-k; u [2, B, Hkv, S]
-uniform draws (the pilot's, the second sample's); context_lens [B]; prop = (scores, inv_t, lse,
-n_r), the sampling proposal (proposal_params).
+"""Plain PyTorch reference of every vAttention kernel (base.KernelBackend, which gives the
+shapes): the oracle the numba and Triton kernels are tested against, and the 'torch' backend.
 """
 
 from __future__ import annotations
 
-import functools
-from statistics import NormalDist
-
 import torch
-import torch.nn.functional as F
+from torch import Tensor
 
-# _BYTE_SIGNS[v, j] = +1 if bit j of byte v is set, else -1.
-_BYTE_SIGNS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).float() * 2 - 1
-
-
-@functools.cache
-def byte_signs(device: torch.device) -> torch.Tensor:
-    """_BYTE_SIGNS on a device, copied there once (a per-call copy would be a host sync)."""
-    return _BYTE_SIGNS.to(device)
+from vengine.kernels.base import Partial, Proposal, Resident
+from vengine.kernels.common import (PROPOSAL_FLOOR, PROPOSAL_TEMPERATURE, byte_signs, compact,
+                                    mask_range, pack_signatures, paged_rows, sample_z,
+                                    sigma_upper_factor)
 
 
-def pack_signatures(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
-    """x: [T, Hkv, D], planes: [Hkv, D, nbits] -> [T, Hkv, nbits / 8] uint8 sign bits of x . r_j."""
-    bits = torch.einsum("thd,hdn->thn", x.float(), planes) > 0
-    T, H, n = bits.shape
-    weights = 1 << torch.arange(8, device=x.device)
-    return (bits.view(T, H, n // 8, 8).long() * weights).sum(-1).to(torch.uint8)
-
-
-def store_rows(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, planes: torch.Tensor,
-               k_pool: torch.Tensor, v_pool: torch.Tensor, sig: torch.Tensor,
-               resident=None) -> None:
+def store_rows(k: Tensor, v: Tensor, slots: Tensor, planes: Tensor | None, k_pool: Tensor,
+               v_pool: Tensor, sig: Tensor | None, resident: Resident | None = None) -> None:
     """Write a step's K/V rows [T, Hkv, D] at flat slots [T] (page * P + offset) into one layer's
-    pools and the keys' signatures into sig [pages, Hkv, P, nbytes].
+    pools and the keys' signatures into sig [pages, Hkv, P, nbytes] (none where sig is None:
+    exact attention keeps no signatures). Prefill and decode both write through it.
 
     resident (here and in row_scores, partial_attention): GPU copies of some pages
-    (offload.kv_pool.ResidentPages), which the Triton kernels keep and read; the pool holds every
-    row, so the reference ignores them."""
+    (base.Resident), which the Triton kernels keep and read; the pool holds every row, so the
+    reference ignores them."""
     P = k_pool.shape[2]
     pages, offsets = slots // P, slots % P
     k_pool[pages, :, offsets] = k.to(k_pool.dtype)
     v_pool[pages, :, offsets] = v.to(v_pool.dtype)
-    sig[pages, :, offsets] = pack_signatures(k, planes)
+    if sig is not None:
+        sig[pages, :, offsets] = pack_signatures(k, planes)
 
 
-def paged_signatures(k_pool: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
-    """Signatures of every row of a pool [pages, Hkv, P, D] -> [pages, Hkv, P, nbytes]."""
-    pages, H, P, D = k_pool.shape
-    sig = pack_signatures(k_pool.transpose(1, 2).reshape(-1, H, D), planes)
-    return sig.view(pages, P, H, -1).transpose(1, 2).contiguous()
-
-
-def paged_rows(pool: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """pool [pages, Hkv, P, ...] -> each sequence's rows in token order [B, Hkv, S, ...]."""
-    x = pool[block_tables]  # [B, max_pages, Hkv, P, ...]
-    B, n, H, P = x.shape[:4]
-    return x.transpose(1, 2).reshape(B, H, n * P, *x.shape[4:])
-
-
-def mask_range(scores: torch.Tensor, lo: int, hi: torch.Tensor) -> torch.Tensor:
-    """scores [B, H, S] with -inf outside positions lo <= s < hi[b]."""
-    pos = torch.arange(scores.shape[-1], device=scores.device)
-    keep = (pos >= lo) & (pos < hi[:, None])
-    return scores.masked_fill(~keep[:, None], float("-inf"))
-
-
-def hash_scores(q: torch.Tensor, planes: torch.Tensor, sig: torch.Tensor,
-                block_tables: torch.Tensor, lo: int, hi: torch.Tensor) -> torch.Tensor:
+def hash_scores(q: Tensor, planes: Tensor, sig: Tensor, block_tables: Tensor, lo: int,
+                hi: Tensor) -> Tensor:
     """Predicted scores [B, Hq, S] of positions lo <= s < hi[b] (-inf elsewhere):
     sum_j (q . r_j) * sign(k . r_j), bits weighted by |q . r_j|.
 
@@ -91,33 +48,7 @@ def hash_scores(q: torch.Tensor, planes: torch.Tensor, sig: torch.Tensor,
     return mask_range(table.gather(-1, idx).sum(3).view(B, Hq, S), lo, hi)
 
 
-def row_cumsum(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """Inclusive cumsum of [B, H, S] along S in two levels (within blocks, then block carries).
-
-    Why: a scan along the last dim parallelises over its B * H rows only; with 8 rows of 128K
-    it took 0.2 ms per call on the H100.
-    """
-    B, H, S = x.shape
-    if S <= block:
-        return x.cumsum(-1)
-    inner = F.pad(x, (0, -S % block)).view(B, H, -1, block).cumsum(-1)
-    totals = inner[..., -1]
-    carry = totals.cumsum(-1) - totals  # sum of the blocks before each block
-    return (inner + carry[..., None]).view(B, H, -1)[..., :S]
-
-
-def compact(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """mask [B, H, S] -> its first `width` set positions, ascending [B, H, width] (padded with
-    0), and their counts [B, H] (at most width); no host sync."""
-    B, H, S = mask.shape
-    counts = mask.sum(-1).clamp(max=width)
-    slot = torch.where(mask, row_cumsum(mask.int()).long() - 1, width).clamp(max=width)
-    rows = torch.zeros(B, H, width + 1, dtype=torch.long, device=mask.device)
-    rows.scatter_(-1, slot, torch.arange(S, device=mask.device).expand(B, H, S))
-    return rows[..., :width], counts
-
-
-def pick_top(scores: torch.Tensor, k_max: int, k_rows: torch.Tensor) -> torch.Tensor:
+def pick_top(scores: Tensor, k_max: int, k_rows: Tensor) -> Tensor:
     """picked [B, Hkv, S + 1] int8 from scores [B, Hkv, S]: 1 at each (b, h)'s k_rows[b] highest
     finite scores (k_rows [B] <= k_max, a host int that sizes the buffers); column S is scratch."""
     B, H, S = scores.shape
@@ -130,7 +61,7 @@ def pick_top(scores: torch.Tensor, k_max: int, k_rows: torch.Tensor) -> torch.Te
     return picked
 
 
-def exact_mask(picked, context_lens, S: int, sink: int, window: int) -> torch.Tensor:
+def exact_mask(picked: Tensor, context_lens: Tensor, S: int, sink: int, window: int) -> Tensor:
     """[B, Hkv, S]: the rows attended exactly: sink, recent window and the picked rows."""
     pos = torch.arange(S, device=context_lens.device)
     n = context_lens[:, None, None]
@@ -138,16 +69,13 @@ def exact_mask(picked, context_lens, S: int, sink: int, window: int) -> torch.Te
     return valid & ((pos < sink) | (pos >= n - window) | (picked[..., :S] != 0))
 
 
-def exact_rows(picked, context_lens, S: int, sink: int, window: int, width: int):
+def exact_rows(picked: Tensor, context_lens: Tensor, S: int, sink: int, window: int,
+               width: int) -> tuple[Tensor, Tensor]:
     """Row lists [B, Hkv, width] and counts [B, Hkv] of exact_mask."""
     return compact(exact_mask(picked, context_lens, S, sink, window), width)
 
 
-PROPOSAL_TEMPERATURE = 1.0  # hash scores in units of their spread over the residual
-PROPOSAL_FLOOR = 0.1  # share of the proposal spread uniformly (defensive mixture)
-
-
-def proposal_params(scores: torch.Tensor, picked: torch.Tensor):
+def proposal_params(scores: Tensor, picked: Tensor) -> tuple[Tensor, Tensor]:
     """scores [B, Hkv, S]: the hash scores of the candidates (-inf elsewhere), picked: the top-k.
     Per (b, h) [B, Hkv]: inv_t, 1 / the spread (population sd) of the residual's hash scores,
     and lse = logsumexp of score * inv_t over the residual. The proposal is then
@@ -167,13 +95,14 @@ def proposal_params(scores: torch.Tensor, picked: torch.Tensor):
     return inv_t, lse
 
 
-def residual_mask(picked, context_lens, S: int, sink: int, window: int) -> torch.Tensor:
+def residual_mask(picked: Tensor, context_lens: Tensor, S: int, sink: int, window: int
+                  ) -> Tensor:
     """[B, Hkv, S]: the residual R, the valid rows not in exact_mask."""
     pos = torch.arange(S, device=context_lens.device)
     return (pos < context_lens[:, None, None]) & ~exact_mask(picked, context_lens, S, sink, window)
 
 
-def proposal(prop, resid: torch.Tensor) -> torch.Tensor:
+def proposal(prop: Proposal, resid: Tensor) -> Tensor:
     """The proposal [B, Hkv, S] of residual rows from prop = (scores, inv_t, lse, n_r) (see
     proposal_params): (1 - f) exp(score * inv_t - lse) + f / n_R on R, 0 elsewhere."""
     scores, inv_t, lse, n_r = prop
@@ -182,7 +111,8 @@ def proposal(prop, resid: torch.Tensor) -> torch.Tensor:
     return torch.where(resid, pr, 0.0)
 
 
-def pilot_rows(picked, u, prop, size, context_lens, sink: int, window: int, width: int):
+def pilot_rows(picked: Tensor, u: Tensor, prop: Proposal, size: Tensor, context_lens: Tensor,
+               sink: int, window: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The pilot: row i of R with probability pa_i = min(1, size * pr_i) (kept when u[0] < pa;
     u [2, B, Hkv, S], size [B, Hkv]). Lists [B, Hkv, width] (the first width rows) and counts, and
     each listed row's pa and pr [B, Hkv, width]."""
@@ -193,7 +123,9 @@ def pilot_rows(picked, u, prop, size, context_lens, sink: int, window: int, widt
     return rows, counts, pa.gather(-1, rows), pr.gather(-1, rows)
 
 
-def second_rows(picked, u, prop, size, c, context_lens, sink: int, window: int, width: int):
+def second_rows(picked: Tensor, u: Tensor, prop: Proposal, size: Tensor, c: Tensor,
+                context_lens: Tensor, sink: int, window: int, width: int
+                ) -> tuple[Tensor, Tensor, Tensor]:
     """The second sample: row i of R outside the pilot (u[0] >= pa_i) with probability
     pc_i = min(1, c * pr_i) (kept when u[1] < pc). Lists, counts, and each listed row's log
     weight -log(1 - (1 - pa)(1 - pc)): the inverse of its probability of being in the union."""
@@ -206,7 +138,7 @@ def second_rows(picked, u, prop, size, c, context_lens, sink: int, window: int, 
     return rows, counts, -torch.log(pi.clamp(min=1e-30))
 
 
-def gather_rows(pool: torch.Tensor, block_tables: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def gather_rows(pool: Tensor, block_tables: Tensor, rows: Tensor) -> Tensor:
     """pool [pages, Hkv, P, D], rows [B, Hkv, R] -> [B, Hkv, R, D] (rows past the counts: garbage)."""
     P = pool.shape[2]
     B, Hkv, R = rows.shape
@@ -215,7 +147,8 @@ def gather_rows(pool: torch.Tensor, block_tables: torch.Tensor, rows: torch.Tens
     return pool[pages, heads, rows % P]
 
 
-def row_scores(q, k_pool, block_tables, rows, counts, scale: float, resident=None) -> torch.Tensor:
+def row_scores(q: Tensor, k_pool: Tensor, block_tables: Tensor, rows: Tensor, counts: Tensor,
+               scale: float, resident: Resident | None = None) -> Tensor:
     """Exact scores q . k / sqrt(D) of the listed rows: [B, Hq, R], -inf past counts."""
     B, Hq, D = q.shape
     Hkv, R = rows.shape[1], rows.shape[2]
@@ -225,8 +158,10 @@ def row_scores(q, k_pool, block_tables, rows, counts, scale: float, resident=Non
     return s.masked_fill(~live[:, :, None], float("-inf")).view(B, Hq, R)
 
 
-def partial_attention(q, k_pool, v_pool, block_tables, rows, counts, logw, scale: float,
-                      resident=None, scores=None):
+def partial_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
+                      rows: Tensor, counts: Tensor, logw: Tensor | None, scale: float,
+                      resident: Resident | None = None, scores: Tensor | None = None
+                      ) -> Partial:
     """Softmax attention over the listed rows with score bias logw, left unnormalised; scores:
     the rows' row_scores when known (the kernels then skip reading K).
 
@@ -247,7 +182,7 @@ def partial_attention(q, k_pool, v_pool, block_tables, rows, counts, logw, scale
     return m.view(B, Hq), p.sum(-1).view(B, Hq), acc.view(B, Hq, D)
 
 
-def merge_partials(parts) -> torch.Tensor:
+def merge_partials(parts: list[Partial]) -> Tensor:
     """Combine (m, l, acc) partials over disjoint row sets into the attention output [B, Hq, D]."""
     m = torch.stack([p[0] for p in parts]).amax(0).clamp_min(torch.finfo(torch.float32).min)
     l = sum(p[1] * torch.exp(p[0] - m) for p in parts)
@@ -255,24 +190,9 @@ def merge_partials(parts) -> torch.Tensor:
     return acc / l[..., None]
 
 
-def sigma_upper_factor(n: torch.Tensor, alpha: float) -> torch.Tensor:
-    """sqrt((n-1) / chi2_alpha(n-1)): a sample std times this bounds sigma with prob 1 - alpha.
-
-    chi2 quantile by the Wilson-Hilferty approximation (accurate to ~1% from 10 degrees of freedom).
-    """
-    k = (n - 1).clamp(min=1)
-    z = NormalDist().inv_cdf(alpha)
-    chi2 = k * (1 - 2 / (9 * k) + z * torch.sqrt(2 / (9 * k))) ** 3
-    return torch.sqrt(k / chi2.clamp(min=1e-3))
-
-
-def sample_z(delta: float) -> float:
-    """z_{1-delta/4}: the sample's normal quantile once delta is split with the pilot's variance
-    bound (which takes delta/2; see pilot_budget)."""
-    return NormalDist().inv_cdf(1 - delta / 4)
-
-
-def pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, epsilon: float, delta: float):
+def pilot_budget(s_b: Tensor, count_b: Tensor, pa_b: Tensor, pr_b: Tensor, m_f: Tensor,
+                 l_f: Tensor, cap: Tensor, n_r: Tensor, epsilon: float, delta: float
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The second sample's size from the pilot. The residual R is sampled twice: the pilot
     (Poisson, probability pa per row), then a Poisson sample with probability min(1, c * pr); D_hat
     is Horvitz-Thompson over their union.
@@ -283,8 +203,9 @@ def pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, epsilon: float, d
     largest score seen), the pilot gives HT estimates of D = D_F + sum_R x and of
     A = sum_R x^2 / pr. The second sample's HT variance, sum_R x^2 (1 / min(1, c pr) - 1), is
     below A / c (the variance of drawing row i Poisson(c pr_i) times), so c = A / (epsilon * D /
-    z)^2 meets z * sd <= epsilon * D; the group takes its heads' largest c. delta is split: A is inflated by the chi2 factor that bounds a
-    sample variance with probability 1 - delta/2 (pilot noise), and z = z_{1-delta/4}.
+    z)^2 meets z * sd <= epsilon * D; the group takes its heads' largest c. delta is split: A is
+    inflated by the chi2 factor that bounds a sample variance with probability 1 - delta/2 (pilot
+    noise), and z = z_{1-delta/4}.
 
     Unbiased: c depends on the pilot, so a pilot row's inclusion probability
     1 - (1 - pa)(1 - min(1, c pr)) is taken with c_{-i}, the budget computed without that row;
@@ -323,7 +244,8 @@ def pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, epsilon: float, d
     return m, d_f.view(B, Hq), c, -torch.log(pi_b.clamp(min=1e-30)), over_eps
 
 
-def finish(part_f, part_b, part_s, m, d_f):
+def finish(part_f: Partial, part_b: Partial, part_s: Partial, m: Tensor, d_f: Tensor
+           ) -> tuple[Tensor, Tensor]:
     """The step's output [B, Hq, D] f32 from the partials (m, l, acc) of the exact rows, the
     pilot and the second sample, and D_hat [B, Hq] at exp(-m)."""
     d_hat = d_f + sum(p[1] * torch.exp(p[0] - m) for p in (part_b, part_s))

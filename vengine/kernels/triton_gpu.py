@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vengine.kernels.reference import (  # noqa: F401  (byte_signs, pack_signatures: re-exports)
+from vengine.kernels.common import (  # noqa: F401  (byte_signs, pack_signatures: re-exports)
     PROPOSAL_FLOOR, PROPOSAL_TEMPERATURE, byte_signs, pack_signatures, sample_z)
 
 CHUNK = 256  # rows per partial_attention program (one flash-decoding split)

@@ -19,7 +19,7 @@ import re
 import torch
 
 from vengine.errors import ConfigError, HostMemoryError
-from vengine.kernels.reference import paged_rows
+from vengine.kernels.common import paged_rows
 from vengine.offload.uva import uva_view
 
 _SIDE_STREAM_ROWS = 1024  # writes of at least this many tokens go on the side stream
