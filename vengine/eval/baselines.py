@@ -13,7 +13,6 @@ bytes and the same predictor. OracleVAttention is vAttention with the exact scor
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from types import SimpleNamespace
 
 import torch
 
@@ -21,6 +20,7 @@ from vengine.attention.config import VAttention
 from vengine.attention.vattention import DecodeResult, VAttentionBackend, vattention_decode
 from vengine.errors import ConfigError
 from vengine.eval.activations import DecodeProblem
+from vengine.kernels.base import KernelBackend
 from vengine.kernels.common import mask_range
 from vengine.kernels.reference import hash_scores
 
@@ -58,12 +58,27 @@ def oracle_group_scores(s: torch.Tensor, Hkv: int) -> torch.Tensor:
     return s.view(B, Hkv, Hq // Hkv, S).amax(2)
 
 
-def oracle_kernels(kernels, s: torch.Tensor) -> SimpleNamespace:
-    """A kernel backend whose predictor returns the exact group scores: vAttention(oracle top-k)."""
-    def scores(q, planes, sig, block_tables, lo, hi):
-        return mask_range(oracle_group_scores(s, sig.shape[1]).clamp(min=-1e30), lo, hi)
+class _OracleKernels:
+    """kernels with hash_scores replaced by the exact group scores of s [B, Hq, S]; every other op
+    is the wrapped backend's."""
 
-    return SimpleNamespace(**{**vars(kernels), "hash_scores": scores})
+    def __init__(self, kernels: KernelBackend, s: torch.Tensor) -> None:
+        self.s = s
+        self.store_rows, self.pick_top = kernels.store_rows, kernels.pick_top
+        self.exact_rows, self.proposal_params = kernels.exact_rows, kernels.proposal_params
+        self.pilot_rows, self.second_rows = kernels.pilot_rows, kernels.second_rows
+        self.row_scores, self.partial_attention = kernels.row_scores, kernels.partial_attention
+        self.pilot_budget, self.finish = kernels.pilot_budget, kernels.finish
+
+    def hash_scores(self, q: torch.Tensor, planes: torch.Tensor, sig: torch.Tensor,
+                    block_tables: torch.Tensor, lo: int, hi: torch.Tensor) -> torch.Tensor:
+        return mask_range(oracle_group_scores(self.s, sig.shape[1]).clamp(min=-1e30), lo, hi)
+
+
+def oracle_kernels(kernels: KernelBackend, s: torch.Tensor) -> KernelBackend:
+    """A kernel backend whose predictor returns the exact group scores s [B, Hq, S] (taking their
+    best over each GQA group): vAttention(oracle top-k)."""
+    return _OracleKernels(kernels, s)
 
 
 def topk_attention(p: DecodeProblem, s: torch.Tensor, density: float, sink: int, window: int,
