@@ -39,7 +39,7 @@ from vengine.attention.vattention import VAttentionBackend, vattention_decode
 from vengine.engine.model_runner import ModelRunner
 from vengine.engine.sampling import SamplingParams
 from vengine.engine.sequence import Sequence
-from vengine.kernels import triton_gpu
+from vengine.kernels import triton as triton_gpu
 from vengine.kernels.common import pack_signatures
 from vengine.models.config import ModelConfig, RopeScaling
 from vengine.models.llama import LlamaForCausalLM

@@ -127,7 +127,7 @@ def on_gpu(p: DecodeProblem) -> tuple[DecodeProblem, DecodeProblem]:
 
 
 def gpu_violation_rate(problems, cfg: vengine.VAttention, seeds: int):
-    from vengine.kernels import triton_gpu
+    from vengine.kernels import triton as triton_gpu
 
     viol = []
     for i, p in enumerate(problems):

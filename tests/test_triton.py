@@ -13,7 +13,8 @@ pytest.importorskip("triton", reason="triton is not installed: no Triton kernels
 from vengine.attention.config import VAttention  # noqa: E402
 from vengine.attention.vattention import vattention_decode  # noqa: E402
 from vengine.eval.activations import DecodeProblem  # noqa: E402
-from vengine.kernels import reference, triton_gpu  # noqa: E402
+from vengine.kernels import reference  # noqa: E402
+from vengine.kernels import triton as triton_gpu  # noqa: E402  (the GPU kernels)
 from vengine.kernels.common import compact, paged_signatures  # noqa: E402
 from vengine.offload.uva import uva_view  # noqa: E402
 

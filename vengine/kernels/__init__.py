@@ -12,7 +12,7 @@ from vengine.errors import ConfigError
 from vengine.kernels.base import KernelBackend
 
 _MODULES = {"torch": "vengine.kernels.reference", "numba": "vengine.kernels.numba_cpu",
-            "triton": "vengine.kernels.triton_gpu"}
+            "triton": "vengine.kernels.triton"}
 
 
 def get_kernels(device: torch.device, dtype: torch.dtype, name: str | None = None
