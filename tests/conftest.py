@@ -6,6 +6,7 @@
   model is read-only at inference, as `LLM.with_attention` already relies on. Other model paths
   (tiny checkpoints, damaged files) are loaded afresh every time.
 - transformers' tokenizer read from the same GGUF (test_tokenizer, test_models).
+- `captured`: the default model's attention inputs as decode problems (test_vattention, test_gpu).
 - `cli`: the command line run in-process, so that a CLI test whose subject is not the process
   does not pay an interpreter start, a torch import and a model load.
 """
@@ -78,6 +79,22 @@ def _default_weights_read_once() -> Iterator[None]:
         mp.setattr(llm_module, "load_model", load_model)
         mp.setattr(loader, "load_model", load_model)
         yield
+
+
+@pytest.fixture(scope="session")
+def captured(default_gguf: Path) -> list:
+    """DecodeProblems of the default model's real attention inputs, one per layer (float32, CPU):
+    4096 tokens of corpus_text, the last 8 positions as decode queries, 64-bit signatures from
+    planes seeded 7 (test_vattention's guarantee and equal-density tests, test_gpu's)."""
+    from vengine.eval.activations import capture, corpus_text, decode_problem
+    from vengine.models.loader import load_model, resolve_model
+
+    model, tok = load_model(resolve_model(None), torch.device("cpu"), torch.float32)
+    ids = tok.encode(corpus_text())[:4096]
+    acts = capture(model, ids, keep_queries=8)
+    g = torch.Generator().manual_seed(7)
+    Hkv, D = acts[0].k.shape[1:]
+    return [decode_problem(a, torch.randn(Hkv, D, 64, generator=g)) for a in acts]
 
 
 @pytest.fixture(scope="session")

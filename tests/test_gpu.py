@@ -9,11 +9,10 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import CAPTURED, CFG, SYNTHETIC, random_problem, slack, violation_rate
 
 import vengine
-from vengine.attention.vattention import vattention_decode
-from vengine.eval.activations import DecodeProblem, capture, corpus_text, decode_problem
-from vengine.eval.baselines import relative_errors
+from vengine.eval.activations import DecodeProblem, corpus_text
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                   reason="needs a CUDA GPU")]
@@ -127,27 +126,15 @@ def on_gpu(p: DecodeProblem) -> tuple[DecodeProblem, DecodeProblem]:
 
 
 def gpu_violation_rate(problems, cfg: vengine.VAttention, seeds: int):
+    """violation_rate with the Triton kernels reading bf16 pools in pinned host memory."""
     from vengine.kernels import triton as triton_gpu
 
-    viol = []
-    for i, p in enumerate(problems):
-        exact, host = on_gpu(p)
-        s, out = exact.exact()
-        for seed in range(seeds):
-            g = torch.Generator("cuda").manual_seed(1000 * i + seed)
-            r = vattention_decode(host.q, host.k_pool, host.v_pool, host.block_tables,
-                                  host.context_lens, host.sig, host.planes, cfg, g, triton_gpu)
-            _, d_err = relative_errors(r.out.float(), r.d_hat, out, s, r.log_scale)
-            viol.append((d_err > cfg.epsilon).flatten().float())
-    viol = torch.cat(viol)
-    return viol.mean().item(), len(viol)
+    return violation_rate(problems, cfg, seeds, triton_gpu, place=on_gpu)[:2]
 
 
 @pytest.mark.parametrize("epsilon", [0.02, 0.05, 0.1])
 @pytest.mark.parametrize("delta", [0.05, 0.1])
 def test_guarantee_on_gpu_synthetic(epsilon, delta):
-    from test_vattention import CFG, SYNTHETIC, random_problem, slack
-
     problems = [random_problem(B=4, n=4000, seed=s, **SYNTHETIC[kind])
                 for s in range(2) for kind in sorted(SYNTHETIC)]
     rate, n = gpu_violation_rate(problems, vengine.VAttention(epsilon=epsilon, delta=delta, **CFG),
@@ -156,20 +143,9 @@ def test_guarantee_on_gpu_synthetic(epsilon, delta):
     assert rate <= delta + slack(delta, n)
 
 
-@pytest.fixture(scope="module")
-def captured(cpu_llm):
-    ids = cpu_llm.tokenizer.encode(corpus_text())[:4096]
-    acts = capture(cpu_llm.model, ids, keep_queries=8)
-    g = torch.Generator().manual_seed(7)
-    Hkv, D = acts[0].k.shape[1:]
-    return [decode_problem(a, torch.randn(Hkv, D, 64, generator=g)) for a in acts]
-
-
 @pytest.mark.parametrize("epsilon", [0.02, 0.05, 0.1])
 @pytest.mark.parametrize("delta", [0.05, 0.1])
 def test_guarantee_on_gpu_captured(captured, epsilon, delta):
-    from test_vattention import CAPTURED, slack
-
     cfg = vengine.VAttention(epsilon=epsilon, delta=delta, **CAPTURED)
     rate, n = gpu_violation_rate(captured, cfg, seeds=2)
     print(f"GPU captured eps={epsilon} delta={delta}: violations {rate:.4f} of {n}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -10,12 +11,13 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: no Triton kernels to test")
 
+from helpers import decode, row_lists, shuffled_problem  # noqa: E402
+
 from vengine.attention.config import VAttention  # noqa: E402
-from vengine.attention.vattention import vattention_decode  # noqa: E402
 from vengine.eval.activations import DecodeProblem  # noqa: E402
 from vengine.kernels import reference  # noqa: E402
 from vengine.kernels import triton as triton_gpu  # noqa: E402  (the GPU kernels)
-from vengine.kernels.common import compact, paged_signatures  # noqa: E402
+from vengine.kernels.common import mask_range  # noqa: E402
 from vengine.offload.uva import uva_view  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -23,34 +25,6 @@ if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET=0 and no CUDA GPU: nowhere to run the kernels",
                 allow_module_level=True)
 DEV = "cpu" if INTERPRET else "cuda"
-
-
-def problem(B=2, Hkv=2, G=4, D=32, P=16, n=300, bits=64, seed=0) -> DecodeProblem:
-    """Random K/V over shuffled pages; context lengths n, n - 37, ..."""
-    g = torch.Generator().manual_seed(seed)
-    pages = -(-n // P)
-    k = torch.randn(B, Hkv, pages * P, D, generator=g)
-    v = torch.randn(B, Hkv, pages * P, D, generator=g)
-    planes = torch.randn(Hkv, D, bits, generator=g)
-    tables = torch.randperm(B * pages, generator=g).view(B, pages)
-    k_pool, v_pool = torch.empty(B * pages, Hkv, P, D), torch.empty(B * pages, Hkv, P, D)
-    k_pool[tables] = k.view(B, Hkv, pages, P, D).transpose(1, 2)
-    v_pool[tables] = v.view(B, Hkv, pages, P, D).transpose(1, 2)
-    return DecodeProblem(torch.randn(B, Hkv * G, D, generator=g), k_pool, v_pool, tables,
-                         torch.tensor([n - 37 * b for b in range(B)]),
-                         paged_signatures(k_pool, planes), planes)
-
-
-def row_lists(p: DecodeProblem, frac: float, width: int, seed: int = 1):
-    """Sorted random rows in an odd-width buffer; the last (b, h) gets none."""
-    g = torch.Generator().manual_seed(seed)
-    (B, pages), (Hkv, P) = p.block_tables.shape, p.sig.shape[1:3]
-    S = pages * P
-    mask = torch.rand(B, Hkv, S, generator=g) < frac
-    mask &= torch.arange(S) < p.context_lens[:, None, None]
-    mask &= mask.cumsum(-1) <= width
-    mask[-1, -1] = False
-    return compact(mask, width)
 
 
 def err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -81,7 +55,7 @@ def cast(p: DecodeProblem, dtype, dev) -> tuple:
 @pytest.mark.parametrize("D", [32, 64])
 @pytest.mark.parametrize("Hkv,G", [(1, 1), (2, 4), (3, 3)])
 def test_kernels_match_reference(Hkv, G, D, P):
-    p = problem(Hkv=Hkv, G=G, D=D, P=P, bits=64 if D == 64 else 40)  # 40 bits: 5 bytes
+    p = shuffled_problem(Hkv=Hkv, G=G, D=D, P=P, bits=64 if D == 64 else 40)  # 40 bits: 5 bytes
     rows, counts = row_lists(p, 0.5, width=199)
     logw = torch.rand(rows.shape, generator=torch.Generator().manual_seed(2)) * 3 - 1
     scale = 1 / math.sqrt(D)
@@ -126,8 +100,7 @@ def selection_problem(S: int):
     B, Hkv = 3, 2
     lens = torch.tensor([S, S - 1000 if S > 1000 else S - 100, 40])  # the last: all fixed
     picked = (torch.rand(B, Hkv, S + 1, generator=g) < 0.1).to(torch.int8)
-    scores = reference.mask_range(torch.randn(B, Hkv, S, generator=g) * 30 + 50, 16,
-                                  lens - 24)
+    scores = mask_range(torch.randn(B, Hkv, S, generator=g) * 30 + 50, 16, lens - 24)
     u = torch.rand(2, B, Hkv, S, generator=g)
     return picked, scores, lens, u
 
@@ -250,7 +223,7 @@ def test_resident_pages_are_read_from_their_gpu_copy():
     """With some pages copied to a 'GPU' pool (slot_of >= 0) and their host rows poisoned with NaN,
     row_scores and partial_attention still equal the reference on the clean pool; store_rows
     writes a row of a resident page to both copies."""
-    p = problem(B=2, Hkv=2, G=4, D=32, P=16, n=300)
+    p = shuffled_problem(B=2, Hkv=2, G=4, D=32, P=16, n=300)
     rows, counts = row_lists(p, 0.5, width=199)
     q, kp, vp, bt = cast(p, torch.float32, DEV)
     resident_pages = [int(p.block_tables[b, i]) for b, i in ((0, 0), (1, -1), (0, 5))]
@@ -284,7 +257,7 @@ def test_resident_pages_are_read_from_their_gpu_copy():
 
 def test_split_sizes_agree():
     """One split per list, several, and splits past the counts give the same partials."""
-    p = problem(B=1, Hkv=1, G=2, n=200)
+    p = shuffled_problem(B=1, Hkv=1, G=2, n=200)
     rows, counts = row_lists(p, 0.6, width=151)
     args = (*cast(p, torch.float32, DEV), rows.to(DEV), counts.to(DEV), None, 0.125)
     base = triton_gpu.partial_attention(*args, chunk=256)
@@ -294,16 +267,10 @@ def test_split_sizes_agree():
 
 
 def test_decode_matches_reference_kernels():
-    p = problem(B=2, Hkv=2, G=2, D=32, P=16, n=300)
+    p = shuffled_problem(B=2, Hkv=2, G=2, D=32, P=16, n=300)
     cfg = VAttention(epsilon=0.1, delta=0.1, sink=8, window=8, top_k=0.05, base_rate=0.05)
-
-    def run(kernels, dev):
-        t = [x.to(dev) for x in (p.q, p.k_pool, p.v_pool, p.block_tables, p.context_lens, p.sig,
-                                 p.planes)]
-        g = torch.Generator(device=dev).manual_seed(3)
-        return vattention_decode(*t, cfg, g, kernels)
-
-    a, b = run(reference, DEV), run(triton_gpu, DEV)  # one generator stream: the same samples
+    p = DecodeProblem(*(getattr(p, f.name).to(DEV) for f in dataclasses.fields(p)))
+    a, b = decode(p, cfg, 3, reference), decode(p, cfg, 3, triton_gpu)  # the same draws
     assert torch.equal(a.density, b.density)
     check("decode output", b.out, a.out.cpu(), rtol=1e-4)
 
@@ -312,7 +279,7 @@ def test_decode_matches_reference_kernels():
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
                     reason="needs a CUDA GPU with compiled kernels (TRITON_INTERPRET unset or 0)")
 def test_partial_attention_reads_pinned_host_pool_over_uva():
-    p = problem(Hkv=2, G=4, D=64, P=16, n=300)
+    p = shuffled_problem(Hkv=2, G=4, D=64, P=16, n=300)
     rows, counts = row_lists(p, 0.5, width=199)
     args = (rows, counts, torch.rand(rows.shape, generator=torch.Generator().manual_seed(2)), 0.125)
     k16, v16 = p.k_pool.half().pin_memory(), p.v_pool.half().pin_memory()

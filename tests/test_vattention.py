@@ -4,57 +4,42 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (CAPTURED, CFG, SYNTHETIC, decode, protocol_mismatches, random_problem,
+                     row_lists, slack, violation_rate)
 
 from vengine.attention.config import VAttention
-from vengine.attention.vattention import vattention_decode
-from vengine.eval.activations import DecodeProblem, capture, corpus_text, decode_problem
 from vengine.eval.baselines import (oracle_kernels, relative_errors, topk_attention,
                                     uniform_attention)
-from vengine.kernels import numba_cpu, reference
-from vengine.kernels.common import compact, paged_rows, paged_signatures, sigma_upper_factor
+from vengine.kernels import get_kernels, numba_cpu, reference
+from vengine.kernels.common import compact, paged_rows, sigma_upper_factor
 from vengine.kernels.reference import merge_partials
-
-
-def random_problem(B=2, Hkv=3, G=3, D=64, P=16, n=700, bits=64, seed=0, sharpness=0.0,
-                   q_scale=1.0) -> DecodeProblem:
-    """Random paged K/V. sharpness > 0 plants rows aligned with each query (heavy hitters)."""
-    g = torch.Generator().manual_seed(seed)
-    pages = -(-n // P)
-    k = torch.randn(B, Hkv, pages * P, D, generator=g)
-    v = torch.randn(B, Hkv, pages * P, D, generator=g)
-    q = torch.randn(B, Hkv * G, D, generator=g) * q_scale
-    if sharpness:
-        for b in range(B):
-            rows = torch.randint(0, n, (Hkv, 8), generator=g)
-            for h in range(Hkv):
-                k[b, h, rows[h]] = sharpness * q[b, h * G] / q[b, h * G].norm() * math.sqrt(D)
-    planes = torch.randn(Hkv, D, bits, generator=g)
-    k_pool = k.view(B, Hkv, pages, P, D).permute(0, 2, 1, 3, 4).reshape(B * pages, Hkv, P, D)
-    v_pool = v.view(B, Hkv, pages, P, D).permute(0, 2, 1, 3, 4).reshape(B * pages, Hkv, P, D)
-    lens = torch.tensor([n - 37 * b for b in range(B)])
-    return DecodeProblem(q, k_pool.contiguous(), v_pool.contiguous(),
-                         torch.arange(B * pages).view(B, pages), lens,
-                         paged_signatures(k_pool, planes), planes)
-
-
-def row_lists(p: DecodeProblem, frac: float, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    (B, pages), (Hkv, P) = p.block_tables.shape, p.sig.shape[1:3]
-    S = pages * P
-    mask = (torch.rand(B, Hkv, S, generator=g) < frac) & (torch.arange(S) < p.context_lens[:, None, None])
-    return compact(mask, S)
 
 
 # -- kernels ------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("name", ["torch", "numba", "triton"])
+def test_backends_provide_every_kernel_op(name):
+    """Each backend get_kernels names has every KernelBackend op, parameters as the Protocol's."""
+    if name == "triton":
+        pytest.importorskip("triton")
+    backend = get_kernels(torch.device("cpu"), torch.float32, name)
+    assert protocol_mismatches(backend) == []
+    p = random_problem(B=1, n=100)
+    assert protocol_mismatches(oracle_kernels(backend, p.exact()[0])) == []
+    ops = {n: getattr(reference, n) for n in ("store_rows", "pick_top", "exact_rows", "finish")}
+    bad = protocol_mismatches(SimpleNamespace(**ops, hash_scores=lambda q, planes: q))
+    assert "hash_scores(q, planes)" in bad and "pilot_rows: missing" in bad and len(bad) == 7
+
+
 @pytest.mark.parametrize("Hkv,G,D,P,n", [(1, 1, 64, 16, 333), (2, 4, 32, 64, 1001), (3, 3, 64, 16, 700)])
 def test_numba_kernels_match_reference(Hkv, G, D, P, n):
     p = random_problem(Hkv=Hkv, G=G, D=D, P=P, n=n)
-    rows, counts = row_lists(p, 0.3)
+    rows, counts = row_lists(p, 0.3)  # the whole context wide
     logw = torch.rand(rows.shape) * 3
     scale = 1 / math.sqrt(D)
     args = (p.q, p.planes, p.sig, p.block_tables, 3, p.context_lens - 5)
@@ -122,23 +107,13 @@ def test_sigma_upper_factor_matches_chi2_quantiles(n, alpha, chi2):
 
 # -- the estimator --------------------------------------------------------------------------------
 
-CFG = dict(sink=16, window=16, top_k=0.02, base_rate=0.1)
-CAPTURED = dict(sink=64, window=64, top_k=0.05, base_rate=0.1)  # captured tests (and on the GPU)
-
-
-def run(p: DecodeProblem, cfg: VAttention, seed: int, kernels=reference):
-    g = torch.Generator().manual_seed(seed)
-    return vattention_decode(p.q, p.k_pool, p.v_pool, p.block_tables, p.context_lens, p.sig,
-                             p.planes, cfg, g, kernels)
-
-
 def test_denominator_estimate_is_unbiased():
     p = random_problem(B=1, Hkv=1, G=2, n=900, q_scale=1.5)
     s, _ = p.exact()
     cfg = VAttention(epsilon=0.3, delta=0.3, **CFG)
     ratios = []
     for seed in range(300):
-        r = run(p, cfg, seed)
+        r = decode(p, cfg, seed)
         d = torch.exp(s - r.log_scale[..., None]).sum(-1)
         ratios.append(r.d_hat / d)
     ratios = torch.stack(ratios)  # [trials, 1, Hq]
@@ -151,7 +126,7 @@ def test_max_sample_caps_the_sample_and_the_certificate_reports_it():
     p = random_problem(B=2, n=1500, sharpness=1.2)  # "mixed": the CLT asks for a large sample
     free = VAttention(epsilon=0.02, delta=0.05, **CFG)
     capped = VAttention(epsilon=0.02, delta=0.05, max_sample=0.05, **CFG)
-    a, b = run(p, free, 0), run(p, capped, 0)
+    a, b = decode(p, free, 0), decode(p, capped, 0)
     n = p.context_lens[:, None].float()
     fixed = 16 + 16 + int(0.02 * 1500)  # sink + window + the group's top-k
     b_max = 0.05 * n + 0.1 * n  # E|second sample| <= c <= the cap; E|pilot| <= base_rate * n
@@ -163,35 +138,9 @@ def test_max_sample_caps_the_sample_and_the_certificate_reports_it():
 def test_numba_and_torch_kernels_give_the_same_decode():
     p = random_problem(n=600, sharpness=1.5)
     cfg = VAttention(epsilon=0.1, delta=0.1, **CFG)
-    a, b = run(p, cfg, 3, reference), run(p, cfg, 3, numba_cpu)
+    a, b = decode(p, cfg, 3, reference), decode(p, cfg, 3, numba_cpu)
     torch.testing.assert_close(a.out, b.out, rtol=1e-4, atol=1e-5)
     assert torch.equal(a.density, b.density)
-
-
-def violation_rate(problems, cfg: VAttention, seeds: int):
-    viol, out_err, dens = [], [], []
-    for i, p in enumerate(problems):
-        s, exact_out = p.exact()
-        for seed in range(seeds):
-            r = run(p, cfg, 1000 * i + seed)
-            oe, de = relative_errors(r.out, r.d_hat, exact_out, s, r.log_scale)
-            viol.append((de > cfg.epsilon).flatten().float())
-            out_err.append(oe.flatten())
-            dens.append(r.density.flatten())
-    viol = torch.cat(viol)
-    return viol.mean().item(), len(viol), torch.cat(out_err).mean().item(), torch.cat(dens).mean().item()
-
-
-def slack(delta: float, n: int) -> float:
-    """Three binomial standard deviations."""
-    return 3 * math.sqrt(delta * (1 - delta) / n)
-
-
-SYNTHETIC = {  # score distributions: few heavy hitters, near-uniform, and both
-    "sharp": dict(sharpness=2.5, q_scale=0.5),
-    "flat": dict(q_scale=0.3),
-    "mixed": dict(sharpness=1.2, q_scale=1.0),
-}
 
 
 @pytest.mark.parametrize("kind", sorted(SYNTHETIC))
@@ -204,18 +153,6 @@ def test_guarantee_on_synthetic_distributions(kind, epsilon, delta):
     print(f"{kind} eps={epsilon} delta={delta}: violations {rate:.4f} of {n}, "
           f"output error {out_err:.4f}, density {density:.3f}")
     assert rate <= delta + slack(delta, n)
-
-
-@pytest.fixture(scope="module")
-def captured():
-    from vengine.models.loader import load_model, resolve_model
-
-    model, tok = load_model(resolve_model(None), torch.device("cpu"), torch.float32)
-    ids = tok.encode(corpus_text())[:4096]
-    acts = capture(model, ids, keep_queries=8)
-    g = torch.Generator().manual_seed(7)
-    Hkv, D = acts[0].k.shape[1:]
-    return [decode_problem(a, torch.randn(Hkv, D, 64, generator=g)) for a in acts]
 
 
 @pytest.mark.slow
@@ -238,7 +175,7 @@ def equal_density_errors(problems, cfg: VAttention, oracle: bool) -> dict[str, f
         kernels = reference
         if oracle:  # the predictor returns the true scores: vAttention(oracle top-k)
             kernels = oracle_kernels(reference, s)
-        r = run(p, cfg, i, kernels)
+        r = decode(p, cfg, i, kernels)
         density = r.density.mean().item()
         errs["vattention"].append(relative_errors(r.out, r.d_hat, exact_out, s, r.log_scale)[0])
         ls = s.amax(-1)
