@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from vengine.errors import ContextLengthError
+from vengine.errors import ContextLengthError, HostMemoryError
 
 HELP = "/reset clears the conversation, /stats shows usage, /exit quits"
 
@@ -24,9 +24,12 @@ def run_chat(llm, system: str | None, sampling: dict[str, Any], json_lines: bool
     from vengine.engine.chat import ChatSession
 
     session = ChatSession(llm, system)
-    if sys.stdin.isatty():
-        return _interactive(llm, session, sampling)
-    return _piped(llm, session, sampling, json_lines)
+    try:
+        if sys.stdin.isatty():
+            return _interactive(llm, session, sampling)
+        return _piped(llm, session, sampling, json_lines)
+    finally:
+        session.reset()  # its pages go back to the pool
 
 
 def _command(line: str, llm, session, out) -> bool:
@@ -69,7 +72,7 @@ def _interactive(llm, session, sampling: dict[str, Any]) -> int:
             continue
         try:
             stopped = _stream(session.send(line, **sampling))
-        except ContextLengthError as e:
+        except (ContextLengthError, HostMemoryError) as e:
             print(f"vengine: {e}", file=sys.stderr)
             continue
         if stopped:
@@ -138,7 +141,7 @@ def _piped(llm, session, sampling: dict[str, Any], json_lines: bool) -> int:
             continue
         try:
             text = "".join(session.send(line, **sampling))
-        except ContextLengthError as e:
+        except (ContextLengthError, HostMemoryError) as e:
             refuse(n, str(e))
             continue
         if json_lines:

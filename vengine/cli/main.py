@@ -91,7 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         requests, out = prepare_batch(args.input, args.output, args.resume, sampling)
         try:
             if args.resume and all(r["id"] in out.ids for r in requests):
-                print(f"nothing to do: all {len(requests)} requests are in {args.output} "
+                print(f"nothing to do: {len(requests)} already done in {args.output} "
                       "(--no-resume starts it afresh)", file=sys.stderr)
                 return 0
             return run_batch(load_llm(options), args.input, out, args.resume,
