@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vengine.errors import ConfigError
+from vengine.checks import check_float, check_int, check_seed, invalid
 
 
 @dataclass(frozen=True)
@@ -37,31 +37,22 @@ class VAttention:
 
     def __post_init__(self) -> None:
         for name in ("epsilon", "delta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-                raise ConfigError(f"VAttention.{name} must be a number in (0, 1), got {value!r}")
+            check_float(getattr(self, name), f"VAttention.{name}", 0, 1, lo_open=True, hi_open=True)
         for name in ("sink", "window"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"VAttention.{name} must be an int >= 0, got {value!r}")
-        k = self.top_k
-        if isinstance(k, bool) or not isinstance(k, (int, float)) or k < 0 or (
-            isinstance(k, float) and k >= 1
-        ):
-            raise ConfigError(
-                f"VAttention.top_k must be a fraction in [0, 1) or a count >= 0, got {k!r}"
-            )
-        r = self.base_rate
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
-            raise ConfigError(f"VAttention.base_rate must be in (0, 1], got {r!r}")
-        b = self.hash_bits
-        if isinstance(b, bool) or not isinstance(b, int) or b < 8 or b > 1024 or b % 8:
-            raise ConfigError(f"VAttention.hash_bits must be a multiple of 8 in [8, 1024], got {b!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ConfigError(f"VAttention.seed must be an int or None, got {self.seed!r}")
-        c = self.max_sample
-        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1):
-            raise ConfigError(f"VAttention.max_sample must be in (0, 1] or None, got {c!r}")
+            check_int(getattr(self, name), f"VAttention.{name}", lo=0)
+        top_k = "a fraction in [0, 1) or a count >= 0"
+        if isinstance(self.top_k, float):
+            check_float(self.top_k, "VAttention.top_k", 0, 1, hi_open=True, want=top_k)
+        else:
+            check_int(self.top_k, "VAttention.top_k", lo=0, want=top_k)
+        check_float(self.base_rate, "VAttention.base_rate", 0, 1, lo_open=True)
+        bits = "a multiple of 8 in [8, 1024]"
+        if check_int(self.hash_bits, "VAttention.hash_bits", 8, 1024, want=bits) % 8:
+            raise invalid("VAttention.hash_bits", bits, self.hash_bits)
+        check_seed(self.seed, "VAttention.seed")
+        if self.max_sample is not None:
+            check_float(self.max_sample, "VAttention.max_sample", 0, 1, lo_open=True,
+                        want="a number in (0, 1] or None")
 
     def top_k_rows(self, context_len):
         """Predicted rows for a context length: an int, or a tensor of them (device-side)."""

@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vengine.errors import ModelLoadError
+from vengine.checks import check_float, check_int
+from vengine.errors import ConfigError, ModelLoadError
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+          "num_kv_heads", "head_dim", "max_position_embeddings")
 
 
 @dataclass(frozen=True)
@@ -43,15 +46,17 @@ class ModelConfig:
             raise ModelLoadError(
                 f"unsupported architecture '{self.arch}' (supported: {', '.join(SUPPORTED_ARCHS)})"
             )
+        try:  # a bad model file, not a bad flag: the loader adds the file's path
+            for name in _SIZES:
+                check_int(getattr(self, name), name, lo=1)
+            check_float(self.rms_norm_eps, "rms_norm_eps", lo=0, lo_open=True)
+            check_float(self.rope_theta, "rope_theta", lo=0, lo_open=True)
+        except ConfigError as e:
+            raise ModelLoadError(str(e)) from None
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
             )
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per KV head (GQA)."""
-        return self.num_heads // self.num_kv_heads
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
