@@ -238,12 +238,15 @@ def test_extreme_accepted_sampling_values_sample_without_error(params):
     ("missing-dir/out.jsonl", "does not exist"),
     (".", "is a directory"),
     ("/dev/full", "not a regular file"),
+    ("dangling.jsonl", "a symlink to nothing"),
 ])
 def test_bad_output_paths_fail_before_the_model_loads(work, cli, output, needle):
+    (work / "dangling.jsonl").symlink_to(work / "nowhere.jsonl")
     files = Files(work)
     one_line_error(cli(*gen(work, output=output)), needle)
     files.unchanged()
-    assert not (work / "missing-dir").exists()
+    assert not (work / "missing-dir").exists() and not (work / "nowhere.jsonl").exists()
+    assert (work / "dangling.jsonl").is_symlink()
 
 
 def test_unwritable_output_fails_before_the_model_loads(work, cli):

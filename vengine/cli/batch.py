@@ -91,7 +91,8 @@ def prepare_batch(input_path: Path | None, output_path: Path | None, resume: boo
     if output_path is None:
         raise ConfigError("--output is required with --input")
     if not input_path.is_file():
-        raise ConfigError(f"--input {input_path}: no such file")
+        why = "not a regular file" if input_path.exists() else "no such file"
+        raise ConfigError(f"--input {input_path}: {why}")
     requests = read_requests(input_path, defaults)
     out = OutputFile(output_path, input_path)
     try:

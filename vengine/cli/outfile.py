@@ -68,6 +68,8 @@ class OutputFile:
         self.path, self.rows = path, 0
         if path.is_dir():
             raise ConfigError(f"--output {path}: is a directory")
+        if path.is_symlink() and not path.exists():
+            raise ConfigError(f"--output {path}: a symlink to nothing; give the target itself")
         existed = path.exists()
         if not existed and not path.parent.is_dir():  # path.parent follows no link: fine here
             raise ConfigError(f"--output {path}: directory {path.parent} does not exist")
