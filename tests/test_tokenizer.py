@@ -356,14 +356,14 @@ def test_merges_from_scores_match_transformers(sp):
     """The merge order rebuilt from sentencepiece scores, ties included, is transformers' order."""
     from transformers.tokenization_utils_base import generate_merges
 
-    from vengine.models.tokenizer import _merges_from_scores
+    from vengine.models.tokenizer.gguf_vocab import merges_from_scores
 
     tokens = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
     scores = [sp.get_score(i) for i in range(sp.get_piece_size())]
     tokens += ["ab", "a", "b", "abc", "c", "bc"]  # equal scores: ties broken by piece lengths
     scores += [-1.0, -2.0, -2.0, -1.0, -2.0, -1.0]
     expected = generate_merges({t: i for i, t in enumerate(tokens)}, dict(zip(tokens, scores)))
-    assert _merges_from_scores(tokens, scores) == expected
+    assert merges_from_scores(tokens, scores) == expected
 
 
 def test_sp_dir_matches_sentencepiece(sp_model, sp, tmp_path):

@@ -29,3 +29,8 @@ class ContextLengthError(VengineError):
 
 class HostMemoryError(VengineError, MemoryError):
     """The host KV pool's byte budget is exhausted."""
+
+
+def one_line(e: BaseException) -> str:
+    """A third-party exception's text on one line, to quote inside a VengineError's message."""
+    return " ".join(str(e).split()) or type(e).__name__
