@@ -39,7 +39,7 @@ def end_to_end(args) -> list[dict]:
     for name, attention in (("full", "full"), ("vattention", settings(args))):
         llm = vengine.LLM(max_context=args.context + args.steps + 8, attention=attention)
         ids = llm.tokenizer.encode(corpus_text())[: args.context]
-        seq = llm._new_sequence(ids, SamplingParams())
+        seq = llm.new_request(ids, SamplingParams())
         t = time.perf_counter()
         llm.runner.prefill(seq)
         prefill_s = time.perf_counter() - t
@@ -50,11 +50,11 @@ def end_to_end(args) -> list[dict]:
             llm.runner.decode([seq])
             times.append(time.perf_counter() - t)
         step = statistics.median(times[1:])
-        stats = llm.backend.seq_stats(seq.seq_id)
+        stats = llm.backends.seq_stats(seq.seq_id)
         rows.append({"part": "end to end", "attention": name, "context": args.context,
                      "prefill_tokens_per_s": len(ids) / prefill_s, "ms_per_step": 1e3 * step,
                      "tokens_per_s": 1 / step, "density": stats.get("density", 1.0)})
-        llm.runner.release(seq)
+        llm.release(seq)
         del llm
     return rows
 

@@ -27,13 +27,13 @@ def generate_sampled(llm: vengine.LLM, tokens: int, every: int) -> dict:
                          "you build a city on Mars? Consider every subsystem."}])
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True, temperature=0.7, top_p=0.95,
                             seed=0)
-    seq = llm._new_sequence(ids, params)
+    seq = llm.new_request(ids, params)
     seq.keep_cache = True  # the last sample sees the whole KV; released below
     page_bytes = llm.pool.k[0, 0].numel() * llm.pool.k.element_size() * 2 * llm.pool.k.shape[0]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     samples, t0 = [], time.perf_counter()
-    for _ in llm._run([seq]):
+    for _ in llm.run([seq]):
         n = len(seq.output_ids)
         if n % every == 0 or seq.finish_reason is not None:
             if samples:
@@ -46,7 +46,7 @@ def generate_sampled(llm: vengine.LLM, tokens: int, every: int) -> dict:
                 / 2**20})
         if seq.finish_reason is not None:
             break
-    llm.runner.release(seq)
+    llm.release(seq)
     return {"samples": samples, "density": seq.stats.get("density", 1.0),
             "tokens_per_s": len(seq.output_ids) / (time.perf_counter() - t0),
             "cuda_graphs": len(llm.runner.graphs), "graph_error": llm.runner.graph_error}

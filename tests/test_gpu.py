@@ -99,7 +99,7 @@ def test_decode_step_does_not_synchronize_the_host():
                               base_rate=0.02, seed=0)
     llm = vengine.LLM(device="cuda", max_context=4096, attention=spec, cuda_graphs=False)
     ids = llm.tokenizer.encode(corpus_text())[:2000]
-    seq = llm._new_sequence(ids, SamplingParams())
+    seq = llm.new_request(ids, SamplingParams())
     llm.runner.prefill(seq)
     seq.output_ids.append(ids[-1])
     torch.cuda.synchronize()

@@ -38,10 +38,10 @@ class _Switchable(VAttentionBackend):
 
     exact = False
 
-    def forward(self, layer, q, k, v, ctx):
-        if ctx.is_prefill or not self.exact:
-            return super().forward(layer, q, k, v, ctx)
-        self.store_decode_rows(layer, k, v, ctx)
+    def decode(self, layer, q, k, v, ctx):
+        if not self.exact:
+            return super().decode(layer, q, k, v, ctx)
+        self.store(layer, k, v, ctx)
         kc, vc = self.pool.gather_pages(layer, ctx.block_tables)
         return decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), ctx.context_lens)
 
@@ -70,7 +70,7 @@ class Runner:
         self.chat = ChatSession(self.llm)
 
     def ask(self, prompt: str, exact: bool, **sampling) -> Turn:
-        self.llm.backend.exact = exact
+        self.llm.backends[0].exact = exact  # one backend object serves every layer
         before = self._density_steps()
         self.chat.messages.clear()
         text = "".join(self.chat.send(prompt, **sampling))

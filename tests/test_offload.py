@@ -7,6 +7,7 @@ import torch
 
 import vengine
 from vengine.errors import ConfigError, HostMemoryError
+from vengine.kernels.reference import store_rows
 from vengine.offload.kv_pool import KVPool, PageAllocator, ResidentPages, parse_bytes
 
 
@@ -41,7 +42,8 @@ def test_pool_store_and_gather_round_trip():
     table = [5, 2, 7]
     slots = torch.tensor([table[t // 4] * 4 + t % 4 for t in range(10)])
     k, v = torch.randn(10, 3, 8), torch.randn(10, 3, 8)
-    pool.store(1, slots, k, v)
+    with pool.writing(slots, k, v):  # the CPU pool writes on the current stream
+        store_rows(k, v, slots, None, pool.k_view[1], pool.v_view[1], None)
     kk, vv = pool.gather_pages(1, torch.tensor([table]))
     assert torch.equal(kk[0, :, :10], k.transpose(0, 1))
     assert torch.equal(vv[0, :, :10], v.transpose(0, 1))

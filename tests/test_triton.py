@@ -219,6 +219,23 @@ def test_store_rows_match_reference(dtype, bits):
     assert (pools[0][2] != 9).any() and (pools[0][0] == 7).any()
 
 
+def test_store_rows_without_signatures_writes_only_kv():
+    """Exact attention writes through the same kernel with sig None: the rows land, nothing else
+    changes (a kernel that still wrote signatures would fault on the placeholder or change v)."""
+    g = torch.Generator().manual_seed(3)
+    T, Hkv, D, P, pages = 21, 2, 16, 8, 6
+    k, v = torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, D, generator=g)
+    slots = torch.randperm(pages * P, generator=g)[:T]
+    pools = [(torch.full((pages, Hkv, P, D), 7.0), torch.full((pages, Hkv, P, D), 7.0))
+             for _ in range(2)]
+    reference.store_rows(k, v, slots, None, *pools[0], None)
+    dev = [t.to(DEV) for t in pools[1]]
+    triton_gpu.store_rows(k.to(DEV), v.to(DEV), slots.to(DEV), None, *dev, None)
+    for name, r, t in zip(("k", "v"), pools[0], dev):
+        assert torch.equal(t.cpu(), r), name
+    assert (pools[0][0] != 7).any() and (pools[0][0] == 7).any()
+
+
 def test_resident_pages_are_read_from_their_gpu_copy():
     """With some pages copied to a 'GPU' pool (slot_of >= 0) and their host rows poisoned with NaN,
     row_scores and partial_attention still equal the reference on the clean pool; store_rows

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepContext:
-    """What one forward step attends over.
+    """What one forward step attends over (which backend attends is the model's LayerBackends).
 
     Prefill steps carry one sequence (a chunk of its prompt); decode steps one token per sequence.
     """
 
-    backend: Any  # AttentionBackend
     is_prefill: bool
     slots: torch.Tensor  # [T] flat KV slots (page * page_size + offset) of the new tokens
     block_tables: torch.Tensor  # [B, max_pages] page ids, padded with page 0

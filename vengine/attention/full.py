@@ -1,12 +1,20 @@
-"""Exact attention over every cached row (torch SDPA): the reference every sparse path must match."""
+"""Exact attention over every cached row (torch SDPA): the reference every sparse path must match.
+
+`prefill_attention` is the one prefill of every backend: exact and causal, over the chunk alone or
+over the cached prefix gathered from the pool.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from vengine.attention.base import SequenceView
 from vengine.attention.context import StepContext
+from vengine.kernels import get_kernels
 from vengine.offload.kv_pool import KVPool
 
 
@@ -40,27 +48,53 @@ def decode_attention(q, k, v, context_lens) -> torch.Tensor:
     return o.reshape(B, Hq, D)
 
 
+def prefill_attention(pool: KVPool, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
+    """Causal attention of a prompt chunk (its K/V already stored) over its sequence so far."""
+    if ctx.cached_len == 0:  # the whole context is in this chunk: no gather needed
+        return causal_attention(q, k, v, 0)
+    kc, vc = pool.gather_pages(layer, ctx.block_tables)
+    S = ctx.cached_len + q.shape[0]
+    kc = kc[0, :, :S].transpose(0, 1).to(q.dtype)
+    vc = vc[0, :, :S].transpose(0, 1).to(q.dtype)
+    return causal_attention(q, kc, vc, ctx.cached_len)
+
+
+def make_full(settings, pool: KVPool, cfg, device) -> FullAttention:
+    return FullAttention(pool)
+
+
 class FullAttention:
     """Stores new K/V in the pool and attends exactly over all of a sequence's rows."""
 
     name = "full"
+    graphable = True
+    generator = None
 
     def __init__(self, pool: KVPool) -> None:
         self.pool = pool
+        self.kernels = get_kernels(pool.k_view.device, pool.dtype)
 
-    def forward(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
-        self.pool.store(layer, ctx.slots, k, v)
-        if ctx.is_prefill:
-            if ctx.cached_len == 0:  # the whole context is in this chunk: no gather needed
-                return causal_attention(q, k, v, 0)
-            kc, vc = self.pool.gather_pages(layer, ctx.block_tables)
-            S = ctx.cached_len + q.shape[0]
-            kc, vc = kc[0, :, :S].transpose(0, 1), vc[0, :, :S].transpose(0, 1)
-            return causal_attention(q, kc.to(q.dtype), vc.to(q.dtype), ctx.cached_len)
+    def store(self, layer: int, k, v, ctx: StepContext) -> None:
+        with self.pool.writing(ctx.slots, k, v):
+            self.kernels.store_rows(k, v, ctx.slots, None, self.pool.k_view[layer],
+                                    self.pool.v_view[layer], None)
+
+    def prefill(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
+        self.store(layer, k, v, ctx)
+        return prefill_attention(self.pool, layer, q, k, v, ctx)
+
+    def decode(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
+        self.store(layer, k, v, ctx)
         kc, vc = self.pool.gather_pages(layer, ctx.block_tables)
         return decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), ctx.context_lens)
 
-    def end_step(self, ctx: StepContext) -> None:
+    def begin_step(self, seqs: Sequence[SequenceView], is_prefill: bool) -> None:
+        """Nothing to prepare: every row is where decode reads it."""
+
+    def step_stats(self) -> None:
+        """No per-step statistics."""
+
+    def end_step(self, seq_ids: tuple[int, ...], stats: None) -> None:
         """No per-step statistics to fold."""
 
     def free(self, seq_id: int) -> None:

@@ -22,15 +22,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from vengine.attention.base import SequenceView
 from vengine.attention.config import VAttention
 from vengine.attention.context import StepContext
-from vengine.attention.full import causal_attention
+from vengine.attention.full import prefill_attention
 from vengine.kernels import get_kernels
-from vengine.kernels.common import PROPOSAL_FLOOR, pack_signatures
+from vengine.kernels.common import PROPOSAL_FLOOR
 from vengine.models.config import ModelConfig
 from vengine.offload.kv_pool import KVPool, ResidentPages, SignaturePool
 
@@ -158,13 +160,20 @@ def vattention_decode(
     return DecodeResult(out.to(q.dtype), m, d_hat, density, over_eps)
 
 
+def make_vattention(settings: VAttention, pool: KVPool, cfg: ModelConfig,
+                    device: torch.device) -> VAttentionBackend:
+    return VAttentionBackend(settings, pool, cfg, device)
+
+
 class VAttentionBackend:
     """Prefill: exact attention, K/V and signatures written to the pools. Decode: vAttention."""
 
     name = "vattention"
+    graphable = True
 
     def __init__(self, cfg: VAttention, pool: KVPool, mc: ModelConfig, device: torch.device) -> None:
         self.cfg, self.pool, self.device = cfg, pool, device
+        self.layers_served = mc.num_layers  # layers a decode step runs here (step_stats counts)
         self.kernels = get_kernels(device, pool.dtype)
         planes_gen = torch.Generator().manual_seed(0x5EED)  # fixed: signatures must stay comparable
         self.planes = torch.randn(
@@ -179,15 +188,18 @@ class VAttentionBackend:
             self.resident = ResidentPages(pool, slots, device)
         self.generator = torch.Generator(device)  # a CUDA graph registers it (graph-safe Philox)
         self.generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-        self.step_stats: torch.Tensor | None = None  # [B, 3]: density, over-eps, heads
         self._layer_stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # this step's, so far
         self._seq_stats: dict[int, torch.Tensor] = {}
         self._steps: dict[int, int] = {}
 
-    def begin_step(self, seqs) -> None:
-        """Before a decode step: the GPU copies follow each sequence's sink and window pages
-        (the context after this step's token)."""
+    def begin_step(self, seqs: Sequence[SequenceView], is_prefill: bool) -> None:
+        """The GPU copies follow each decoding sequence's sink and window pages (the context after
+        this step's token); a prefill writes host pages only, so its sequence's copies go."""
         if self.resident is None:
+            return
+        if is_prefill:
+            for s in seqs:
+                self.resident.drop_sequence(s.seq_id)
             return
         P, wanted = self.pool.page_size, []
         for s in seqs:
@@ -197,39 +209,26 @@ class VAttentionBackend:
             wanted += [(page, s.seq_id) for page in pages]
         self.resident.keep(wanted)
 
-    def forward(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
-        if ctx.is_prefill:  # the pool may stream a long chunk's rows on its side stream
-            if self.resident is not None and layer == 0:  # prefill writes the host pages only
-                self.resident.drop_sequence(ctx.seq_ids[0])
-            self.pool.store(layer, ctx.slots, k, v)
-            self.signatures.store(layer, ctx.slots, pack_signatures(k, self.planes[layer]))
-            if ctx.cached_len == 0:
-                return causal_attention(q, k, v, 0)
-            kc, vc = self.pool.gather_pages(layer, ctx.block_tables)
-            S = ctx.cached_len + q.shape[0]
-            kc = kc[0, :, :S].transpose(0, 1).to(q.dtype)
-            vc = vc[0, :, :S].transpose(0, 1).to(q.dtype)
-            return causal_attention(q, kc, vc, ctx.cached_len)
-        self.store_decode_rows(layer, k, v, ctx)
-        r = self.decode(layer, q, ctx)
-        if layer == 0:
-            self._layer_stats = []
+    def store(self, layer: int, k, v, ctx: StepContext) -> None:
+        """K/V rows to the pool (and the pages' GPU copies), their signatures beside: the one
+        write path of prefill and decode."""
+        with self.pool.writing(ctx.slots, k, v):
+            self.kernels.store_rows(k, v, ctx.slots, self.planes[layer], self.pool.k_view[layer],
+                                    self.pool.v_view[layer], self.signatures.sig[layer],
+                                    self.resident_layer(layer))
+
+    def prefill(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
+        self.store(layer, k, v, ctx)
+        return prefill_attention(self.pool, layer, q, k, v, ctx)
+
+    def decode(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
+        self.store(layer, k, v, ctx)
+        r = self.estimate(layer, q, ctx)
         self._layer_stats.append((r.density, r.over_eps))
-        if layer == len(self.planes) - 1:  # one reduction per step, not a few kernels per layer
-            density = torch.stack([d for d, _ in self._layer_stats]).mean(2).sum(0)
-            over = torch.stack([o for _, o in self._layer_stats]).sum((0, 2))
-            heads = torch.full_like(over, len(self._layer_stats) * r.over_eps.shape[1])
-            # a new tensor each step (under a CUDA graph: the graph's output)
-            self.step_stats = torch.stack([density, over, heads], 1)
         return r.out
 
-    def store_decode_rows(self, layer: int, k, v, ctx: StepContext) -> None:
-        """A decode step's K/V rows to the pool and the pages' GPU copies, signatures beside."""
-        self.kernels.store_rows(k, v, ctx.slots, self.planes[layer], self.pool.k_view[layer],
-                                self.pool.v_view[layer], self.signatures.sig[layer],
-                                self.resident_layer(layer))
-
-    def decode(self, layer: int, q: torch.Tensor, ctx: StepContext) -> DecodeResult:
+    def estimate(self, layer: int, q: torch.Tensor, ctx: StepContext) -> DecodeResult:
+        """One layer's sparse attention over the stored rows (the eval's baselines replace it)."""
         return vattention_decode(
             q,
             self.pool.k_view[layer],
@@ -248,27 +247,36 @@ class VAttentionBackend:
         """The kernels' view of one layer's GPU page copies (None without them)."""
         return None if self.resident is None else self.resident.layer(layer)
 
-    def end_step(self, ctx: StepContext) -> None:
-        """Fold this step's statistics (summed over layers) into each sequence's totals; device
-        tensors throughout, read only when seq_stats is asked."""
-        if self.step_stats is None:
+    def step_stats(self) -> torch.Tensor | None:
+        """[B, 3]: density summed over the step's layers, heads over epsilon, heads. One reduction
+        per step, not a few kernels per layer; under a CUDA graph, the graph's output."""
+        if not self._layer_stats:
+            return None
+        density = torch.stack([d for d, _ in self._layer_stats]).mean(2).sum(0)
+        over = torch.stack([o for _, o in self._layer_stats]).sum((0, 2))
+        self.layers_served = len(self._layer_stats)
+        heads = torch.full_like(over, self.layers_served * self._layer_stats[0][1].shape[1])
+        self._layer_stats = []
+        return torch.stack([density, over, heads], 1)
+
+    def end_step(self, seq_ids: tuple[int, ...], stats: torch.Tensor | None) -> None:
+        """Fold a step's statistics into each sequence's totals; device tensors throughout, read
+        only when seq_stats is asked."""
+        if stats is None:
             return
-        for i, seq_id in enumerate(ctx.seq_ids):
+        for i, seq_id in enumerate(seq_ids):
             total = self._seq_stats.get(seq_id)
-            step = self.step_stats[i]
-            # a copy: under a CUDA graph step_stats is the graph's output, rewritten every replay
-            self._seq_stats[seq_id] = step.clone() if total is None else total + step
+            # a copy: under a CUDA graph stats is the graph's output, rewritten every replay
+            self._seq_stats[seq_id] = stats[i].clone() if total is None else total + stats[i]
             self._steps[seq_id] = self._steps.get(seq_id, 0) + 1
-        self.step_stats = None
 
     def seq_stats(self, seq_id: int) -> dict[str, float]:
         total, steps = self._seq_stats.get(seq_id), self._steps.get(seq_id, 0)
         if total is None:
             return {"density": 1.0, "certificate_violation_rate": 0.0, "sparse_steps": 0}
         density_sum, over, heads = total.tolist()
-        layers = len(self.planes)
         return {
-            "density": density_sum / (steps * layers),
+            "density": density_sum / (steps * self.layers_served),
             "certificate_violation_rate": over / heads,
             "sparse_steps": steps,
         }

@@ -38,29 +38,24 @@ class ChatSession:
                 f"the conversation has {len(ids)} tokens and the context holds {limit}: "
                 "/reset it, or restart with a larger --ctx"
             )
-        seq = self.seq
-        if seq is None:
-            seq = self.seq = self.llm._new_sequence(ids, params)
-            seq.keep_cache = True
+        if self.seq is None:
+            self.seq = self.llm.new_request(ids, params)
+            self.seq.keep_cache = True
         else:
-            cached = seq.all_ids[: seq.num_cached]
-            common = next((i for i, (a, b) in enumerate(zip(cached, ids)) if a != b),
-                          min(len(cached), len(ids)))
-            self.llm.runner.truncate(seq, min(common, len(ids) - 1))
-            seq.prompt_ids = ids
-            self.llm._start_turn(seq, params)
+            self.llm.continue_request(self.seq, ids, params)
+        seq = self.seq
         self.prefilled_tokens = len(ids) - seq.num_cached
-        for _, delta in self.llm._run([seq]):
-            if delta:
-                yield delta
-        self.last = self.llm._completion(seq)
+        for event in self.llm.run([seq]):
+            if event.text:
+                yield event.text
+        self.last = self.llm.completion(seq)
         self.messages += [{"role": "user", "content": text},
                           {"role": "assistant", "content": seq.text}]
 
     def reset(self) -> None:
         """Forget the conversation and free its pages."""
         if self.seq is not None:
-            self.llm.runner.release(self.seq)
+            self.llm.release(self.seq)
         self.seq, self.last, self.messages = None, None, []
 
     def context_tokens(self) -> int:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from vengine.attention.config import VAttention
+from vengine.attention.registry import spec_name
+from vengine.checks import check_int
 from vengine.errors import ConfigError
 from vengine.offload.kv_pool import parse_bytes
 
@@ -57,16 +60,13 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[dtype]
 
 
-def resolve_attention(attention: str | VAttention) -> str | VAttention:
-    if isinstance(attention, VAttention) or hasattr(attention, "make_backend"):
-        return attention
-    if attention == "full":
-        return "full"
-    if attention == "vattention":
-        return VAttention()
-    raise ConfigError(
-        f"attention: expected 'full', 'vattention' or vengine.VAttention(...), got {attention!r}"
-    )
+def resolve_attention(attention: Any) -> Any:
+    """A registered name, VAttention or plug-in (checked; "vattention" -> VAttention()), or a
+    tuple of them, one per layer (its length is checked against the model when it loads)."""
+    if isinstance(attention, (list, tuple)):
+        return tuple(resolve_attention(a) for a in attention)
+    spec_name(attention)  # raises a ConfigError naming the field
+    return VAttention() if attention == "vattention" else attention
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class EngineConfig:
     device: str | torch.device = "auto"
     dtype: str | torch.dtype = "auto"
     max_context: int | str = 8192
-    attention: str | VAttention = "full"
+    attention: Any = "full"  # see resolve_attention
     host_mem: int | str | None = None  # KV pool budget; None: max_batch full contexts
     max_batch: int = 8
     page_size: int = 64
@@ -94,11 +94,11 @@ class EngineConfig:
         if self.host_mem is not None:
             object.__setattr__(self, "host_mem", parse_bytes(self.host_mem))
         for name in ("max_batch", "page_size", "prefill_chunk"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+            check_int(getattr(self, name), name, 1)
 
     @property
     def offloaded(self) -> bool:
-        """Sparse attention keeps the KV in host memory; full attention keeps it on the device."""
-        return self.attention != "full"
+        """Sparse attention keeps the KV in host memory; full attention keeps it on the device
+        (a model with any sparse layer keeps it all in host memory)."""
+        specs = self.attention if isinstance(self.attention, tuple) else (self.attention,)
+        return any(s != "full" for s in specs)

@@ -10,16 +10,16 @@ import dataclasses
 import os
 import random
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence as SequenceT
 from typing import Any
 
 import torch
 
-from vengine.attention.registry import make_backend
+from vengine.attention.registry import make_layer_backends
 from vengine.engine.config import EngineConfig
+from vengine.engine.core import EngineCore, Event
 from vengine.engine.model_runner import ModelRunner
-from vengine.engine.sampling import SamplingParams, sample
+from vengine.engine.sampling import SamplingParams
 from vengine.engine.sequence import Completion, Sequence
 from vengine.errors import ConfigError, ContextLengthError
 from vengine.models.loader import load_model, resolve_model
@@ -27,6 +27,13 @@ from vengine.models.tokenizer import StreamDecoder
 from vengine.offload.kv_pool import KVPool
 
 Prompt = str | list[int]
+
+
+def _checked(params: Any) -> SamplingParams:
+    if not isinstance(params, SamplingParams):
+        raise ConfigError(f"params: expected vengine.SamplingParams, got {type(params).__name__}",
+                          field="params")
+    return params
 
 
 def _available_memory(device: torch.device) -> int:
@@ -74,9 +81,9 @@ class LLM:
         )
         self.pool = KVPool(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.page_size, budget,
                            cfg.dtype, kv_device, pin)
-        self.backend = make_backend(cfg.attention, self.pool, mc, cfg.device)
-        self.runner = ModelRunner(self.model, self.pool, self.backend, cfg.device, cfg.prefill_chunk,
-                                  cfg.cuda_graphs)
+        self.backends = make_layer_backends(cfg.attention, self.pool, mc, cfg.device)
+        self.runner = ModelRunner(self.model, self.pool, self.backends, cfg.device,
+                                  cfg.prefill_chunk, cfg.cuda_graphs)
         self._next_id = 0
 
     def with_attention(self, attention: Any) -> LLM:
@@ -91,21 +98,25 @@ class LLM:
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Full-attention logits [len, vocab] (float32, on CPU) for every position."""
-        seq = self._new_sequence(self._check_prompt(token_ids, need_room=False), SamplingParams())
+        seq = self.new_request(self._check_prompt(token_ids, need_room=False), SamplingParams())
         try:
             return self.runner.prefill(seq, all_logits=True).cpu()
         finally:
-            self.runner.release(seq)
+            self.release(seq)
 
     def generate(self, prompts: Prompt | SequenceT[Prompt], **sampling: Any) -> list[Completion]:
         """Complete one prompt or a list of prompts (text or token ids); returns one per prompt."""
         params = SamplingParams(**sampling)
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and isinstance(prompts[0], int)):
             prompts = [prompts]
-        seqs = [self._new_sequence(self._encode(p), params) for p in prompts]
-        for _ in self._run(seqs):
+        if not isinstance(prompts, (list, tuple)):
+            raise ConfigError("prompts: expected a string, a list of token ids, or a list of "
+                              f"those, got {type(prompts).__name__}", field="prompts")
+        seqs = [self.new_request(self._encode(p), params) for p in prompts]
+        for _ in self.run(seqs):
             pass
-        return [self._completion(s) for s in seqs]
+        return [self.completion(s) for s in seqs]
 
     def completions(
         self, requests: Iterable[tuple[Any, Prompt, SamplingParams]]
@@ -114,10 +125,11 @@ class LLM:
 
         Requests are read lazily, as slots free up, so the iterable may be long or endless.
         """
-        seqs = (self._new_sequence(self._encode(p), params, key) for key, p, params in requests)
-        for seq, _ in self._run(seqs):
-            if seq.finish_reason is not None:
-                yield seq.key, self._completion(seq)
+        seqs = (self.new_request(self._encode(p), _checked(params), key)
+                for key, p, params in requests)
+        for event in self.run(seqs):
+            if event.finished:
+                yield event.seq.key, self.completion(event.seq)
 
     def chat(self, messages: list[dict[str, str]], **sampling: Any) -> Completion:
         """One assistant reply to a conversation, through the model's chat template."""
@@ -125,14 +137,67 @@ class LLM:
 
     def stream(self, prompt: Prompt, **sampling: Any) -> Iterator[str]:
         """Yield the completion's text piece by piece as it is generated."""
-        seq = self._new_sequence(self._encode(prompt), SamplingParams(**sampling))
-        for _, delta in self._run([seq]):
-            if delta:
-                yield delta
+        seq = self.new_request(self._encode(prompt), SamplingParams(**sampling))
+        for event in self.run([seq]):
+            if event.text:
+                yield event.text
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The conversation through the chat template, ready for the assistant's reply."""
+        bad = not isinstance(messages, (list, tuple)) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in messages)
+        if bad:
+            raise ConfigError('messages: expected a list of {"role": str, "content": str} '
+                              f"dicts, got {type(messages).__name__}", field="messages")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # -- requests: what ChatSession and a server drive -----------------------------------------
+
+    def new_request(self, ids: list[int], params: SamplingParams, key: Any = None) -> Sequence:
+        """A request for checked prompt ids (key: the caller's id for it)."""
+        seq = Sequence(self._next_id, ids, params, key=key)
+        self._next_id += 1
+        self._start_turn(seq, params)
+        return seq
+
+    def continue_request(self, seq: Sequence, ids: list[int], params: SamplingParams) -> None:
+        """Make seq's prompt ids (e.g. a conversation's next turn), keeping the cached tokens that
+        still match (the longest common prefix; one at least is left to prefill)."""
+        cached = seq.all_ids[: seq.num_cached]
+        common = next((i for i, (a, b) in enumerate(zip(cached, ids)) if a != b),
+                      min(len(cached), len(ids)))
+        self.runner.truncate(seq, min(common, len(ids) - 1))
+        seq.prompt_ids = ids
+        self._start_turn(seq, params)
+
+    def run(self, seqs: Iterable[Sequence]) -> Iterator[Event]:
+        """Continuous batching over seqs, pulled lazily (only when a slot is free and none is
+        waiting); an Event per request after every token. An error or an abandoned iterator
+        aborts what is still unfinished, so no pages leak."""
+        core = EngineCore(self.runner, self.pool.allocator, self.tokenizer.stop_ids,
+                          self.config.max_batch, self.config.max_context, self.backends.seq_stats)
+        incoming = iter(seqs)
+        try:
+            while True:
+                if not core.scheduler.waiting and core.scheduler.has_slot:
+                    nxt = next(incoming, None)
+                    if nxt is not None:
+                        core.add(nxt)
+                if not core.has_work():
+                    return
+                yield from core.step()
+        finally:
+            core.abort_unfinished()
+
+    def release(self, seq: Sequence) -> None:
+        """Free a request's pages (a chat session's cache, when the session ends)."""
+        self.runner.release(seq)
+
+    @staticmethod
+    def completion(seq: Sequence) -> Completion:
+        return Completion(seq.text, list(seq.output_ids), seq.finish_reason or "length", seq.stats)
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -157,12 +222,6 @@ class LLM:
             raise ConfigError(f"token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")
         return ids
 
-    def _new_sequence(self, ids: list[int], params: SamplingParams, key: Any = None) -> Sequence:
-        seq = Sequence(self._next_id, ids, params, key=key)
-        self._next_id += 1
-        self._start_turn(seq, params)
-        return seq
-
     def _start_turn(self, seq: Sequence, params: SamplingParams) -> None:
         """Fresh sampling state for a request (or a new turn of a chat session)."""
         seq.params, seq.generator = params, None
@@ -172,124 +231,3 @@ class LLM:
         seq.decoder = StreamDecoder(self.tokenizer)
         seq.output_ids, seq.text, seq.emitted, seq.finish_reason = [], "", 0, None
         seq.t_arrival = time.perf_counter()
-
-    def _run(self, seqs: Iterable[Sequence]) -> Iterator[tuple[Sequence, str]]:
-        """Continuous batching; yields (sequence, newly final text) after every token.
-
-        Requests are pulled from seqs only when a slot and enough free pages are there; when
-        the pages run short mid-decode, the newest sequence is preempted (its pages freed, its
-        tokens recomputed later), as vLLM does.
-        """
-        incoming, waiting, running = iter(seqs), deque(), []
-        live: set[int] = set()  # ids of sequences holding pages, freed whatever happens
-        by_id: dict[int, Sequence] = {}
-        try:
-            while True:
-                while len(running) < self.config.max_batch:
-                    if not waiting:
-                        nxt = next(incoming, None)
-                        if nxt is None:
-                            break
-                        waiting.append(nxt)
-                    seq = waiting[0]
-                    if running and not self._fits(seq, len(running)):
-                        break
-                    waiting.popleft()
-                    live.add(seq.seq_id)
-                    by_id[seq.seq_id] = seq
-                    yield from self._advance([seq], self.runner.prefill(seq)[None])
-                    if seq.finish_reason is None:
-                        running.append(seq)
-                    else:
-                        live.discard(seq.seq_id)
-                if not running:
-                    return
-                self._make_room(running, waiting, live)
-                yield from self._advance(running, self.runner.decode(running))
-                for seq in running:
-                    if seq.finish_reason is not None:
-                        live.discard(seq.seq_id)
-                        by_id.pop(seq.seq_id)
-                running = [s for s in running if s.finish_reason is None]
-        finally:  # an error or an abandoned stream must not leak pages
-            for seq_id in live:
-                seq = by_id[seq_id]
-                if seq.block_table and not (seq.keep_cache and seq.finish_reason):
-                    self.runner.release(seq)
-
-    def _fits(self, seq: Sequence, num_running: int) -> bool:
-        """Enough free pages for seq's prefill, keeping one page of headroom per running one."""
-        alloc = self.pool.allocator
-        need = alloc.pages_for(seq.num_tokens + 1) - len(seq.block_table)
-        return alloc.num_free >= need + num_running
-
-    def _make_room(self, running: list[Sequence], waiting: deque, live: set[int]) -> None:
-        """Preempt the newest sequences until this decode step's new pages fit."""
-        alloc = self.pool.allocator
-        while len(running) > 1:
-            need = sum(alloc.pages_for(s.num_cached + 1) > len(s.block_table) for s in running)
-            if alloc.num_free >= need:
-                return
-            victim = running.pop()
-            self.runner.release(victim)
-            live.discard(victim.seq_id)
-            waiting.appendleft(victim)
-
-    def _advance(self, seqs: list[Sequence], logits: torch.Tensor):
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                        [s.all_ids for s in seqs])
-        now = time.perf_counter()
-        stop_ids = self.tokenizer.stop_ids
-        for seq, token in zip(seqs, tokens):
-            if not seq.output_ids:
-                seq.t_first_token = now
-            seq.output_ids.append(token)
-            p = seq.params
-            if token in stop_ids and not p.ignore_eos:
-                seq.finish_reason = "stop"
-            else:
-                seq.text += seq.decoder.push(token)
-                self._check_stop_strings(seq)
-            if seq.finish_reason is None and (
-                len(seq.output_ids) >= p.max_new_tokens or seq.num_tokens >= self.config.max_context
-            ):
-                seq.finish_reason = "length"
-            if seq.finish_reason is not None:
-                if seq.finish_reason == "length":
-                    seq.text += seq.decoder.flush()
-                    self._check_stop_strings(seq)
-                seq.t_finish = now
-                seq.stats = self._stats(seq)
-                if not seq.keep_cache:
-                    self.runner.release(seq)
-            yield seq, self._emit(seq)
-
-    @staticmethod
-    def _check_stop_strings(seq: Sequence) -> None:
-        for stop in seq.params.stop:
-            at = seq.text.find(stop, max(0, seq.emitted - len(stop)))
-            if at >= 0:
-                seq.text, seq.finish_reason = seq.text[:at], "stop"
-
-    @staticmethod
-    def _emit(seq: Sequence) -> str:
-        """New text that no stop string can still take back."""
-        hold = 0 if seq.finish_reason else max((len(s) - 1 for s in seq.params.stop), default=0)
-        end = max(seq.emitted, len(seq.text) - hold)
-        delta, seq.emitted = seq.text[seq.emitted:end], end
-        return delta
-
-    def _stats(self, seq: Sequence) -> dict[str, Any]:
-        decode_s = seq.t_finish - seq.t_first_token
-        n_out = len(seq.output_ids)
-        return {
-            "prompt_tokens": len(seq.prompt_ids),
-            "completion_tokens": n_out,
-            "seconds": seq.t_finish - seq.t_arrival,
-            "time_to_first_token_s": seq.t_first_token - seq.t_arrival,
-            "decode_tokens_per_s": (n_out - 1) / decode_s if n_out > 1 and decode_s > 0 else 0.0,
-            **self.backend.seq_stats(seq.seq_id),
-        }
-
-    def _completion(self, seq: Sequence) -> Completion:
-        return Completion(seq.text, list(seq.output_ids), seq.finish_reason or "length", seq.stats)

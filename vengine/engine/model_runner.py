@@ -1,7 +1,7 @@
 """Runs the model over sequences: chunked prefill of one sequence, batched decode of many.
 
 It turns each sequence's page list into the flat slots and block tables of a StepContext; the
-attention backend does the rest. On a GPU the decode step is captured in CUDA graphs, one per
+layers' attention backends do the rest, told explicitly where a step begins and ends. On a GPU the decode step is captured in CUDA graphs, one per
 (batch size, block-table width bucket): a step is then one graph launch instead of ~30 kernel
 launches per layer, and its inputs are the only host-to-device traffic.
 """
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vengine.attention.base import LayerBackends
 from vengine.attention.context import StepContext
 from vengine.engine.sequence import Sequence
 from vengine.models.llama import LlamaForCausalLM
@@ -30,7 +31,7 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: dict[str, torch.Tensor]  # static input buffers, refilled before each replay
     logits: torch.Tensor
-    step_stats: torch.Tensor | None  # the backend's per-step statistics, written by the graph
+    step_stats: tuple  # the backends' per-step statistics, written by the graph
 
 
 class ModelRunner:
@@ -38,16 +39,15 @@ class ModelRunner:
         self,
         model: LlamaForCausalLM,
         pool: KVPool,
-        backend,
+        backends: LayerBackends,
         device: torch.device,
         prefill_chunk: int = 2048,
         cuda_graphs: bool = True,
     ) -> None:
-        self.model, self.pool, self.backend, self.device = model, pool, backend, device
+        self.model, self.pool, self.backends, self.device = model, pool, backends, device
         self.prefill_chunk = prefill_chunk
         self.page_size = pool.page_size
-        self.use_graphs = (cuda_graphs and device.type == "cuda"
-                           and getattr(backend, "graphable", True))
+        self.use_graphs = cuda_graphs and device.type == "cuda" and backends.graphable
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.graph_error: str | None = None  # why capture failed (decode then stays eager)
         self._graph_pool = None
@@ -65,12 +65,12 @@ class ModelRunner:
         ids = seq.all_ids
         self.pool.allocator.grow(seq.block_table, len(ids))
         table = torch.tensor(seq.block_table, device=self.device)
+        self.backends.begin_step([seq], is_prefill=True)
         outputs = []
         for start in range(seq.num_cached, len(ids), self.prefill_chunk):
             end = min(start + self.prefill_chunk, len(ids))
             positions = torch.arange(start, end, device=self.device)
             ctx = StepContext(
-                backend=self.backend,
                 is_prefill=True,
                 slots=self._slots(table, positions),
                 block_tables=table[None],
@@ -79,7 +79,7 @@ class ModelRunner:
                 cached_len=start,
             )
             input_ids = torch.tensor(ids[start:end], device=self.device)
-            hidden = self.model(input_ids, positions, ctx)
+            hidden = self.model(input_ids, positions, ctx, self.backends)
             outputs.append(self.model.compute_logits(hidden if all_logits else hidden[-1:]))
             seq.num_cached = end
         return torch.cat(outputs) if all_logits else outputs[-1][0]
@@ -103,9 +103,7 @@ class ModelRunner:
         }
         seq_ids = tuple(s.seq_id for s in seqs)
         self.pool.wait_writes()  # prefill's side-stream writes land before decode reads them
-        begin_step = getattr(self.backend, "begin_step", None)
-        if begin_step is not None:
-            begin_step(seqs)
+        self.backends.begin_step(seqs, is_prefill=False)
         key = (len(seqs), width)
         entry = self.graphs.get(key)
         if self.device.type == "cuda":  # staged in pinned memory: the copies do not block
@@ -114,52 +112,46 @@ class ModelRunner:
             for name, t in inputs.items():
                 entry.inputs[name].copy_(t, non_blocking=True)
             entry.graph.replay()
-            if entry.step_stats is not None:
-                self.backend.step_stats = entry.step_stats
-            logits = entry.logits.clone()
+            logits, stats = entry.logits.clone(), entry.step_stats
         else:
             dev_inputs = {name: t.to(self.device, non_blocking=True) for name, t in inputs.items()}
-            logits = self._forward(dev_inputs, seq_ids)
-        self.backend.end_step(StepContext(self.backend, False, None, None, None, seq_ids))
+            logits, stats = self._forward(dev_inputs, seq_ids)
+        self.backends.end_step(seq_ids, stats)
         if entry is None and self.use_graphs and self.graph_error is None:
             self._capture(key, dev_inputs, seq_ids)
         for seq in seqs:
             seq.num_cached += 1
         return logits
 
-    def _forward(self, inputs: dict[str, torch.Tensor], seq_ids: tuple[int, ...]) -> torch.Tensor:
+    def _forward(self, inputs: dict[str, torch.Tensor], seq_ids: tuple[int, ...]):
+        """The decode step on device tensors -> (logits [B, V], the backends' step statistics)."""
         ctx = StepContext(
-            backend=self.backend,
             is_prefill=False,
             slots=inputs["slots"],
             block_tables=inputs["tables"],
             context_lens=inputs["positions"] + 1,
             seq_ids=seq_ids,
         )
-        hidden = self.model(inputs["input_ids"], inputs["positions"], ctx)
-        return self.model.compute_logits(hidden)
+        hidden = self.model(inputs["input_ids"], inputs["positions"], ctx, self.backends)
+        return self.model.compute_logits(hidden), self.backends.step_stats()
 
     def _capture(self, key, inputs: dict[str, torch.Tensor], seq_ids) -> None:
         """Record the decode step for this (batch, width) just run eagerly (so every kernel is
         compiled and warm). Capture only records: it writes no KV and draws no samples."""
         graph = torch.cuda.CUDAGraph()
-        generator = getattr(self.backend, "generator", None)
         try:
-            if generator is not None:
+            for generator in self.backends.generators:
                 graph.register_generator_state(generator)
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._graph_pool):
-                logits = self._forward(inputs, seq_ids)
+                logits, stats = self._forward(inputs, seq_ids)
         except Exception as e:  # an op that cannot be captured: stay eager, say why in /stats
             self.graph_error = f"{type(e).__name__}: {e}"
             self.use_graphs = False
+            self.backends.step_stats()  # drop what the failed capture recorded
             torch.cuda.synchronize()
             return
-        finally:
-            stats = getattr(self.backend, "step_stats", None)
-            if hasattr(self.backend, "step_stats"):
-                self.backend.step_stats = None  # capture's tensors hold nothing yet
         self.graphs[key] = _Graph(graph, inputs, logits, stats)
 
     def truncate(self, seq: Sequence, num_tokens: int) -> None:
@@ -170,5 +162,5 @@ class ModelRunner:
     def release(self, seq: Sequence) -> None:
         """Give the sequence's pages and any backend state back at once."""
         self.pool.allocator.free(seq.block_table)
-        self.backend.free(seq.seq_id)
+        self.backends.free(seq.seq_id)
         seq.num_cached = 0

@@ -53,7 +53,7 @@ class _Capture:
     def __init__(self, keep_queries: int) -> None:
         self.keep, self.layers = keep_queries, []
 
-    def forward(self, layer, q, k, v, ctx):
+    def __call__(self, layer, q, k, v, ctx):  # the model's attention: exact, and recorded
         self.layers.append(LayerActivations(q[-self.keep :].float(), k.float(), v.float()))
         return causal_attention(q, k, v, 0)
 
@@ -64,8 +64,8 @@ def capture(model, token_ids: list[int], keep_queries: int = 16) -> list[LayerAc
     cap = _Capture(keep_queries)
     dev = next(model.parameters()).device
     ids = torch.tensor(token_ids, device=dev)
-    ctx = StepContext(cap, True, ids, ids[None], ids[-1:], (0,))
-    model(ids, torch.arange(len(token_ids), device=dev), ctx)
+    ctx = StepContext(True, ids, ids[None], ids[-1:], (0,))
+    model(ids, torch.arange(len(token_ids), device=dev), ctx, cap)
     return cap.layers
 
 

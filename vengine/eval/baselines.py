@@ -178,7 +178,7 @@ class _BaselineBackend(VAttentionBackend):
         self.spec = spec
         self.rng = torch.Generator(device).manual_seed(spec.seed)
 
-    def decode(self, layer: int, q: torch.Tensor, ctx) -> DecodeResult:
+    def estimate(self, layer: int, q: torch.Tensor, ctx) -> DecodeResult:
         p = engine_problem(self, layer, q, ctx)
         s, _ = p.exact()
         ls = s.amax(-1)
@@ -208,7 +208,7 @@ class OracleVAttention:
 class _OracleBackend(VAttentionBackend):
     graphable = False  # float32 copies of the whole context each step: not worth a graph
 
-    def decode(self, layer: int, q: torch.Tensor, ctx) -> DecodeResult:
+    def estimate(self, layer: int, q: torch.Tensor, ctx) -> DecodeResult:
         p = engine_problem(self, layer, q, ctx)
         s, _ = p.exact()
         r = vattention_decode(p.q, p.k_pool, p.v_pool, p.block_tables, p.context_lens, p.sig,

@@ -1,14 +1,15 @@
 """One forward for the Llama family (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2).
 
-Tokens of a step are flattened to [T]; everything the attention needs about the step (which
-sequences, where their KV lives, which backend) travels in `ctx`, so `forward` never grows flags.
+Tokens of a step are flattened to [T]; what the attention needs about the step (which sequences,
+where their KV lives) travels in `ctx`, and `attention(layer, q, k, v, ctx)` attends (the engine's
+LayerBackends: any callable of that shape), so `forward` never grows flags.
 Q/K/V and gate/up are fused into one matmul each at load time.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -17,6 +18,8 @@ from torch import nn
 
 from vengine.errors import ModelLoadError
 from vengine.models.config import ModelConfig
+
+Attend = Callable[..., torch.Tensor]  # (layer, q, k, v, ctx) -> attention output [T, Hq, D]
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -71,14 +74,15 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Any):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Any,
+                attention: Attend):
         T = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
         q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        o = ctx.backend.forward(self.layer_idx, q, k, v, ctx)  # [T, Hq, D]
+        o = attention(self.layer_idx, q, k, v, ctx)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, q_size))
 
 
@@ -101,8 +105,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, ctx):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+    def forward(self, x, cos, sin, ctx, attention: Attend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -126,14 +130,15 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Any) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Any,
+                attention: Attend) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, ctx)
+            x = layer(x, cos, sin, ctx, attention)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -7,14 +7,17 @@ full-attention baseline. Page bookkeeping is plain Python (PageAllocator).
 
 With a pinned pool the GPU addresses it through UVA views (k_view, v_view): kernels read the rows
 they need straight over PCIe, and new rows are written by GPU stores, so no step waits for the
-host. Large writes (prefill) go on a side stream, overlapping the next layer's compute.
+host. Rows are written by the kernels' store_rows (prefill and decode alike); long writes
+(prefill) run on a side stream (`writing`), overlapping the next layer's compute.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import re
+from collections.abc import Iterator
 
 import torch
 
@@ -125,22 +128,19 @@ class KVPool:
         self.num_pages = num_pages
         self.allocator = PageAllocator(num_pages, page_size, num_pages * page_bytes)
 
-    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """slots: [T] flat token slots (page * page_size + offset) on the compute device;
-        k, v: [T, kv_heads, D]."""
-        if self.side_stream is None or k.shape[0] < _SIDE_STREAM_ROWS:
-            self._write(layer, slots, k, v)
+    @contextlib.contextmanager
+    def writing(self, *tensors: torch.Tensor) -> Iterator[None]:
+        """Run the write of these tensors' rows ([T, ...], the row count first) on the side stream
+        when it is long (a prefill chunk) and the pool is pinned host memory, so that the next
+        layer's compute overlaps it; on the current stream otherwise."""
+        if self.side_stream is None or tensors[0].shape[0] < _SIDE_STREAM_ROWS:
+            yield
             return
-        self.side_stream.wait_stream(torch.cuda.current_stream())  # k, v are ready
+        self.side_stream.wait_stream(torch.cuda.current_stream())  # the rows are ready
         with torch.cuda.stream(self.side_stream):
-            self._write(layer, slots, k, v)
-        for t in (slots, k, v):  # keep their memory from reuse until the side stream is done
+            yield
+        for t in tensors:  # keep their memory from reuse until the side stream is done
             t.record_stream(self.side_stream)
-
-    def _write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        pages, offsets = slots // self.page_size, slots % self.page_size
-        self.k_view[layer, pages, :, offsets] = k.to(self.k_view.device, self.dtype)
-        self.v_view[layer, pages, :, offsets] = v.to(self.v_view.device, self.dtype)
 
     def wait_writes(self) -> None:
         """Make the current stream wait for side-stream writes (a device-side wait, no sync)."""
@@ -158,17 +158,14 @@ class KVPool:
 class SignaturePool:
     """Per-token key signatures [layers, pages, kv_heads, page_size, nbytes] uint8, paged like KV.
 
-    Small (nbytes per token and head, vs 2 * D * dtype bytes of K/V), so it stays on the GPU.
+    Small (nbytes per token and head, vs 2 * D * dtype bytes of K/V), so it stays on the GPU;
+    kernels.store_rows writes it together with the K/V rows.
     """
 
     def __init__(self, kv: KVPool, nbytes: int, device: torch.device) -> None:
         L, pages, H, P, _ = kv.k.shape
         self.page_size = P
         self.sig = torch.zeros((L, pages, H, P, nbytes), dtype=torch.uint8, device=device)
-
-    def store(self, layer: int, slots: torch.Tensor, sig: torch.Tensor) -> None:
-        """slots: [T]; sig: [T, kv_heads, nbytes]."""
-        self.sig[layer, slots // self.page_size, :, slots % self.page_size] = sig
 
 
 class ResidentPages:
