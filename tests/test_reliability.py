@@ -434,7 +434,7 @@ def piped_chat(monkeypatch, capsys, llm, data: bytes, *flags: str):
 
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
     capsys.readouterr()
-    code = chat_cli.run_chat(llm, None, {"max_new_tokens": 24}, "--json" in flags)
+    code = chat_cli.run_chat(llm, None, {"max_new_tokens": 16}, "--json" in flags)
     out, err = capsys.readouterr()
     return code, out, err
 
