@@ -31,11 +31,12 @@ import torch
 from vengine.attention.config import VAttention
 from vengine.attention.vattention import vattention_decode
 from vengine.eval.activations import capture, corpus_text, decode_problem, to_pages
-from vengine.eval.baselines import (_fixed, group_scores, oracle_group_scores, oracle_kernels,
-                                    relative_errors, topk_attention, uniform_attention)
+from vengine.eval.baselines import (fixed_mask, group_scores, oracle_group_scores,
+                                    oracle_kernels, relative_errors, topk_attention,
+                                    uniform_attention)
 from vengine.kernels import get_kernels
 
-from record import git_commit, save  # benchmarks/record.py (this script's folder)
+from common import git_commit, save  # benchmarks/common.py (this script's folder)
 from vengine.kernels.common import paged_signatures
 from vengine.kernels.reference import hash_scores
 
@@ -127,7 +128,7 @@ class Baselines:
         self.d = self.w.sum(-1).view(B, Hq)
         self.exact_norm = exact_out.norm(dim=-1).clamp(min=1e-30)
         self.live = ~torch.isinf(s[:, 0])  # [B, S]
-        self.fixed = _fixed(S, p.context_lens, SINK, WINDOW)
+        self.fixed = fixed_mask(S, p.context_lens, SINK, WINDOW)
         self.fixed_live = self.fixed & self.live
         rankings = {"oracle": oracle_group_scores(s, self.Hkv),
                     "hash": group_scores(p.q, p.planes, p.sig, p.block_tables,

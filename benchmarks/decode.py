@@ -24,7 +24,7 @@ from vengine.eval.activations import corpus_text
 from vengine.kernels import get_kernels
 from vengine.kernels.common import paged_signatures
 
-from record import git_commit, save  # benchmarks/record.py (this script's folder)
+from common import git_commit, save  # benchmarks/common.py (this script's folder)
 
 
 def settings(args) -> vengine.VAttention:

@@ -22,9 +22,7 @@ Writes JSON (--out); the last line printed is the JSON.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import statistics
 import sys
 import time
 from datetime import date
@@ -34,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import vengine
+from vengine.attention.base import LayerBackends
 from vengine.attention.context import StepContext
 from vengine.attention.vattention import VAttentionBackend, vattention_decode
 from vengine.engine.model_runner import ModelRunner
@@ -41,20 +40,14 @@ from vengine.engine.sampling import SamplingParams
 from vengine.engine.sequence import Sequence
 from vengine.kernels import triton as triton_gpu
 from vengine.kernels.common import pack_signatures
-from vengine.models.config import ModelConfig, RopeScaling
-from vengine.models.llama import LlamaForCausalLM
+from vengine.models.config import ModelConfig
 from vengine.offload.kv_pool import KVPool
 
-from record import git_commit, save  # benchmarks/record.py (this script's folder)
+from common import (  # benchmarks/common.py (this script's folder)
+    DEV, DTYPE, LLAMA_8B, build_model, bulk_copy_gbs, git_commit, gpu_ms, graphed, median_ms,
+    release, save)
 
-LLAMA_8B = ModelConfig(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                       num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-                       rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
-                       tie_word_embeddings=False, attention_bias=False,
-                       rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192))
 PAGE = 64
-DEV = torch.device("cuda")
-DTYPE = torch.bfloat16
 
 
 def fixed_budget(top_k: float = 0.02) -> vengine.VAttention:
@@ -66,37 +59,6 @@ def fixed_budget(top_k: float = 0.02) -> vengine.VAttention:
 def clt_budget() -> vengine.VAttention:
     return vengine.VAttention(epsilon=0.05, delta=0.05, sink=128, window=128, top_k=0.02,
                               base_rate=0.01, seed=0)
-
-
-def build_model(cfg: ModelConfig) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    torch.set_default_dtype(DTYPE)
-    with DEV:
-        model = LlamaForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
-    for p in model.parameters():
-        if p.dim() == 2:
-            p.data.normal_(0.0, 0.02)
-    return model.eval()
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm (compiles, captures)
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(1e3 * (time.perf_counter() - t))
-    return statistics.median(times)
-
-
-def bulk_copy_gbs(nbytes: int = 2 << 30) -> float:
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device=DEV)
-    ms = median_ms(lambda: dev.copy_(host, non_blocking=True), 5)
-    return nbytes / ms / 1e6
 
 
 def fill_pool(pool: KVPool, backend: VAttentionBackend, pages: int) -> None:
@@ -115,16 +77,10 @@ def fill_pool(pool: KVPool, backend: VAttentionBackend, pages: int) -> None:
     torch.cuda.synchronize()
 
 
-def release() -> None:
-    """Free what the last mode left (graphs, buffers) before the next one allocates."""
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
-def step_context(backend, B: int, context: int) -> StepContext:
+def step_context(B: int, context: int) -> StepContext:
     """A decode step's context for backends that keep their own KV (no slots or tables)."""
     lens = torch.full((B,), context + 1, device=DEV)
-    return StepContext(backend, False, torch.zeros(B, dtype=torch.long, device=DEV), None, lens,
+    return StepContext(False, torch.zeros(B, dtype=torch.long, device=DEV), None, lens,
                        tuple(range(B)))
 
 
@@ -137,12 +93,9 @@ class Resident:
         self.v = torch.randn(shape, device=DEV, dtype=DTYPE)
         self.pos = context
 
-    def forward(self, layer, q, k, v, ctx):
+    def __call__(self, layer, q, k, v, ctx):  # the model's attention, every layer
         self.k[layer, :, :, self.pos], self.v[layer, :, :, self.pos] = k, v
         return gqa_decode(q, self.k[layer], self.v[layer])
-
-    def end_step(self, ctx) -> None:
-        pass
 
 
 def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -175,13 +128,14 @@ class Streamed:
             vb.copy_(self.pool.v[layer, : self.pages], non_blocking=True)
             self.ready[layer % 2].record()
 
-    def forward(self, layer, q, k, v, ctx):
+    def __call__(self, layer, q, k, v, ctx):  # the model's attention, every layer
         if layer == 0:
             self._prefetch(0)
         torch.cuda.current_stream().wait_event(self.ready[layer % 2])
         if layer + 1 < len(self.pool.k):
             self._prefetch(layer + 1)
-        self.pool.store(layer, ctx.slots, k, v)
+        triton_gpu.store_rows(k, v, ctx.slots, None, self.pool.k_view[layer],
+                              self.pool.v_view[layer], None)  # the engine's write kernel
         kb, vb = self.bufs[layer % 2]
         n, H, P, D = kb.shape
         per_seq = n // self.B
@@ -190,25 +144,6 @@ class Streamed:
         kk, vv = kk[:, :, : self.context + 1], vv[:, :, : self.context + 1]
         kk[:, :, self.context], vv[:, :, self.context] = k, v
         return gqa_decode(q, kk, vv)
-
-    def end_step(self, ctx) -> None:
-        pass
-
-
-def graphed(fn, generator: torch.Generator | None = None):
-    """fn captured in a CUDA graph (after warm-up runs on a side stream); returns replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    if generator is not None:
-        graph.register_generator_state(generator)
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 class RecordingKernels:
@@ -229,17 +164,6 @@ class RecordingKernels:
         return triton_gpu.partial_attention(*args, **kwargs)
 
 
-def gpu_ms(replay, repeats: int = 20) -> float:
-    """GPU time of one replay, timed with CUDA events over `repeats` back-to-back replays."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
 def one_layer(cfg: ModelConfig, backend: VAttentionBackend, tables, B: int, context: int):
     """Layer 0's vAttention decode over the filled pool at a random query, as fn(kernels), and
     its generator (a CUDA graph registers it)."""
@@ -250,7 +174,7 @@ def one_layer(cfg: ModelConfig, backend: VAttentionBackend, tables, B: int, cont
     seqs = [Sequence(i, [1] * (context + 1), SamplingParams()) for i in range(B)]
     for i, s in enumerate(seqs):
         s.block_table, s.num_cached = tables[i].tolist(), context
-    backend.begin_step(seqs)  # sink and window pages copied to the GPU, as in a decode step
+    backend.begin_step(seqs, is_prefill=False)  # sink and window pages copied to the GPU, as in a decode step
 
     def layer(kernels):
         return vattention_decode(q, pool.k_view[0], pool.v_view[0], tables, lens,
@@ -318,8 +242,8 @@ def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: floa
         before = torch.cuda.memory_allocated()
         res = Resident(cfg, B, context)
         kv_bytes = torch.cuda.memory_allocated() - before
-        ctx = step_context(res, B, context)
-        step = graphed(lambda: model.compute_logits(model(ids, positions, ctx)))
+        ctx = step_context(B, context)
+        step = graphed(lambda: model.compute_logits(model(ids, positions, ctx, res)))
         ms = median_ms(step, args.repeats)
         rows.append({**base, "mode": "a resident", "ms_per_step": ms,
                      "gpu_kv_bytes_per_token": kv_bytes / (B * (context + 1))})
@@ -332,9 +256,10 @@ def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: floa
     # (b) offloaded, streamed layer by layer
     st = Streamed(pool, B, context)
     tables = (torch.arange(st.pages, device=DEV).view(B, -1))
-    ctx = StepContext(st, False, tables[:, context // PAGE] * PAGE + context % PAGE, tables,
+    ctx = StepContext(False, tables[:, context // PAGE] * PAGE + context % PAGE, tables,
                       positions + 1, tuple(range(B)))
-    ms = median_ms(lambda: model.compute_logits(model(ids, positions, ctx)), args.stream_repeats)
+    ms = median_ms(lambda: model.compute_logits(model(ids, positions, ctx, st)),
+                   args.stream_repeats)
     nbytes = B * (context // PAGE + 1) * PAGE * kv_token_bytes
     rows.append({**base, "mode": "b offloaded", "ms_per_step": ms, "pcie_bytes_per_step": nbytes,
                  "pcie_gbs": nbytes / ms / 1e6,
@@ -348,7 +273,8 @@ def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: floa
             continue
         split = layer_split(cfg, backend, tables, B, context)
         for graphs in (False, True) if name == "fixed" else (True,):  # eager once: the saving
-            runner = ModelRunner(model, pool, backend, DEV, cuda_graphs=graphs)
+            runner = ModelRunner(model, pool, LayerBackends([backend] * L), DEV,
+                                 cuda_graphs=graphs)
             seqs = [Sequence(i, [1] * (context + 1), SamplingParams()) for i in range(B)]
             for i, s in enumerate(seqs):
                 s.block_table, s.num_cached = tables[i].tolist(), context
@@ -388,7 +314,8 @@ def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: floa
 
 
 def prefill_rate(model, pool, backend, tokens: int) -> dict:
-    runner = ModelRunner(model, pool, backend, DEV, prefill_chunk=32768)
+    runner = ModelRunner(model, pool, LayerBackends([backend] * model.config.num_layers), DEV,
+                         prefill_chunk=32768)
     seq = Sequence(10**6, torch.randint(0, 1000, (tokens,)).tolist(), SamplingParams())
     torch.cuda.synchronize()
     t = time.perf_counter()

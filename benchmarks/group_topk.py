@@ -26,7 +26,7 @@ from vengine.kernels.common import paged_signatures
 from vengine.kernels.reference import hash_scores
 from vengine.models.loader import load_model, resolve_model
 
-from record import git_commit, save  # benchmarks/record.py (this script's folder)
+from common import git_commit, save  # benchmarks/common.py (this script's folder)
 
 SINK = WINDOW = 64
 PLANES_SEED = 0x5EED  # as VAttentionBackend

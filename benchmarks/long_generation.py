@@ -19,7 +19,7 @@ import torch
 import vengine
 from vengine.engine.sampling import SamplingParams
 
-from record import git_commit, save  # benchmarks/record.py (this script's folder)
+from common import git_commit, save  # benchmarks/common.py (this script's folder)
 
 
 def generate_sampled(llm: vengine.LLM, tokens: int, every: int) -> dict:

@@ -36,7 +36,7 @@ class AttentionBackend(Protocol):
 
     def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 ctx: StepContext) -> torch.Tensor:
-        """Store a prompt chunk's K/V [T, Hkv, D] and attend causally: q [T, Hq, D] -> [T, Hq, D]."""
+        """Store a prompt chunk's K/V [T, Hkv, D]; attend causally: q [T, Hq, D] -> [T, Hq, D]."""
 
     def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                ctx: StepContext) -> torch.Tensor:

@@ -53,8 +53,9 @@ def spec_name(spec: Any) -> str | None:
         return spec
     if isinstance(spec, BackendSpec):
         return None
-    raise ConfigError(f"attention: expected one of {', '.join(_BACKENDS)}, vengine.VAttention(...) or a "
-                      f"plug-in with make_backend, got {spec!r}", field="attention")
+    raise ConfigError(f"attention: expected one of {', '.join(_BACKENDS)}, "
+                      f"vengine.VAttention(...) or a plug-in with make_backend, got {spec!r}",
+                      field="attention")
 
 
 def make_backend(spec: Any, pool: KVPool, cfg: ModelConfig, device: torch.device):

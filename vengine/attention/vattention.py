@@ -171,7 +171,8 @@ class VAttentionBackend:
     name = "vattention"
     graphable = True
 
-    def __init__(self, cfg: VAttention, pool: KVPool, mc: ModelConfig, device: torch.device) -> None:
+    def __init__(self, cfg: VAttention, pool: KVPool, mc: ModelConfig,
+                 device: torch.device) -> None:
         self.cfg, self.pool, self.device = cfg, pool, device
         self.layers_served = mc.num_layers  # layers a decode step runs here (step_stats counts)
         self.kernels = get_kernels(device, pool.dtype)

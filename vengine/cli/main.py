@@ -199,7 +199,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     resolve_model_flag(args.model)
     apply_threads(args.threads)
     llm = LLM(model=args.model, device=args.device, max_context=context + 512,
-              max_batch=args.max_batch)
+              max_batch=args.max_batch, threads=args.threads)
     results = run_eval(llm, settings)
     print_table(results)
     save(results, args.out)

@@ -94,7 +94,8 @@ def engine_options(args: argparse.Namespace, **options: Any) -> dict[str, Any]:
         if args.host_mem:
             options["host_mem"] = args.host_mem
         kwargs = dict(model=args.model, device=args.device, dtype=args.dtype,
-                      max_context=args.ctx, attention=attention, **options)
+                      max_context=args.ctx, attention=attention, threads=args.threads,
+                      **options)
         EngineConfig(**kwargs)
     except ConfigError as e:
         raise as_flag_error(e) from None

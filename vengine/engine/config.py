@@ -81,6 +81,7 @@ class EngineConfig:
     page_size: int = 64
     prefill_chunk: int | None = None  # tokens per prefill chunk; None: 2048 on CPU, 32768 on GPU
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (GPU only)
+    threads: int | None = None  # torch and numba CPU threads; None: the cores this process may use
 
     def __post_init__(self) -> None:
         device = resolve_device(self.device)
@@ -95,6 +96,8 @@ class EngineConfig:
             object.__setattr__(self, "host_mem", parse_bytes(self.host_mem))
         for name in ("max_batch", "page_size", "prefill_chunk"):
             check_int(getattr(self, name), name, 1)
+        if self.threads is not None:
+            check_int(self.threads, "threads", 1)
 
     @property
     def offloaded(self) -> bool:

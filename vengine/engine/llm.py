@@ -21,6 +21,7 @@ from vengine.engine.core import EngineCore, Event
 from vengine.engine.model_runner import ModelRunner
 from vengine.engine.sampling import SamplingParams
 from vengine.engine.sequence import Completion, Sequence
+from vengine.engine.threads import set_threads
 from vengine.errors import ConfigError, ContextLengthError
 from vengine.models.loader import load_model, resolve_model
 from vengine.models.tokenizer import StreamDecoder
@@ -66,6 +67,7 @@ class LLM:
             attention=attention,
             **engine_options,
         )
+        set_threads(cfg.threads)  # before the load: dequantising runs on these threads too
         self.model, self.tokenizer = load_model(resolve_model(model), cfg.device, cfg.dtype)
         self._build_runtime()
 

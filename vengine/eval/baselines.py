@@ -25,7 +25,8 @@ from vengine.kernels.common import mask_range
 from vengine.kernels.reference import hash_scores
 
 
-def _fixed(S: int, n: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+def fixed_mask(S: int, n: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    """The rows every sparse method attends exactly: sink and window of each context n [B]."""
     pos = torch.arange(S, device=n.device)
     return (pos < n[:, None]) & ((pos < sink) | (pos >= n[:, None] - window))  # [B, S]
 
@@ -88,7 +89,7 @@ def topk_attention(p: DecodeProblem, s: torch.Tensor, density: float, sink: int,
     B, Hq, S = s.shape
     Hkv = p.k_pool.shape[1]
     live = ~torch.isinf(s[:, 0])  # [B, S]
-    fixed = _fixed(S, p.context_lens, sink, window) & live
+    fixed = fixed_mask(S, p.context_lens, sink, window) & live
     k = max(int(density * int(p.context_lens.min())) - int(fixed[0].sum()), 0)
     rank = (group_scores(p.q, p.planes, p.sig, p.block_tables, p.context_lens) if use_hash
             else oracle_group_scores(s, Hkv))
@@ -106,7 +107,7 @@ def uniform_attention(p: DecodeProblem, s: torch.Tensor, density: float, sink: i
                       log_scale: torch.Tensor, generator: torch.Generator):
     B, Hq, S = s.shape
     Hkv = p.k_pool.shape[1]
-    fixed = _fixed(S, p.context_lens, sink, window)
+    fixed = fixed_mask(S, p.context_lens, sink, window)
     live = ~torch.isinf(s[:, 0])
     resid = live & ~fixed  # [B, S]
     n_r = resid.sum(-1, keepdim=True).float()
