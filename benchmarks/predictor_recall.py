@@ -279,7 +279,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from record import git_commit, save  # benchmarks/record.py
+    try:  # benchmarks/common.py (formerly record.py)
+        from common import git_commit, save
+    except ImportError:
+        from record import git_commit, save
 
     t0 = time.perf_counter()
     acts = load_or_capture(args.model, args.context, args.queries, args.cache or None)
