@@ -74,7 +74,6 @@ def test_gguf_encode_decode_parity(ours, hf, text):
     assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True)
     assert ours.decode(ids, skip_special_tokens=False) == hf.decode(ids)
     assert ours.decode(ids, skip_special_tokens=False) == text  # byte-level BPE is lossless
-    assert ours.decode(ids + [ours.vocab_size + 3]) == ours.decode(ids)  # padded-vocab ids
 
 
 def test_gguf_vocab_and_special_ids(ours, hf):
@@ -395,7 +394,7 @@ def test_sp_dir_matches_sentencepiece(sp_model, sp, tmp_path):
     assert ours.decode(ids, skip_special_tokens=False) == "x <s> y</s>"
     ids = ours.encode(UNICODE_TEXT)
     assert "".join(_stream(ours, ids)) == ours.decode(ids) == sp.decode(ids)
-    assert ours.decode(ids + [sp.get_piece_size() + 5]) == sp.decode(ids)  # padded-vocab ids
+    assert "".join(_stream(ours, ids + [sp.get_piece_size() + 5])) == sp.decode(ids)  # padding
     expected = "".join(f"<s>[{m['role']}] {m['content']}</s>" for m in CONVERSATION)
     assert ours.apply_chat_template(CONVERSATION) == expected
     assert ours.stop_ids == {sp.eos_id()}
@@ -458,3 +457,53 @@ def test_no_template_falls_back_to_chatml(hf_dir, tmp_path):
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     )
     assert tok.bos_id is None and tok.stop_ids == frozenset()
+
+
+@pytest.fixture(scope="module")
+def sp_dir_tok(sp_model, tmp_path_factory) -> Tokenizer:
+    path = tmp_path_factory.mktemp("sp_dir")
+    (path / "tokenizer.model").write_bytes(sp_model)
+    return Tokenizer.from_dir(path)
+
+
+@pytest.fixture(params=["tokenizers", "sentencepiece"])
+def any_tok(request) -> Tokenizer:
+    """One tokenizer per backend: the default GGUF's, and a bare sentencepiece model's."""
+    return request.getfixturevalue("ours" if request.param == "tokenizers" else "sp_dir_tok")
+
+
+@pytest.mark.parametrize("bad", [-1, 10**9, "vocab_size"])
+def test_decode_names_an_id_outside_the_vocabulary(any_tok, bad):
+    bad = any_tok.vocab_size if bad == "vocab_size" else bad
+    for call in (lambda: any_tok.decode([5, bad]), lambda: any_tok.id_to_token(bad)):
+        with pytest.raises(ConfigError) as e:
+            call()
+        msg = str(e.value)
+        assert f"token id {bad} " in msg and str(any_tok.vocab_size) in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("bad", [["a"], [1.5], [None], 7])
+def test_decode_rejects_what_is_not_a_list_of_ids(any_tok, bad):
+    with pytest.raises(ConfigError):
+        any_tok.decode(bad)
+
+
+@pytest.mark.parametrize("bad", [b"hello", None, 3, ["hello"]])
+def test_encode_rejects_what_is_not_text(any_tok, bad):
+    with pytest.raises(ConfigError, match=type(bad).__name__):
+        any_tok.encode(bad)
+
+
+def test_lone_surrogates_encode_as_replacement_characters(any_tok):
+    raw = "caf\u00e9 ok, ".encode() + b"caf\xe9 \xff\xfe ok"  # invalid UTF-8, as piped chat sees
+    text, replaced = raw.decode("utf-8", "surrogateescape"), raw.decode("utf-8", "replace")
+    assert any_tok.encode(text) == any_tok.encode(replaced)
+    prompt, expected = (any_tok.apply_chat_template([{"role": "user", "content": t}])
+                        for t in (text, replaced))
+    assert any_tok.encode(prompt) == any_tok.encode(expected)
+
+
+def test_stream_decoder_gives_padded_vocab_ids_no_text(ours):
+    ids = ours.encode(UNICODE_TEXT)
+    padded = ids[:3] + [ours.vocab_size, ours.vocab_size + 7] + ids[3:]
+    assert "".join(_stream(ours, padded)) == ours.decode(ids)

@@ -76,8 +76,6 @@ class SentencePieceBackend:
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        n = self.size()
-        ids = [i for i in ids if 0 <= i < n]  # unknown ids are dropped, as `tokenizers` does
         if skip_special_tokens:
             return self.sp.decode([i for i in ids if i not in self.special_ids])
         out, run = [], []

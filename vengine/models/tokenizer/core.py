@@ -6,6 +6,9 @@ ids and the chat prompt; `sources` turns each format into a backend, special tok
 
 from __future__ import annotations
 
+import operator
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,8 @@ from vengine.errors import ConfigError
 from vengine.models.tokenizer.backends import Backend
 from vengine.models.tokenizer.chat_template import ChatTemplates
 from vengine.models.tokenizer.sources import read_gguf, read_hf_dir
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Tokenizer:
@@ -63,23 +68,43 @@ class Tokenizer:
     # -- tokens ------------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids; BOS/EOS only where the model's config asks for them (as transformers)."""
-        return self._backend.encode(text, add_special_tokens)
+        """Token ids; BOS/EOS only where the model's config asks for them (as transformers).
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        Lone surrogates (text read with errors='surrogateescape' from invalid UTF-8) become
+        U+FFFD, as a UTF-8 decoder with errors='replace' would have written them.
+        """
+        if not isinstance(text, str):
+            raise ConfigError(f"encode: expected a str, got {type(text).__name__}")
+        return self._backend.encode(_SURROGATE.sub("\ufffd", text), add_special_tokens)
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; an incomplete UTF-8 sequence decodes to U+FFFD."""
-        return self._backend.decode(list(ids), skip_special_tokens)
+        try:
+            checked = [self._check_id(i) for i in ids]
+        except TypeError:  # not iterable
+            kind = type(ids).__name__
+            raise ConfigError(f"decode: expected a list of token ids, got {kind}") from None
+        return self._backend.decode(checked, skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
     def id_to_token(self, token_id: int) -> str:
-        token = self._backend.id_to_token(token_id)
-        if token is None:
-            raise ConfigError(
-                f"token id {token_id} is outside the vocabulary (size {self.vocab_size})"
-            )
+        token = self._backend.id_to_token(self._check_id(token_id))
+        if token is None:  # a hole in a tokenizer.json vocabulary
+            raise ConfigError(f"token id {token_id} is not in the vocabulary")
         return token
+
+    def _check_id(self, token_id: object) -> int:
+        """An id the backends take: `tokenizers` raises OverflowError on a negative one and
+        silently drops one past the end."""
+        try:
+            i = operator.index(token_id)  # ints, numpy ints
+        except TypeError:
+            raise ConfigError(f"token ids must be ints, got {token_id!r}") from None
+        if not 0 <= i < self.vocab_size:
+            raise ConfigError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
+        return i
 
     def _lookup(self, token: str | None) -> int | None:
         return self._backend.token_to_id(token) if token else None

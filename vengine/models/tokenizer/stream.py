@@ -26,6 +26,8 @@ class StreamDecoder:
         """The new final text after `token_id` (often '', e.g. mid-character)."""
         if self._skip and token_id in self._tok.special_ids:
             return ""  # decode() drops these before the decoder runs; so do we
+        if not 0 <= token_id < self._tok.vocab_size:
+            return ""  # a padded embedding row past the tokenizer's vocabulary: no text
         self._ids.append(token_id)
         done = self._tok.decode(self._ids[: self._read], self._skip)
         text = self._tok.decode(self._ids, self._skip)
