@@ -19,7 +19,12 @@ def invalid(field: str, want: str, value: object) -> ConfigError:
 
 
 def check_int(
-    value: object, field: str, lo: int | None = None, hi: int | None = None, *, want: str | None = None
+    value: object,
+    field: str,
+    lo: int | None = None,
+    hi: int | None = None,
+    *,
+    want: str | None = None,
 ) -> int:
     """`value` if it is an int (not a bool) in [lo, hi]; else a ConfigError.
 

@@ -15,7 +15,8 @@ _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_h
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """HF `rope_scaling`: 'linear' divides positions by factor; 'llama3' rescales low frequencies."""
+    """HF `rope_scaling`: 'linear' divides positions by factor; 'llama3' rescales low
+    frequencies."""
 
     kind: str
     factor: float
@@ -95,7 +96,9 @@ class ModelConfig:
     def from_gguf(cls, meta: dict[str, Any], has_output_tensor: bool) -> ModelConfig:
         arch = meta.get("general.architecture", "")
         if arch not in ("llama", "qwen2"):
-            raise ModelLoadError(f"unsupported GGUF architecture '{arch}' (supported: llama, qwen2)")
+            raise ModelLoadError(
+                f"unsupported GGUF architecture '{arch}' (supported: llama, qwen2)"
+            )
 
         def get(key: str, default: Any = None) -> Any:
             value = meta.get(f"{arch}.{key}", default)
