@@ -156,3 +156,16 @@ def test_scheduler_alone_admits_in_order_and_keeps_headroom():
     sched.finish_step(batch)
     batch = sched.schedule()  # b needs 2 + 1 headroom, 2 are free: decode a instead
     assert not batch.is_prefill and batch.seqs == [a]
+
+
+def test_padding_rows_of_the_embedding_are_never_sampled():
+    """Logits past the tokenizer's vocabulary (an embedding's padding rows) are cut before
+    sampling: here the fake model prefers id VOCAB - 1, which the tokenizer does not have."""
+    alloc = PageAllocator(8, PAGE, 8)
+    runner = FakeRunner(alloc)
+    runner._logits = lambda seq: torch.arange(VOCAB).float()  # argmax: VOCAB - 1
+    core = EngineCore(runner, alloc, {EOS}, 4, 64, lambda seq_id: {}, vocab_size=VOCAB - 1)
+    seq = request(0, [1], 3)
+    core.add(seq)
+    drain(core)
+    assert seq.output_ids[0] == VOCAB - 2 and max(seq.output_ids) < VOCAB - 1

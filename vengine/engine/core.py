@@ -44,8 +44,11 @@ class Event:
 class EngineCore:
     def __init__(self, runner: Runner, allocator: PageAllocator, stop_ids: set[int],
                  max_batch: int, max_context: int,
-                 seq_stats: Callable[[int], dict[str, Any]]) -> None:
+                 seq_stats: Callable[[int], dict[str, Any]], vocab_size: int | None = None) -> None:
         self.runner, self.stop_ids, self.max_context = runner, stop_ids, max_context
+        # a model's embedding may have padding rows past the tokenizer's ids (Qwen2.5: 151936 for
+        # 151665 tokens): they are never sampled, so every output id decodes
+        self.vocab_size = vocab_size
         self.seq_stats = seq_stats
         self.scheduler = Scheduler(allocator, max_batch, runner.release)
 
@@ -77,7 +80,7 @@ class EngineCore:
         return events
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
+        tokens = sample(logits[:, : self.vocab_size], [s.params for s in seqs], [s.generator for s in seqs],
                         [s.all_ids for s in seqs])
         now = time.perf_counter()
         events = []

@@ -179,7 +179,8 @@ class LLM:
         waiting); an Event per request after every token. An error or an abandoned iterator
         aborts what is still unfinished, so no pages leak."""
         core = EngineCore(self.runner, self.pool.allocator, self.tokenizer.stop_ids,
-                          self.config.max_batch, self.config.max_context, self.backends.seq_stats)
+                          self.config.max_batch, self.config.max_context, self.backends.seq_stats,
+                          self.tokenizer.vocab_size)
         incoming = iter(seqs)
         try:
             while True:
@@ -219,7 +220,7 @@ class LLM:
                 f"the prompt has {len(ids)} tokens but the context holds {self.config.max_context} "
                 "(raise --ctx / max_context, or shorten the prompt)"
             )
-        vocab = self.model.config.vocab_size
+        vocab = min(self.model.config.vocab_size, self.tokenizer.vocab_size)  # ids that decode
         if min(ids) < 0 or max(ids) >= vocab:
             raise ConfigError(f"token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")
         return ids
