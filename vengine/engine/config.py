@@ -23,7 +23,8 @@ def parse_context(value: int | str, flag: str = "--ctx") -> int:
     else:
         m = re.fullmatch(r"\s*(\d+)\s*([kK]?)\s*", str(value))
         if not m:
-            raise ConfigError(f"{flag}: cannot read '{value}' as a context length (e.g. 8192, 8k, 128K)")
+            raise ConfigError(f"{flag}: cannot read '{value}' as a context length "
+                              "(e.g. 8192, 8k, 128K)")
         n = int(m.group(1)) * (1024 if m.group(2) else 1)
     if n < 16:
         raise ConfigError(f"{flag}: context length must be at least 16 tokens, got {value}")

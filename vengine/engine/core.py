@@ -80,8 +80,8 @@ class EngineCore:
         return events
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:
-        tokens = sample(logits[:, : self.vocab_size], [s.params for s in seqs], [s.generator for s in seqs],
-                        [s.all_ids for s in seqs])
+        tokens = sample(logits[:, : self.vocab_size], [s.params for s in seqs],
+                        [s.generator for s in seqs], [s.all_ids for s in seqs])
         now = time.perf_counter()
         events = []
         for seq, token in zip(seqs, tokens):

@@ -209,7 +209,8 @@ class LLM:
             return self._check_prompt(self.tokenizer.encode(prompt))
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return self._check_prompt(list(prompt))
-        raise ConfigError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        raise ConfigError("a prompt must be a string or a list of token ids, got "
+                          f"{type(prompt).__name__}")
 
     def _check_prompt(self, ids: list[int], need_room: bool = True) -> list[int]:
         if not ids:
@@ -230,7 +231,8 @@ class LLM:
         seq.params, seq.generator = params, None
         if not params.greedy:
             seq.generator = torch.Generator(self.config.device)
-            seq.generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+            seed = params.seed if params.seed is not None else random.getrandbits(63)
+            seq.generator.manual_seed(seed)
         seq.decoder = StreamDecoder(self.tokenizer)
         seq.output_ids, seq.text, seq.emitted, seq.finish_reason = [], "", 0, None
         seq.t_arrival = time.perf_counter()

@@ -1,9 +1,10 @@
 """Runs the model over sequences: chunked prefill of one sequence, batched decode of many.
 
 It turns each sequence's page list into the flat slots and block tables of a StepContext; the
-layers' attention backends do the rest, told explicitly where a step begins and ends. On a GPU the decode step is captured in CUDA graphs, one per
-(batch size, block-table width bucket): a step is then one graph launch instead of ~30 kernel
-launches per layer, and its inputs are the only host-to-device traffic.
+layers' attention backends do the rest, told explicitly where a step begins and ends. On a GPU
+the decode step is captured in CUDA graphs, one per (batch size, block-table width bucket): a
+step is then one graph launch instead of ~30 kernel launches per layer, and its inputs are the
+only host-to-device traffic.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class ModelRunner:
         self._graph_pool = None
 
     def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return block_table[positions // self.page_size] * self.page_size + positions % self.page_size
+        P = self.page_size
+        return block_table[positions // P] * P + positions % P
 
     @torch.inference_mode()
     def prefill(self, seq: Sequence, all_logits: bool = False) -> torch.Tensor:
