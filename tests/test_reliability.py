@@ -496,9 +496,13 @@ def test_bench_takes_its_scripts_options(cli):
     assert r.returncode == 0 and "--context" in r.stdout and "--steps" in r.stdout, r.stdout
 
 
-def test_bench_ctrl_c_exits_130_without_a_traceback():
-    proc = subprocess.Popen(VENGINE + ["bench", "attention_error", "--layers", "1"], cwd=ROOT,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_bench_ctrl_c_exits_130_without_a_traceback(tmp_path):
+    # every layer: a minute or more of work, so the signal lands inside it on a quiet machine
+    # too (one layer finished within the sleep); its outputs go to tmp_path, never docs/
+    args = ["bench", "attention_error", "--out", str(tmp_path / "r.json"), "--plot-dir",
+            str(tmp_path)]
+    proc = subprocess.Popen(VENGINE + args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     time.sleep(6)  # past the imports, inside the benchmark
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
