@@ -18,15 +18,16 @@ import vengine
 from vengine.eval.activations import corpus_text
 
 OUT = Path(__file__).parent / "data" / "golden_tokens.json"
+PAGES = 14  # the preempted case's pool
 
 
 def cases(llm) -> list[dict]:
     text = corpus_text()
     ids = llm.tokenizer.encode(text, add_special_tokens=False)
-    long_a, long_b, long_c = ids[:1500], ids[5000:5900], ids[9000:9700]
-    # three 700-token prompts in a pool of 36 pages of 64 tokens: all three are admitted, and at
-    # the second page boundary of their replies the newest is preempted (and recomputed later)
-    tight = [ids[12000:12700], ids[14000:14700], ids[16000:16700]]
+    long_a, long_b, long_c = ids[:600], ids[5000:5450], ids[9000:9350]  # past sink + window
+    # three 250-token prompts in a pool of 14 pages of 64 tokens: all three are admitted, and at
+    # the first page boundary of their replies the newest is preempted (and recomputed later)
+    tight = [ids[12000:12250], ids[14000:14250], ids[16000:16250]]
     short = llm.chat_ids([{"role": "user", "content": "What is the capital of France?"}])
     return [
         {"name": "full_greedy", "attention": "full", "prompts": [short, long_a],
@@ -37,8 +38,8 @@ def cases(llm) -> list[dict]:
          "prompts": [long_a, long_b, long_c], "sampling": {"max_new_tokens": 24}},
         {"name": "vattention_queued", "attention": "vattention", "max_batch": 2,
          "prompts": [long_b, long_c, long_a], "sampling": {"max_new_tokens": 16}},
-        {"name": "full_preempted", "attention": "full", "host_mem": 36 * llm_page_bytes(llm),
-         "prompts": tight, "sampling": {"max_new_tokens": 80}},
+        {"name": "full_preempted", "attention": "full", "host_mem": PAGES * llm_page_bytes(llm),
+         "prompts": tight, "sampling": {"max_new_tokens": 40}},
     ]
 
 
@@ -55,7 +56,7 @@ def run(llm, case: dict) -> list[list[int]]:
         llm.with_attention(attention))
     done = engine.generate(case["prompts"], **case["sampling"])
     if "host_mem" in case:
-        assert engine.pool.num_pages == 36, engine.pool.num_pages
+        assert engine.pool.num_pages == PAGES, engine.pool.num_pages
     return [c.token_ids for c in done]
 
 

@@ -42,6 +42,8 @@ def test_tokens_as_recorded(llm, case):
         assert have == want, f"prompt {i}: first difference at token " + str(next(
             (j for j, (a, b) in enumerate(zip(want, have)) if a != b), min(len(want), len(have))))
     assert len(got) == len(case["tokens"])
+    if case["attention"] == "vattention":  # the prompts outgrow sink + window: really sparse
+        assert all(c.stats["density"] < 1 for c in done), [c.stats["density"] for c in done]
     if "host_mem" in case:  # the pool is too small for the batch: someone was preempted
         assert len(prefills) > len(case["prompts"]), prefills
         assert engine.pool.allocator.num_free == engine.pool.num_pages
