@@ -501,8 +501,11 @@ def test_bench_ctrl_c_exits_130_without_a_traceback(tmp_path):
     # too (one layer finished within the sleep); its outputs go to tmp_path, never docs/
     args = ["bench", "attention_error", "--out", str(tmp_path / "r.json"), "--plot-dir",
             str(tmp_path)]
+    # a shell's background job (as CI may run) ignores SIGINT and its children inherit that:
+    # the child gets the default back, as a command typed at a terminal has it
     proc = subprocess.Popen(VENGINE + args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(6)  # past the imports, inside the benchmark
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
