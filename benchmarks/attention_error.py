@@ -1,19 +1,21 @@
-"""Attention quality of vAttention on real activations: guarantee, baselines, hash recall.
+"""Attention quality of vAttention on real activations: guarantee, baselines, predictor recall.
 
 Captures Q/K/V of the default model over --context tokens of corpus_text() once (exact prefill),
 then treats the last --queries positions of every layer as decode queries (each attends to the
 keys up to its own position) and measures, over all layers, KV heads and queries:
 1. vAttention at several (epsilon, delta): mean density, the observed fraction of
    (layer, query head, query) whose relative denominator error exceeds epsilon (to compare with
-   delta), mean / p95 relative output error, and the certificate (mean of over_eps);
+   delta), mean / p95 relative output error, and the certificate (mean of over_eps: heads the
+   sample's cap kept from their budget);
 2. at the density each configuration reached (per layer, rows per KV head, i.e. equal bytes):
-   oracle top-k, hash top-k and uniform sampling with the same sink and window;
+   oracle top-k, codes top-k (the shipped predictor: the group's rows ranked from the key codes)
+   and uniform sampling with the same sink and window;
 3. Pearson correlation between the specified epsilon and the observed denominator error
    (mean and 95th percentile);
-4. recall@k of hash top-k against the exact top-k for several signature scorings;
-5. variants of vAttention: the top-k predictor (shipped 64-bit signatures; 128-bit signatures of
-   centred keys; exact scores), a smaller delta (0.01) and a larger top_k (0.2), each against
-   top-k alone with the same predictor at equal density.
+4. recall@k of codes top-k against the exact top-k, per KV group;
+5. variants of vAttention: the top-k predictor (the shipped key codes; exact scores), a smaller
+   delta (0.01) and a larger top_k (0.2), each against top-k alone with the same predictor at
+   equal density.
 Prints tables, writes JSON (--out) and two PNGs (--plot-dir); the last line printed is the JSON.
 """
 
@@ -30,27 +32,24 @@ import torch
 
 from vengine.attention.config import VAttention
 from vengine.attention.vattention import vattention_decode
-from vengine.eval.activations import capture, corpus_text, decode_problem, to_pages
-from vengine.eval.baselines import (fixed_mask, group_scores, oracle_group_scores,
-                                    oracle_kernels, relative_errors, topk_attention,
-                                    uniform_attention)
+from vengine.eval.activations import capture, corpus_text, decode_problem
+from vengine.eval.baselines import (fixed_mask, oracle_kernels, predicted_group_scores,
+                                    relative_errors, topk_attention, uniform_attention)
 from vengine.kernels import get_kernels
+from vengine.kernels.common import group_log_weights
 
 from common import git_commit, save  # benchmarks/common.py (this script's folder)
-from vengine.kernels.common import paged_signatures
-from vengine.kernels.reference import hash_scores
 
 EPSILONS = (0.02, 0.05, 0.1, 0.2, 0.3)
 DELTAS = (0.05, 0.1)
-SINK, WINDOW, TOP_K, BASE_RATE = 64, 64, 0.05, 0.1
+SINK, WINDOW, TOP_K, PILOT = 64, 64, 0.05, 256
 RECALL_AT = (0.02, 0.05)
-PLANES_SEED = 0x5EED  # as VAttentionBackend
-# section 5: (predictor, epsilon, delta, top_k); hash64 is the shipped predictor
+# section 5: (predictor, epsilon, delta, top_k); codes is the shipped predictor
 VARIANTS = tuple((pr, e, dl, tk) for e, dl, tk, prs in (
-    (0.05, 0.05, TOP_K, ("hash64", "centred128", "oracle")),
-    (0.1, 0.1, TOP_K, ("hash64", "centred128", "oracle")),
-    (0.1, 0.01, TOP_K, ("hash64", "centred128", "oracle")),
-    (0.1, 0.1, 0.2, ("hash64", "centred128")),
+    (0.05, 0.05, TOP_K, ("codes", "oracle")),
+    (0.1, 0.1, TOP_K, ("codes", "oracle")),
+    (0.1, 0.01, TOP_K, ("codes", "oracle")),
+    (0.1, 0.1, 0.2, ("codes",)),
 ) for pr in prs)
 
 
@@ -74,39 +73,12 @@ def summary(x: torch.Tensor) -> dict[str, float]:
     return {"mean": x.mean().item(), "p95": x.quantile(0.95).item()}
 
 
-# ---- hash recall variants (scorings of keys against a query by random-hyperplane signatures) ----
-
-def sign_bits(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D] -> [T, H, nbits] of +-1: sign(x . r_j)."""
-    return torch.einsum("thd,hdn->thn", x, planes).gt(0).float() * 2 - 1
-
-
-def hamming_scores(q: torch.Tensor, k_signs: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
-    """Matching sign bits between the query's and each key's signature: [B, Hq, S] (integers)."""
-    B, Hq, D = q.shape
-    Hkv = planes.shape[0]
-    w = torch.einsum("bhgd,hdn->bhgn", q.view(B, Hkv, Hq // Hkv, D), planes)
-    q_signs = w.gt(0).float() * 2 - 1
-    agree = torch.einsum("bhgn,shn->bhgs", q_signs, k_signs)  # matches - mismatches
-    return ((agree + planes.shape[-1]) / 2).reshape(B, Hq, -1)
-
-
-def weighted_scores(q: torch.Tensor, k_signs: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
-    """vengine's score: sum_j (q . r_j) sign(k . r_j), [B, Hq, S]."""
-    B, Hq, D = q.shape
-    Hkv = planes.shape[0]
-    w = torch.einsum("bhgd,hdn->bhgn", q.view(B, Hkv, Hq // Hkv, D), planes)
-    return torch.einsum("bhgn,shn->bhgs", w, k_signs).reshape(B, Hq, -1)
-
-
-def recall_at(pred: torch.Tensor, exact: torch.Tensor, candidates: torch.Tensor,
-              k: int) -> torch.Tensor:
-    """|top-k(pred) & top-k(exact)| / k per (query, head), both over the candidate rows."""
-    mask = ~candidates[:, None]
-    top_p = pred.masked_fill(mask, -math.inf).topk(k, dim=-1).indices
-    top_e = exact.masked_fill(mask, -math.inf).topk(k, dim=-1).indices
+def recall_at(pred: torch.Tensor, exact: torch.Tensor, k: int) -> torch.Tensor:
+    """|top-k(pred) & top-k(exact)| / k per (query, KV group) of two rankings [B, Hkv, S]
+    (-inf off the candidates in both)."""
+    top_e = exact.topk(k, dim=-1).indices
     hit = torch.zeros_like(exact, dtype=torch.bool).scatter_(-1, top_e, True)
-    return hit.gather(-1, top_p).float().sum(-1) / k
+    return hit.gather(-1, pred.topk(k, dim=-1).indices).float().sum(-1) / k
 
 
 # ---- baselines at equal density: vengine.eval.baselines with the per-layer work done once ----
@@ -117,8 +89,8 @@ class Baselines:
     they are computed once per layer instead of once per call;
     so are exp(s - log_scale) and the exact outputs and denominators (attend and errors)."""
 
-    def __init__(self, p, s: torch.Tensor, log_scale: torch.Tensor, exact_out: torch.Tensor,
-                 extra_rankings: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(self, p, s: torch.Tensor, log_scale: torch.Tensor,
+                 exact_out: torch.Tensor) -> None:
         B, Hq, S = s.shape
         self.p, self.s, self.ls, self.exact_out = p, s, log_scale, exact_out
         self.Hkv = p.k_pool.shape[1]
@@ -130,9 +102,7 @@ class Baselines:
         self.live = ~torch.isinf(s[:, 0])  # [B, S]
         self.fixed = fixed_mask(S, p.context_lens, SINK, WINDOW)
         self.fixed_live = self.fixed & self.live
-        rankings = {"oracle": oracle_group_scores(s, self.Hkv),
-                    "hash": group_scores(p.q, p.planes, p.sig, p.block_tables,
-                                                 p.context_lens), **(extra_rankings or {})}
+        rankings = {"oracle": group_log_weights(s, self.Hkv), "codes": predicted_group_scores(p)}
         skip = self.fixed_live[:, None] | ~self.live[:, None]
         self.rank = {k: r.masked_fill(skip, float("-inf")) for k, r in rankings.items()}
 
@@ -183,8 +153,8 @@ def check_baselines(p, s, ls, exact_out, density: float, base: Baselines) -> Non
                         for a, b in zip(err_ref, err_got))
         assert ok, f"cached {what} baseline differs from vengine.eval.baselines"
 
-    for name in ("oracle", "hash"):
-        same(topk_attention(p, s, density, SINK, WINDOW, ls, use_hash=name == "hash"),
+    for name in ("oracle", "codes"):
+        same(topk_attention(p, s, density, SINK, WINDOW, ls, predicted=name == "codes"),
              base.topk(density, name), name)
     same(uniform_attention(p, s, density, SINK, WINDOW, ls, torch.Generator().manual_seed(1)),
          base.uniform(density, torch.Generator().manual_seed(1)), "uniform")
@@ -192,9 +162,9 @@ def check_baselines(p, s, ls, exact_out, density: float, base: Baselines) -> Non
 
 # ---- the benchmark ----
 
-def configs(hash_bits: int) -> list[VAttention]:
-    return [VAttention(epsilon=e, delta=d, sink=SINK, window=WINDOW, top_k=TOP_K,
-                       base_rate=BASE_RATE, hash_bits=hash_bits, seed=0)
+def configs(key_bits: int) -> list[VAttention]:
+    return [VAttention(epsilon=e, delta=d, sink=SINK, window=WINDOW, top_k=TOP_K, pilot=PILOT,
+                       key_bits=key_bits, seed=0)
             for d in DELTAS for e in EPSILONS]
 
 
@@ -215,18 +185,12 @@ def run(args) -> dict:
           f"in {capture_s:.1f} s", flush=True)
 
     kernels = get_kernels(torch.device("cpu"), torch.float32)
-    pg = torch.Generator().manual_seed(PLANES_SEED)
-    planes = torch.randn(mc_layers, Hkv, D, args.hash_bits, generator=pg)
-    pg128 = torch.Generator().manual_seed(PLANES_SEED + 1)
-    planes128 = torch.randn(mc_layers, Hkv, D, 128, generator=pg128)
-    cfgs = configs(args.hash_bits)
+    cfgs = configs(args.key_bits)
     per = {i: {"viol": [], "den": [], "out": [], "cert": [], "dens": [], "layer_viol": [],
-               **{f"{b}_{m}": [] for b in ("oracle", "hash", "uniform") for m in ("out", "den")}}
+               **{f"{b}_{m}": [] for b in ("oracle", "codes", "uniform") for m in ("out", "den")}}
            for i in range(len(cfgs))}
     layer_density = {i: [] for i in range(len(cfgs))}
-    variants = ("hamming64", "weighted64", "weighted128", "weighted64_centred", "hamming64_centred",
-                "weighted128_centred")
-    recalls = {v: {k: [] for k in RECALL_AT} for v in variants}
+    recalls = {k: [] for k in RECALL_AT}
     recall_ks = {k: max(1, int(k * T)) for k in RECALL_AT}
     pred_stats: dict[tuple, dict[str, list]] = {}
 
@@ -234,23 +198,17 @@ def run(args) -> dict:
         return ((args.seed * 64 + trial) * 4096 + layer) * 1024 + which
 
     for layer, act in enumerate(acts):
-        p = decode_problem(act, planes[layer])
+        p = decode_problem(act, args.key_bits)
         s, exact_out = p.exact()
         ls = s.amax(-1)
-        k_c = act.k - act.k.mean(0, keepdim=True)  # per-(layer, head) mean key removed
-        sig128c = paged_signatures(to_pages(k_c), planes128[layer])
-        base = Baselines(p, s, ls, exact_out, {"hash128c": group_scores(
-            p.q, planes128[layer], sig128c, p.block_tables, p.context_lens)})
-        # section 5's predictors: shipped signatures, exact scores (oracle) and 128-bit
-        # signatures of centred keys; with the ranking top-k alone uses for each
-        predictors = {"hash64": (kernels, p.sig, p.planes, "hash"),
-                      "oracle": (oracle_kernels(kernels, s), p.sig, p.planes, "oracle"),
-                      "centred128": (kernels, sig128c, planes128[layer], "hash128c")}
+        base = Baselines(p, s, ls, exact_out)
+        # section 5's predictors, named as the rankings top-k alone uses for each
+        predictors = {"codes": kernels, "oracle": oracle_kernels(kernels, s)}
         for t in range(args.trials):
             for i, cfg in enumerate(cfgs):
                 g = torch.Generator().manual_seed(seed_of(t, layer, i))
                 r = vattention_decode(p.q, p.k_pool, p.v_pool, p.block_tables, p.context_lens,
-                                      p.sig, p.planes, cfg, g, kernels)
+                                      p.codes, cfg, g, kernels)
                 oe, de = relative_errors(r.out, r.d_hat, exact_out, s, r.log_scale)
                 d = per[i]
                 d["viol"].append((de > cfg.epsilon).float().flatten())
@@ -261,7 +219,7 @@ def run(args) -> dict:
                 d["dens"].append(r.density.flatten())
                 density = r.density.mean().item()
                 layer_density[i].append(density)
-                for name in ("oracle", "hash", "uniform"):
+                for name in ("oracle", "codes", "uniform"):
                     if name == "uniform":
                         g_u = torch.Generator().manual_seed(seed_of(t, layer, 100 + i))
                         out, dh = base.uniform(density, g_u)
@@ -276,12 +234,11 @@ def run(args) -> dict:
             # 5. vAttention variants, each against top-k alone with the same predictor at equal
             # density
             for j, (name, eps, dl, tk) in enumerate(VARIANTS):
-                kern, sig, pl, ranking = predictors[name]
                 cfg = VAttention(epsilon=eps, delta=dl, sink=SINK, window=WINDOW, top_k=tk,
-                                 base_rate=BASE_RATE, hash_bits=pl.shape[-1], seed=0)
+                                 pilot=PILOT, key_bits=args.key_bits, seed=0)
                 g = torch.Generator().manual_seed(seed_of(t, layer, 200 + j))
                 r = vattention_decode(p.q, p.k_pool, p.v_pool, p.block_tables, p.context_lens,
-                                      sig, pl, cfg, g, kern)
+                                      p.codes, cfg, g, predictors[name])
                 oe, de = relative_errors(r.out, r.d_hat, exact_out, s, r.log_scale)
                 d = pred_stats.setdefault((name, eps, dl, tk), {k: [] for k in (
                     "viol", "den", "out", "cert", "dens", "topk_out", "topk_den")})
@@ -290,33 +247,13 @@ def run(args) -> dict:
                 d["out"].append(oe.flatten())
                 d["cert"].append(r.over_eps.flatten())
                 d["dens"].append(r.density.flatten())
-                boe, bde = base.errors(*base.topk(r.density.mean().item(), ranking))
+                boe, bde = base.errors(*base.topk(r.density.mean().item(), name))
                 d["topk_out"].append(boe.flatten())
                 d["topk_den"].append(bde.flatten())
 
-        # hash recall: candidates are the rows outside sink and window, as vengine's predictor
-        pos = torch.arange(T)
-        n = p.context_lens[:, None]
-        cand = (pos < n) & (pos >= SINK) & (pos < n - WINDOW)  # [B, T]
-        s_t = s[..., :T]
-        q = act.q
-        sg64, sg128 = sign_bits(act.k, planes[layer]), sign_bits(act.k, planes128[layer])
-        sg64c, sg128c = sign_bits(k_c, planes[layer]), sign_bits(k_c, planes128[layer])
-        preds = {
-            "hamming64": hamming_scores(q, sg64, planes[layer]),
-            "weighted64": weighted_scores(q, sg64, planes[layer]),
-            "weighted128": weighted_scores(q, sg128, planes128[layer]),
-            "weighted64_centred": weighted_scores(q, sg64c, planes[layer]),
-            "hamming64_centred": hamming_scores(q, sg64c, planes[layer]),
-            "weighted128_centred": weighted_scores(q, sg128c, planes128[layer]),
-        }
-        if layer == 0:  # the script's weighted score is vengine's hash_scores
-            everything = torch.full_like(p.context_lens, T)
-            ref = hash_scores(q, planes[layer], p.sig, p.block_tables, 0, everything)[..., :T]
-            assert torch.allclose(ref, preds["weighted64"], rtol=1e-4, atol=1e-3)
-        for v, pred in preds.items():
-            for frac, k in recall_ks.items():
-                recalls[v][frac].append(recall_at(pred, s_t, cand, k).flatten())
+        # recall: the group rankings over the rows outside sink and window, as vAttention's top-k
+        for frac, k in recall_ks.items():
+            recalls[frac].append(recall_at(base.rank["codes"], base.rank["oracle"], k).flatten())
         print(f"layer {layer:2d} done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     def per_layer(values: list[float]) -> list[float]:  # layer-major, trials innermost
@@ -334,7 +271,7 @@ def run(args) -> dict:
                "den_err": summary(d["den"]), "out_err": summary(d["out"]),
                "layer_violation_rate": per_layer(d["layer_viol"]),
                "layer_density": per_layer(layer_density[i])}
-        for b in ("oracle", "hash", "uniform"):
+        for b in ("oracle", "codes", "uniform"):
             row[b] = {"out_err": summary(d[f"{b}_out"]), "den_err": summary(d[f"{b}_den"])}
         rows.append(row)
 
@@ -362,9 +299,6 @@ def run(args) -> dict:
                            [r["den_err"]["p95"] for r in rows if r["delta"] == dl])}
            for dl in DELTAS},
     }
-    recall = {v: {f"{int(100 * f)}%": torch.cat(recalls[v][f]).mean().item() for f in RECALL_AT}
-              for v in variants}
-    best = max(recall, key=lambda v: sum(recall[v].values()))
 
     return {
         "device": f"{cpu_name()}, {torch.get_num_threads()} threads",
@@ -372,12 +306,13 @@ def run(args) -> dict:
         "kernels": kernels.__name__.rsplit(".", 1)[-1],
         "model": "default (SmolLM2-135M-Instruct)", "context": T, "queries": args.queries,
         "layers": mc_layers, "q_heads": Hq, "kv_heads": Hkv, "head_dim": D,
-        "hash_bits": args.hash_bits, "seed": args.seed, "trials": args.trials,
-        "settings": {"sink": SINK, "window": WINDOW, "top_k": TOP_K, "base_rate": BASE_RATE,
+        "key_bits": args.key_bits, "seed": args.seed, "trials": args.trials,
+        "settings": {"sink": SINK, "window": WINDOW, "top_k": TOP_K, "pilot": PILOT,
                      "epsilons": list(EPSILONS), "deltas": list(DELTAS)},
         "rows": rows, "variants": variant_rows, "correlation": corr,
         "recall": {"k_rows": {f"{int(100 * f)}%": k for f, k in recall_ks.items()},
-                   "variants": recall, "best": best},
+                   "codes": {f"{int(100 * f)}%": torch.cat(recalls[f]).mean().item()
+                             for f in RECALL_AT}},
         "seconds": time.perf_counter() - t0,
     }
 
@@ -385,7 +320,7 @@ def run(args) -> dict:
 def print_tables(res: dict) -> None:
     print(f"\nvAttention, {res['layers']} layers x {res['q_heads']} query heads x "
           f"{res['queries']} queries x {res['trials']} draws per config (sink {SINK}, "
-          f"window {WINDOW}, top_k {TOP_K}, base_rate {BASE_RATE})")
+          f"window {WINDOW}, top_k {TOP_K}, pilot {PILOT})")
     print(f"{'eps':>5} {'delta':>5} {'density':>7} {'viol':>6} {'cert':>6} {'den mean':>8} "
           f"{'den p95':>8} {'out mean':>8} {'out p95':>8}")
     for r in res["rows"]:
@@ -395,12 +330,12 @@ def print_tables(res: dict) -> None:
               f"{r['out_err']['mean']:8.4f} {r['out_err']['p95']:8.4f}")
     print("\nrelative output error (mean / p95) and denominator error (mean) at equal density")
     print(f"{'eps':>5} {'delta':>5} {'density':>7} | {'vAttention':>15} | {'oracle top-k':>15} | "
-          f"{'hash top-k':>15} | {'uniform':>15} | {'den: vA / or / hash / unif':>28}")
+          f"{'codes top-k':>15} | {'uniform':>15} | {'den: vA / or / codes / unif':>28}")
     for r in res["rows"]:
         cells = [f"{x['out_err']['mean']:.4f}/{x['out_err']['p95']:.4f}"
-                 for x in (r, r["oracle"], r["hash"], r["uniform"])]
+                 for x in (r, r["oracle"], r["codes"], r["uniform"])]
         dens = " / ".join(f"{x['den_err']['mean']:.3f}"
-                          for x in (r, r["oracle"], r["hash"], r["uniform"]))
+                          for x in (r, r["oracle"], r["codes"], r["uniform"]))
         print(f"{r['epsilon']:5.2f} {r['delta']:5.2f} {r['density']:7.3f} | " +
               " | ".join(f"{c:>15}" for c in cells) + f" | {dens:>28}")
     print("\nvAttention variants vs top-k alone with the same predictor at equal density")
@@ -418,10 +353,8 @@ def print_tables(res: dict) -> None:
     for k, v in res["correlation"].items():
         print(f"  {k:<11} mean {v['mean']:.4f}   p95 {v['p95']:.4f}")
     rc = res["recall"]
-    print(f"\nhash top-k recall vs exact top-k (k = {rc['k_rows']}, rows outside sink/window)")
-    for v, x in rc["variants"].items():
-        print(f"  {v:<20} " + "  ".join(f"@{k} {val:.3f}" for k, val in x.items()))
-    print(f"  best: {rc['best']}")
+    print(f"\ncodes top-k recall vs exact top-k per KV group (k = {rc['k_rows']}, rows outside "
+          "sink/window): " + "  ".join(f"@{k} {val:.3f}" for k, val in rc["codes"].items()))
 
 
 def plots(res: dict, plot_dir: Path) -> None:
@@ -440,19 +373,17 @@ def plots(res: dict, plot_dir: Path) -> None:
             ax.annotate(f"eps={r['epsilon']}", (r["density"], r["out_err"]["mean"]), fontsize=6,
                         textcoords="offset points", xytext=(3, 3))
     rr = sorted(rows, key=lambda r: r["density"])
-    for b, label, style in (("oracle", "oracle top-k", "--"), ("hash", "hash top-k", "-."),
+    for b, label, style in (("oracle", "oracle top-k", "--"), ("codes", "codes top-k", "-."),
                             ("uniform", "uniform sampling", ":")):
         ax.plot([r["density"] for r in rr], [r[b]["out_err"]["mean"] for r in rr], style,
                 marker=".", label=label)
-    for pred, marker, label in (("centred128", "^", "vAttention, centred 128-bit predictor"),
-                                ("oracle", "*", "vAttention, exact-score predictor")):
-        vv = [v for v in res["variants"] if v["predictor"] == pred]
-        ax.scatter([v["density"] for v in vv], [v["out_err"]["mean"] for v in vv], marker=marker,
-                   s=40, zorder=3, label=label)
-        for v in vv:
-            ax.annotate(f"{v['epsilon']}/{v['delta']}/k{v['top_k']}",
-                        (v["density"], v["out_err"]["mean"]), fontsize=5,
-                        textcoords="offset points", xytext=(3, -7))
+    vv = [v for v in res["variants"] if v["predictor"] == "oracle"]
+    ax.scatter([v["density"] for v in vv], [v["out_err"]["mean"] for v in vv], marker="*", s=40,
+               zorder=3, label="vAttention, exact-score predictor")
+    for v in vv:
+        ax.annotate(f"{v['epsilon']}/{v['delta']}/k{v['top_k']}",
+                    (v["density"], v["out_err"]["mean"]), fontsize=5,
+                    textcoords="offset points", xytext=(3, -7))
     ax.set_xlabel("density (attended rows / context, per KV head)")
     ax.set_ylabel("mean relative output error")
     ax.set_yscale("log")
@@ -489,7 +420,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--queries", type=int, default=16, help="decode queries: the last positions")
-    p.add_argument("--hash-bits", type=int, default=64)
+    p.add_argument("--key-bits", type=int, default=VAttention.key_bits,
+                   help="bits per key element of the predictor's codes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trials", type=int, default=2, help="independent vAttention draws per query")
     p.add_argument("--layers", type=int, default=0, help="only the first N layers (quick checks)")

@@ -3,7 +3,7 @@
 Two parts:
 1. end to end: the default model, a prompt of --context tokens, median seconds per decode step;
 2. one attention layer alone at growing contexts (random K/V in the model's shapes): the part of
-   a step that grows with the context, where vAttention reads signatures and a subset of rows.
+   a step that grows with the context, where vAttention reads key codes and a subset of rows.
 Prints a table, writes JSON (--out), last line is the JSON. Device: wherever torch runs.
 """
 
@@ -22,14 +22,14 @@ from vengine.attention.full import decode_attention
 from vengine.attention.vattention import vattention_decode
 from vengine.eval.activations import corpus_text
 from vengine.kernels import get_kernels
-from vengine.kernels.common import paged_signatures
+from vengine.kernels.common import encode_pages
 
 from common import git_commit, save  # benchmarks/common.py (this script's folder)
 
 
 def settings(args) -> vengine.VAttention:
     return vengine.VAttention(epsilon=args.epsilon, delta=args.delta, sink=64, window=64,
-                              top_k=0.02, base_rate=0.02, seed=0)
+                              top_k=0.02, pilot=256, seed=0)
 
 
 def end_to_end(args) -> list[dict]:
@@ -69,8 +69,7 @@ def one_layer(args, context: int, cfg) -> list[dict]:
     q = torch.randn(1, Hq, D, generator=g)
     tables = torch.arange(pages)[None]
     lens = torch.tensor([context])
-    planes = torch.randn(Hkv, D, cfg.hash_bits, generator=g)
-    sig = paged_signatures(k, planes)
+    codes = encode_pages(k, cfg.key_bits)
     kernels = get_kernels(torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(1)
 
@@ -80,7 +79,7 @@ def one_layer(args, context: int, cfg) -> list[dict]:
         return decode_attention(q, kk, vv, lens)
 
     def sparse():
-        return vattention_decode(q, k, v, tables, lens, sig, planes, cfg, gen, kernels)
+        return vattention_decode(q, k, v, tables, lens, codes, cfg, gen, kernels)
 
     rows = []
     for name, fn in (("full", full), ("vattention", sparse)):
@@ -126,7 +125,7 @@ def main() -> None:
     result = {"device": platform.processor() or platform.machine(), "cpus": torch.get_num_threads(),
               "date": date.today().isoformat(), "commit": git_commit(), "torch": torch.__version__,
               "settings": {"epsilon": args.epsilon, "delta": args.delta, "sink": 64, "window": 64,
-                           "top_k": 0.02, "base_rate": 0.02}, "rows": rows}
+                           "top_k": 0.02, "pilot": 256}, "rows": rows}
     save(result, args.out)
 
 

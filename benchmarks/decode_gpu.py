@@ -11,7 +11,7 @@
                (max_sample caps the sample, so random weights do not decide the density) and at
                epsilon = 0.05 (the CLT budget decides).
 
-The host KV is filled with random rows (the shapes decide the speed); the GPU's signatures are
+The host KV is filled with random rows (the shapes decide the speed); the GPU's key codes are
 computed from them. Per config: tokens/s, ms per step, for (c) the split of a step into
 selection / fetch+attention / rest (one layer replayed as CUDA graphs, times the layers), bytes
 read over PCIe per step and their GB/s against a bulk pinned-to-GPU copy timed in the same run,
@@ -39,7 +39,7 @@ from vengine.engine.model_runner import ModelRunner
 from vengine.engine.sampling import SamplingParams
 from vengine.engine.sequence import Sequence
 from vengine.kernels import triton as triton_gpu
-from vengine.kernels.common import pack_signatures
+from vengine.kernels.common import encode_pages
 from vengine.models.config import ModelConfig
 from vengine.offload.kv_pool import KVPool
 
@@ -51,29 +51,29 @@ PAGE = 64
 
 
 def fixed_budget(top_k: float = 0.02) -> vengine.VAttention:
-    """About 3.5% of the rows beyond sink and window: top_k, a 1% pilot, at most 0.5% more."""
+    """Beyond sink and window: top_k of the rows, a 256-row pilot, at most 0.5% more."""
     return vengine.VAttention(epsilon=0.05, delta=0.05, sink=128, window=128, top_k=top_k,
-                              base_rate=0.01, max_sample=0.005, seed=0)
+                              pilot=256, max_sample=0.005, seed=0)
 
 
 def clt_budget() -> vengine.VAttention:
     return vengine.VAttention(epsilon=0.05, delta=0.05, sink=128, window=128, top_k=0.02,
-                              base_rate=0.01, seed=0)
+                              pilot=256, seed=0)
 
 
 def fill_pool(pool: KVPool, backend: VAttentionBackend, pages: int) -> None:
-    """Random K/V rows in the first `pages` pages of every layer, and their signatures."""
+    """Random K/V rows in the first `pages` pages of every layer, and their key codes."""
     g = torch.Generator(DEV).manual_seed(0)
     L, _, H, P, D = pool.k.shape
-    step = 4096
+    step = 1024  # pages at a time: encode_pages takes ~60 bytes per element (4 GiB here)
     for layer in range(L):
+        codes, scales = backend.codes.layer(layer)
         for p0 in range(0, pages, step):
             p1 = min(p0 + step, pages)
             k = torch.randn(p1 - p0, H, P, D, device=DEV, dtype=DTYPE, generator=g)
             pool.k[layer, p0:p1].copy_(k, non_blocking=True)
             pool.v[layer, p0:p1].copy_(torch.randn_like(k), non_blocking=True)
-            sig = pack_signatures(k.transpose(1, 2).reshape(-1, H, D), backend.planes[layer])
-            backend.signatures.sig[layer, p0:p1] = sig.view(p1 - p0, P, H, -1).transpose(1, 2)
+            codes[p0:p1], scales[p0:p1] = encode_pages(k, backend.cfg.key_bits)
     torch.cuda.synchronize()
 
 
@@ -134,8 +134,8 @@ class Streamed:
         torch.cuda.current_stream().wait_event(self.ready[layer % 2])
         if layer + 1 < len(self.pool.k):
             self._prefetch(layer + 1)
-        triton_gpu.store_rows(k, v, ctx.slots, None, self.pool.k_view[layer],
-                              self.pool.v_view[layer], None)  # the engine's write kernel
+        triton_gpu.store_rows(k, v, ctx.slots, self.pool.k_view[layer],
+                              self.pool.v_view[layer])  # the engine's write kernel, no codes
         kb, vb = self.bufs[layer % 2]
         n, H, P, D = kb.shape
         per_seq = n // self.B
@@ -178,8 +178,8 @@ def one_layer(cfg: ModelConfig, backend: VAttentionBackend, tables, B: int, cont
 
     def layer(kernels):
         return vattention_decode(q, pool.k_view[0], pool.v_view[0], tables, lens,
-                                 backend.signatures.sig[0], backend.planes[0], backend.cfg, gen,
-                                 kernels, backend.resident_layer(0))
+                                 backend.codes.layer(0), backend.cfg, gen, kernels,
+                                 backend.resident_layer(0))
 
     return layer, gen
 
@@ -288,7 +288,8 @@ def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: floa
             stats = backend.seq_stats(0)
             select = split["layer_ms"] - split["fetch_ms"]
             pcie = L * split["layer_bytes"]
-            sig_bytes = L * cfg.num_kv_heads * backend.cfg.hash_bits // 8
+            D = cfg.head_dim  # codes: key_bits per element; scales: 4 bytes per channel and page
+            code_bytes = L * cfg.num_kv_heads * (backend.cfg.key_bits * D / 8 + 4 * D / PAGE)
             res = backend.resident  # the GPU copies of sink and window pages, all slots
             res_bytes = 0 if res is None else 2 * res.k.numel() * res.k.element_size()
             rows.append({**base, "mode": f"c vengine {name}" + (" graph" if graphs else ""),
@@ -297,7 +298,7 @@ def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: floa
                          "select_ms": L * select, "fetch_attn_ms": L * split["fetch_ms"],
                          "rest_ms": ms - L * split["layer_ms"], "pcie_bytes_per_step": pcie,
                          "pcie_gbs": pcie / (L * split["fetch_ms"]) / 1e6,
-                         "gpu_kv_bytes_per_token": sig_bytes + res_bytes / (B * (context + 1)),
+                         "gpu_kv_bytes_per_token": code_bytes + res_bytes / (B * (context + 1)),
                          "graph_error": runner.graph_error})
             for i in range(B):
                 backend.free(i)
@@ -361,11 +362,11 @@ def main() -> None:
                   torch.device("cpu"), pin=True)
     backends = {"fixed": VAttentionBackend(fixed_budget(), pool, cfg, DEV)}
     clt = VAttentionBackend(clt_budget(), pool, cfg, DEV)
-    clt.signatures = backends["fixed"].signatures  # the same planes (fixed seed), one copy
+    clt.codes = backends["fixed"].codes  # the same keys: one copy of their codes
     backends["eps0.05"] = clt
     for k in (float(x) for x in args.sweep_top_k.split(",") if x):
         backends[f"fixed top_k={k}"] = VAttentionBackend(fixed_budget(k), pool, cfg, DEV)
-        backends[f"fixed top_k={k}"].signatures = backends["fixed"].signatures
+        backends[f"fixed top_k={k}"].codes = backends["fixed"].codes
     fill_pool(pool, backends["fixed"], pages)
     print(f"pinned pool {budget / 2**30:.1f} GiB allocated and filled in "
           f"{time.perf_counter() - t:.1f} s", flush=True)

@@ -1,7 +1,7 @@
 """A reasoning-length generation (32K new tokens) with GPU and host memory sampled along the way.
 
 The claim under test: with vAttention the KV cache grows in pinned host memory only, so GPU memory
-stays flat however long the generation runs (signatures live in a pool sized at start). Full
+stays flat however long the generation runs (the key codes live in a pool sized at start). Full
 attention with the KV on the GPU is run beside it for contrast, over fewer tokens.
 Writes JSON (--out); the last line printed is the JSON.
 """
@@ -62,7 +62,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("long_generation.py: needs a CUDA GPU (its claim is about GPU memory)")
     spec = vengine.VAttention(epsilon=0.1, delta=0.1, sink=64, window=64, top_k=0.03,
-                              base_rate=0.02, seed=0)
+                              pilot=256, seed=0)
     runs = {}
     for name, attention, tokens in (("vattention", spec, args.tokens),
                                     ("full", "full", args.full_tokens)):

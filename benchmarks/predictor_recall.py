@@ -12,8 +12,11 @@ without re-prefilling). Query i attends to the keys up to its own position (n ro
 Each predictor keeps a few bytes per token and KV head on the GPU; the table gives them as a
 fraction of the bf16 K+V bytes (4 D) at the model's head dim and at Llama-3.1-8B's D = 128.
 Group rules: `sumq` ranks by the group's summed query against the approximate keys (vAttention's
-rule); `wsum` by the group's summed softmax weights of the approximate logits (sink and window
-logits exact: they are resident). Prints a table; writes JSON (--out).
+former rule); `wsum` by the group's summed softmax weights of the approximate logits (sink and
+window logits exact: they are resident); `wcand` as `wsum` with each head's softmax over the
+candidates only (vAttention's rule). What ships is `q3 channel/64tok (shipped)` (vengine's key
+codes) under `wcand`; `sig64` under `sumq` is what it replaced. Prints a table; writes JSON
+(--out).
 """
 
 from __future__ import annotations
@@ -28,8 +31,12 @@ from pathlib import Path
 
 import torch
 
+from vengine.attention.config import VAttention
+from vengine.eval.activations import to_pages
+from vengine.kernels.common import decode_keys, encode_pages, group_log_weights
+
 SINK = WINDOW = 128
-PLANES_SEED = 0x5EED  # as VAttentionBackend
+PLANES_SEED = 0x5EED  # as VAttentionBackend's, when it shipped signatures
 FRACTIONS = (0.01, 0.02, 0.05)
 BUDGET = 1 / 8  # of the bf16 K+V bytes, at Llama-8B shapes
 
@@ -63,21 +70,15 @@ def load_or_capture(model_name: str, context: int, queries: int, cache_dir: str 
 
 
 def signatures(k: torch.Tensor, planes: torch.Tensor, centre: bool = False):
-    """Random-hyperplane signatures scored by vengine's hash_scores (|q.r|-weighted bits),
-    with the group's summed query; centre: signatures of k minus the mean key."""
-    from vengine.eval.activations import to_pages
-    from vengine.kernels.common import paged_signatures
-    from vengine.kernels.reference import hash_scores
-
+    """Random-hyperplane signatures, the predictor vAttention shipped before the key codes (kept
+    here as the baseline): bit j of a key is sign(k . r_j), and a row scores
+    sum_j (q . r_j) sign(k . r_j) (bits weighted by |q . r_j|, as its hash_scores did) against
+    the group's summed query; centre: signatures of k minus the mean key."""
     x = k - k.mean(0) if centre else k
-    sig = paged_signatures(to_pages(x), planes)  # [pages, Hkv, 64, nbytes]
-    tables = torch.arange(sig.shape[0])[None]
-    T = k.shape[0]
+    signs = torch.einsum("thd,hdn->thn", x, planes).gt(0).float() * 2 - 1  # [T, Hkv, nbits]
 
     def score(q_sum: torch.Tensor) -> torch.Tensor:  # [Q, Hkv, D] -> [Q, Hkv, T]
-        out = [hash_scores(q_sum[i : i + 1], planes, sig, tables, 0, torch.tensor([T]))[..., :T]
-               for i in range(q_sum.shape[0])]
-        return torch.cat(out)
+        return torch.einsum("qhn,thn->qht", torch.einsum("qhd,hdn->qhn", q_sum, planes), signs)
 
     return score
 
@@ -97,19 +98,14 @@ def quant_token(k: torch.Tensor, bits: int, group: int | None = None, centre: bo
     return (codes * scale + lo).reshape(T, H, D) + mu
 
 
-def quant_channel(k: torch.Tensor, bits: int, block: int = 64):
-    """KIVI-style: each channel quantised with a min/max per block of `block` tokens (a page);
-    returns the dequantised keys. (Centring first changes nothing: a per-channel shift moves
-    each block's range with it.)"""
-    x = k
-    T, H, D = x.shape
-    pad = -T % block
-    x = torch.cat([x, x[-1:].expand(pad, H, D)]).view(-1, block, H, D)
-    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
-    scale = ((hi - lo) / (2**bits - 1)).clamp(min=1e-8).half().float()
-    lo = lo.half().float()
-    codes = ((x - lo) / scale).round().clamp(0, 2**bits - 1)
-    return (codes * scale + lo).reshape(-1, H, D)[:T]
+def quant_channel(k: torch.Tensor, bits: int):
+    """vengine's key codes (kernels.common.encode_pages, KIVI-style): each channel quantised
+    with a min and step per 64-token page; returns the decoded keys. (Centring first changes
+    nothing: a per-channel shift moves each page's range with it.) The last page is zero padded:
+    its rows are in the window, which vAttention attends exactly and never encodes."""
+    T, H, D = k.shape
+    k_hat = decode_keys(*encode_pages(to_pages(k), bits))  # [pages, H, 64, D]
+    return k_hat.transpose(1, 2).reshape(-1, H, D)[:T]
 
 
 def kmeans(x: torch.Tensor, n: int, iters: int, gen: torch.Generator) -> torch.Tensor:
@@ -187,8 +183,9 @@ def predictor_table(D: int) -> dict[str, tuple[float, callable]]:
         t[f"q{bits} g32 centred"] = (D * bits / 8 + 4 * D / 32,
                                      lambda k, l, b=bits: quant_token(k, b, 32, centre=True))
     for bits in (1, 2, 3, 4):
-        t[f"q{bits} channel/64tok"] = (D * bits / 8 + 4 * D / 64,
-                                       lambda k, l, b=bits: quant_channel(k, b))
+        shipped = " (shipped)" if bits == VAttention.key_bits else ""
+        t[f"q{bits} channel/64tok{shipped}"] = (D * bits / 8 + 4 * D / 64,
+                                                lambda k, l, b=bits: quant_channel(k, b))
     for m in (8, 16, 32, 64):
         if D // m >= 2:
             t[f"pq{m}x256"] = (m, lambda k, l, m=m: product_quant(k, m))
@@ -208,7 +205,9 @@ def group_scores(b, qg: torch.Tensor, logits: torch.Tensor | None = None,
     """One predictor's ranking of the rows for each KV group: rule -> scores [Q, Hkv, T].
     b: approximate keys [T, Hkv, D] | ('score', f) | ('bound', f); qg [Q, Hkv, G, D].
     sumq: the group's summed query; wsum: the summed softmax weights of the approximate logits,
-    with the exact logits [Q, Hkv, G, T] at the fixed rows [Q, T] (sink and window)."""
+    with the exact logits [Q, Hkv, G, T] at the fixed rows [Q, T] (sink and window); wcand:
+    vAttention's rule (kernels.common.group_log_weights), the same sum with each head's softmax
+    over the candidates only (its predictor scores no others)."""
     scale = 1 / math.sqrt(qg.shape[-1])
     if isinstance(b, tuple) and b[0] == "score":
         return {"sumq": b[1](qg.sum(2))}
@@ -221,7 +220,10 @@ def group_scores(b, qg: torch.Tensor, logits: torch.Tensor | None = None,
         s_head = torch.where(fixed[:, None, None], logits, s_head)
     if live is not None:
         s_head = s_head.masked_fill(~live[:, None, None], -math.inf)
-    return {"sumq": s_sum, "wsum": s_head.softmax(-1).sum(2)}
+    s_cand = s_head if fixed is None else s_head.masked_fill(fixed[:, None, None], -math.inf)
+    Q, Hkv, G, T = s_head.shape
+    return {"sumq": s_sum, "wsum": s_head.softmax(-1).sum(2),
+            "wcand": group_log_weights(s_cand.reshape(Q, Hkv * G, T), Hkv)}
 
 
 def evaluate_layer(k: torch.Tensor, q: torch.Tensor, built, fracs=FRACTIONS):
@@ -289,7 +291,7 @@ def main() -> None:
     K, Qs = acts["k"], acts["q"]
     L, T, Hkv, D = K.shape
     Hq = Qs.shape[2]
-    for bits in (64, 128, 256, 512):  # as VAttentionBackend: seeded, [L, Hkv, D, bits]
+    for bits in (64, 128, 256, 512):  # as VAttentionBackend's were: seeded, [L, Hkv, D, bits]
         PLANES[bits] = torch.randn(L, Hkv, D, bits, generator=torch.Generator().manual_seed(PLANES_SEED))
     table = predictor_table(D)
     if args.predictors:

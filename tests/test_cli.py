@@ -145,7 +145,7 @@ def test_error_prompt_longer_than_context(cli):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (("--predictors", "hash,exact"), "--predictors"),
+    (("--predictors", "codes,exact"), "--predictors"),
     (("--max-batch", "0"), "--max-batch"),
     (("--tasks", "niah_single,bogus"), "--tasks"),
     (("--epsilons", "0.1,x"), "--epsilons"),

@@ -245,7 +245,7 @@ def test_bad_engine_options(kwargs, flag):
 
 
 @pytest.mark.parametrize("kwargs", [dict(epsilon=2), dict(epsilon=0), dict(delta=1.0),
-                                    dict(top_k=1.5), dict(hash_bits=7), dict(max_sample=0),
+                                    dict(top_k=1.5), dict(key_bits=9), dict(max_sample=0),
                                     dict(max_sample=1.5), dict(max_sample=True)])
 def test_bad_vattention_settings(kwargs):
     (name,) = kwargs

@@ -77,7 +77,7 @@ def test_vattention_over_pinned_pool_is_exact_when_every_row_is_fixed(story):
 
 def test_vattention_long_context_on_gpu():
     spec = vengine.VAttention(epsilon=0.1, delta=0.1, sink=64, window=64, top_k=0.03,
-                              base_rate=0.02, seed=0)
+                              pilot=256, seed=0)
     sparse = vengine.LLM(device="cuda", max_context=8192, attention=spec)
     full = sparse.with_attention("full")
     ids = sparse.tokenizer.encode(corpus_text())[:4000]
@@ -96,7 +96,7 @@ def test_decode_step_does_not_synchronize_the_host():
     from vengine.engine.sampling import SamplingParams
 
     spec = vengine.VAttention(epsilon=0.1, delta=0.1, sink=64, window=64, top_k=0.03,
-                              base_rate=0.02, seed=0)
+                              pilot=256, seed=0)
     llm = vengine.LLM(device="cuda", max_context=4096, attention=spec, cuda_graphs=False)
     ids = llm.tokenizer.encode(corpus_text())[:2000]
     seq = llm.new_request(ids, SamplingParams())

@@ -43,7 +43,7 @@ def test_pool_store_and_gather_round_trip():
     slots = torch.tensor([table[t // 4] * 4 + t % 4 for t in range(10)])
     k, v = torch.randn(10, 3, 8), torch.randn(10, 3, 8)
     with pool.writing(slots, k, v):  # the CPU pool writes on the current stream
-        store_rows(k, v, slots, None, pool.k_view[1], pool.v_view[1], None)
+        store_rows(k, v, slots, pool.k_view[1], pool.v_view[1])
     kk, vv = pool.gather_pages(1, torch.tensor([table]))
     assert torch.equal(kk[0, :, :10], k.transpose(0, 1))
     assert torch.equal(vv[0, :, :10], v.transpose(0, 1))
@@ -69,7 +69,7 @@ def test_vattention_decode_is_sparse_and_reports_its_certificate(full_llm):
     from vengine.eval.activations import corpus_text
 
     sparse = vengine.LLM(max_context=4096, attention=vengine.VAttention(
-        epsilon=0.2, delta=0.1, sink=32, window=32, top_k=0.02, base_rate=0.02, seed=0))
+        epsilon=0.2, delta=0.1, sink=32, window=32, top_k=0.02, pilot=64, seed=0))
     ids = sparse.tokenizer.encode(corpus_text())[:2000]
     out = sparse.generate([ids], max_new_tokens=8, ignore_eos=True)[0]
     assert len(out.token_ids) == 8
@@ -89,7 +89,7 @@ def test_long_generation_grows_memory_only_by_its_kv():
     """Over a long vAttention generation the process grows by the KV rows written and no more:
     no per-token state accumulates outside the paged pool."""
     llm = vengine.LLM(max_context=2048, attention=vengine.VAttention(
-        epsilon=0.2, delta=0.1, sink=32, window=32, top_k=0.02, base_rate=0.02, seed=0))
+        epsilon=0.2, delta=0.1, sink=32, window=32, top_k=0.02, pilot=64, seed=0))
     per_token = llm.model.config.kv_bytes_per_token(4)
     samples = {}
     for i, _ in enumerate(llm.stream("Tell me a very long story.", max_new_tokens=400,

@@ -631,7 +631,7 @@ COMMAND_FLAGS = {
     "chat": MODEL_FLAGS + ["--system", "--json"],
     "info": ["--device", "--threads"],
     "eval": ["--tasks", "--context", "--cases", "--epsilons", "--predictors", "--top-k",
-             "--max-batch", "--delta", "--threads", "--base-rate", "--haystack"],
+             "--max-batch", "--delta", "--threads", "--pilot", "--haystack"],
 }
 
 

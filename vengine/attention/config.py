@@ -7,18 +7,24 @@ from dataclasses import dataclass
 from vengine.checks import check_float, check_int, check_seed, invalid
 
 
+GUARANTEES = ("denominator", "output")
+
+
 @dataclass(frozen=True)
 class VAttention:
     """Verified sparse attention (arXiv 2510.05688) settings.
 
-    epsilon, delta: the denominator of every head's attention is estimated within relative error
-        epsilon with probability at least 1 - delta.
-    sink, window: first and most recent tokens, always attended exactly.
+    epsilon, delta: every head's attention is estimated within relative error epsilon with
+        probability at least 1 - delta: its denominator (guarantee "denominator", the paper's) or
+        its output vector (guarantee "output": |o_hat - o| <= epsilon |o|).
+    sink, window: first and most recent tokens, always attended exactly (the window at least
+        one page: a page is encoded for the predictor when full).
     top_k: predicted heavy hitters per KV head (one set for its GQA group of query heads), a
         fraction of the context (float < 1) or a count (int).
-    base_rate: the pilot sample's expected size, a fraction of the residual rows (32 at least);
-        it estimates the sample size, and its rows join the estimate.
-    hash_bits: bits of the per-token key signature used to predict the top-k.
+    pilot: the pilot sample's expected size in rows (a count: the CLT needs a number of samples,
+        not a share of the context, so the density falls as the context grows); it estimates the
+        sample size, and its rows join the estimate.
+    key_bits: bits per key element of the codes the predictor scores (docs/predictors.md).
     seed: seed of the sampler (None: a random one per engine).
     max_sample: cap on the expected size of the sample beyond the pilot, a fraction of the context
         (None: as large as the CLT asks). It bounds each step's PCIe bytes; where it binds
@@ -29,9 +35,10 @@ class VAttention:
     delta: float = 0.05
     sink: int = 128
     window: int = 128
-    top_k: float | int = 0.05
-    base_rate: float = 0.1
-    hash_bits: int = 64
+    top_k: float | int = 0.02
+    pilot: int = 256
+    key_bits: int = 3
+    guarantee: str = "denominator"
     seed: int | None = None
     max_sample: float | None = None
 
@@ -45,10 +52,10 @@ class VAttention:
             check_float(self.top_k, "VAttention.top_k", 0, 1, hi_open=True, want=top_k)
         else:
             check_int(self.top_k, "VAttention.top_k", lo=0, want=top_k)
-        check_float(self.base_rate, "VAttention.base_rate", 0, 1, lo_open=True)
-        bits = "a multiple of 8 in [8, 1024]"
-        if check_int(self.hash_bits, "VAttention.hash_bits", 8, 1024, want=bits) % 8:
-            raise invalid("VAttention.hash_bits", bits, self.hash_bits)
+        check_int(self.pilot, "VAttention.pilot", lo=2)
+        check_int(self.key_bits, "VAttention.key_bits", 1, 8)
+        if self.guarantee not in GUARANTEES:
+            raise invalid("VAttention.guarantee", " or ".join(map(repr, GUARANTEES)), self.guarantee)
         check_seed(self.seed, "VAttention.seed")
         if self.max_sample is not None:
             check_float(self.max_sample, "VAttention.max_sample", 0, 1, lo_open=True,

@@ -76,8 +76,8 @@ class FullAttention:
 
     def store(self, layer: int, k, v, ctx: StepContext) -> None:
         with self.pool.writing(ctx.slots, k, v):
-            self.kernels.store_rows(k, v, ctx.slots, None, self.pool.k_view[layer],
-                                    self.pool.v_view[layer], None)
+            self.kernels.store_rows(k, v, ctx.slots, self.pool.k_view[layer],
+                                    self.pool.v_view[layer])
 
     def prefill(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
         self.store(layer, k, v, ctx)

@@ -1,20 +1,20 @@
 """vAttention decode: exact rows + predicted top-k + a CLT-sized sample of the rest.
 
 Per decode step, layer, sequence and KV head (the query heads of a GQA group share one row set):
-1. exact rows F: sink, recent window, and the group's predicted top-k: the rows whose hash
-   signatures score highest against the group's summed query. Hash scores are linear in the
-   query, so that is the sum of the heads' predicted scores; at equal rows it keeps more attention
-   mass than the union of per-head top-k/G (docs/quality.md), for one scoring pass per group;
+1. exact rows F: sink, recent window, and the group's predicted top-k: the rows with the largest
+   predicted weight, each head's softmax weight of q . k_hat (k_hat: the key decoded from its
+   few-bit code, kept on the GPU) summed over the group (common.group_log_weights);
 2. residual R = the other rows (n_R of them), sampled by importance: the proposal pr
-   (reference.proposal) weights each row by its hash score, with a uniform floor. A pilot Poisson
-   sample of R (row i with probability min(1, m * pr_i), E|pilot| ~ m = base_rate * n_R) gives
-   each head Horvitz-Thompson estimates of D and of the sample's variance;
+   (reference.proposal) is the predicted weights with a uniform floor. A pilot Poisson sample
+   of R (row i with probability min(1, m * pr_i), E|pilot| <= m = VAttention.pilot rows) gives
+   each head Horvitz-Thompson estimates of D and of the sample's variance (for the output
+   guarantee, of the output's, from the pilot's V);
 3. the sample size c per head from the CLT (reference.pilot_budget), the group's largest;
 4. a second Poisson sample with probabilities min(1, c * pr_i), independent of the pilot. The
    estimate is Horvitz-Thompson over the union of both samples: each row weighted by the inverse
    of its inclusion probability (a log-weight score bias), unbiased (pilot_budget says how,
    given that c depends on the pilot).
-Prefill is exact attention; it writes the K/V rows and their signatures.
+Prefill is exact attention; it writes the K/V rows and their key codes.
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ from vengine.attention.config import VAttention
 from vengine.attention.context import StepContext
 from vengine.attention.full import prefill_attention
 from vengine.kernels import get_kernels
-from vengine.kernels.common import PROPOSAL_FLOOR
+from vengine.kernels.common import PROPOSAL_FLOOR, group_log_weights, mask_range, merge_partials
 from vengine.models.config import ModelConfig
-from vengine.offload.kv_pool import KVPool, ResidentPages, SignaturePool
+from vengine.offload.kv_pool import KeyCodePool, KVPool, ResidentPages
 
-MIN_BASE = 32  # expected pilot rows at least: the statistics need more than a handful
 RESIDENT_SEQUENCES = 8  # GPU copies of the sink and window pages for this many sequences
 
 
@@ -46,7 +45,8 @@ class DecodeResult:
     log_scale: torch.Tensor  # [B, Hq] the max used to scale the denominators below
     d_hat: torch.Tensor  # [B, Hq] estimated denominator, at exp(-log_scale)
     density: torch.Tensor  # [B, Hkv] attended rows / context length
-    over_eps: torch.Tensor  # [B, Hq] predicted relative error of D_hat above epsilon (0/1)
+    over_eps: torch.Tensor  # [B, Hq] the cap kept the head from its budget (0/1)
+    missed: torch.Tensor  # [B, Hq] the pilot found a heavy row outside the top-k (0/1)
 
 
 @functools.cache
@@ -85,61 +85,63 @@ def vattention_decode(
     v_pool: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
-    sig: torch.Tensor,
-    planes: torch.Tensor,
+    codes: tuple[torch.Tensor, torch.Tensor],
     cfg: VAttention,
     generator: torch.Generator | None,
     kernels,
     resident: tuple | None = None,
 ) -> DecodeResult:
     """One layer of vAttention decode. q [B, Hq, D]; k/v_pool [pages, Hkv, P, D] (one layer, in
-    GPU memory, CPU memory or a UVA view of pinned host memory); sig [pages, Hkv, P, nbytes] key
-    signatures, paged like the pool; planes [Hkv, D, nbits]. Buffers are sized by host ints
+    GPU memory, CPU memory or a UVA view of pinned host memory); codes: the keys' codes
+    (kernels.base.KeyCodes), paged like the pool, on q's device. Buffers are sized by host ints
     derived from S = max_pages * P, the padded width that bounds context_lens (the pilot's and a
     capped sample's by sample_width), and masked by per-row counts: nothing waits for the device,
     and a step of fixed S has fixed shapes (CUDA graphs). resident: GPU copies of some pages
     (ResidentPages.layer: the sink and window), which the kernels read instead of the pool."""
     B, Hq, D = q.shape
-    Hkv, S = sig.shape[1], block_tables.shape[1] * sig.shape[2]
-    G = Hq // Hkv
-    dev = q.device
+    P = k_pool.shape[2]
+    Hkv, S = k_pool.shape[1], block_tables.shape[1] * P
+    window = max(cfg.window, P)  # the unfinished page has no codes yet: attended exactly
     scale = 1.0 / math.sqrt(D)
     n = context_lens[:, None]
 
-    # 1. the group's predicted top-k: picked [B, Hkv, S + 1] (column S is scratch); the hash
-    # scores of the rest make the sampling proposal
-    k_max = min(cfg.top_k_rows(S), max(S - cfg.sink - cfg.window, 0))
-    q_group = q.float().view(B, Hkv, G, D).sum(2)
-    scores = kernels.hash_scores(q_group, planes, sig, block_tables, cfg.sink,
-                                 context_lens - cfg.window)  # -inf at sink and window
+    # 1. the group's predicted top-k: picked [B, Hkv, S + 1] (column S is scratch); the
+    # predicted weights of the rest make the sampling proposal
+    k_max = min(cfg.top_k_rows(S), max(S - cfg.sink - window, 0))
+    # every coded row (all but the unfinished page) scored: sink and window rows normalise each
+    # head's predicted softmax, so a head whose mass sits there ranks the rest by what is left
+    s_hat = kernels.key_scores(q, codes, block_tables, 0, context_lens // P * P, scale)
+    scores = mask_range(group_log_weights(s_hat, Hkv), cfg.sink, context_lens - window)
     picked = kernels.pick_top(scores, k_max, cfg.top_k_rows(context_lens))
-    exact_width = min(S, cfg.sink + cfg.window + k_max)
-    rows_f, count_f = kernels.exact_rows(picked, context_lens, S, cfg.sink, cfg.window,
-                                         exact_width)
+    exact_width = min(S, cfg.sink + window + k_max)
+    rows_f, count_f = kernels.exact_rows(picked, context_lens, S, cfg.sink, window, exact_width)
     n_r = (n - count_f).float()  # [B, Hkv]
 
     # 2. the pilot: a Poisson sample of the residual, row i with probability
     # min(1, size * pr_i) (pr: the proposal, kernels.proposal_params), E|pilot| <= size;
     # selected and its K read while the exact rows are fetched
-    with beside(dev):
-        prop = (scores, *kernels.proposal_params(scores, picked), n_r)
+    with beside(dev := q.device):
+        prop = (scores, kernels.proposal_params(scores, picked), n_r)
         u = torch.rand(2, B, Hkv, S, device=dev, generator=generator)
-        size = torch.clamp(cfg.base_rate * n_r, min=MIN_BASE)
-        width_b = sample_width(cfg.base_rate * S + MIN_BASE, S)
+        size = torch.full_like(n_r, float(cfg.pilot))
+        width_b = sample_width(cfg.pilot, S)
         rows_b, count_b, pa_b, pr_b = kernels.pilot_rows(picked, u, prop, size, context_lens,
-                                                         cfg.sink, cfg.window, width_b)
+                                                         cfg.sink, window, width_b)
         s_b = kernels.row_scores(q, k_pool, block_tables, rows_b, count_b, scale,
                                  resident)  # [B, Hq, width_b]
-    m_f, l_f, acc_f = kernels.partial_attention(
-        q, k_pool, v_pool, block_tables, rows_f, count_f, None, scale, resident
-    )
+    part_f = kernels.partial_attention(q, k_pool, v_pool, block_tables, rows_f, count_f, None,
+                                       scale, resident)
     join(dev)
 
     # 3. the second sample's size c per group (kernels.pilot_budget); with c at its cap every
     # row is in (c * pr >= c * PROPOSAL_FLOOR / n_R)
     most = n_r / PROPOSAL_FLOOR if cfg.max_sample is None else cfg.max_sample * n.float()
-    m, d_f, c, logw_b, over_eps = kernels.pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, most,
-                                                       n_r, cfg.epsilon, cfg.delta)
+    dev_b = None
+    if cfg.guarantee == "output":
+        dev_b = output_deviations(q, k_pool, v_pool, block_tables, rows_b, count_b, pa_b, s_b,
+                                  part_f, scale, kernels, resident)
+    m, d_f, c, logw_b, over_eps, missed = kernels.pilot_budget(
+        s_b, count_b, pa_b, pr_b, part_f[0], part_f[1], most, n_r, cfg.epsilon, cfg.delta, dev_b)
 
     # 4. the second sample, from the rows outside the pilot (selected and fetched while the
     # pilot's V is); the estimate is Horvitz-Thompson over the union: each row weighted by the
@@ -149,15 +151,34 @@ def vattention_decode(
         width_s = sample_width(cfg.max_sample * S, S)
     with beside(dev):
         rows_s, count_s, logw_s = kernels.second_rows(picked, u, prop, size, c, context_lens,
-                                                      cfg.sink, cfg.window, width_s)
+                                                      cfg.sink, window, width_s)
         part_s = kernels.partial_attention(q, k_pool, v_pool, block_tables, rows_s, count_s,
                                            logw_s, scale, resident)
     part_b = kernels.partial_attention(q, k_pool, v_pool, block_tables, rows_b, count_b, logw_b,
                                        scale, resident, scores=s_b)  # reads V only
     join(dev)
-    out, d_hat = kernels.finish((m_f, l_f, acc_f), part_b, part_s, m, d_f)
+    out, d_hat = kernels.finish(part_f, part_b, part_s, m, d_f)
     density = (count_f + count_b + count_s).float() / n.float()
-    return DecodeResult(out.to(q.dtype), m, d_hat, density, over_eps)
+    return DecodeResult(out.to(q.dtype), m, d_hat, density, over_eps, missed)
+
+
+def output_deviations(q, k_pool, v_pool, block_tables, rows_b, count_b, pa_b, s_b, part_f,
+                      scale, kernels, resident) -> torch.Tensor:
+    """[B, Hq, W]: |v_i - o|^2 / |o|^2 of each pilot row, o the output estimated from the exact
+    rows and the pilot (Horvitz-Thompson weights 1 / pa): what the output guarantee's variance
+    weighs each row's term by (reference.pilot_budget). The pilot's V is read twice (here and
+    for the estimate): a few hundred rows."""
+    B, Hq, D = q.shape
+    Hkv, W = rows_b.shape[1], rows_b.shape[2]
+    part_b = kernels.partial_attention(q, k_pool, v_pool, block_tables, rows_b, count_b,
+                                       -torch.log(pa_b.clamp(min=1e-30)), scale, resident,
+                                       scores=s_b)
+    o = merge_partials([part_f, part_b]).view(B, Hkv, Hq // Hkv, 1, D)
+    pages = block_tables.gather(1, (rows_b // k_pool.shape[2]).view(B, -1)).view(B, Hkv, W)
+    heads = torch.arange(Hkv, device=q.device)[None, :, None]
+    v = v_pool[pages, heads, rows_b % k_pool.shape[2]].float()[:, :, None]  # [B, Hkv, 1, W, D]
+    dev = ((v - o) ** 2).sum(-1) / (o * o).sum(-1).clamp(min=1e-30)
+    return dev.view(B, Hq, W)
 
 
 def make_vattention(settings: VAttention, pool: KVPool, cfg: ModelConfig,
@@ -166,7 +187,7 @@ def make_vattention(settings: VAttention, pool: KVPool, cfg: ModelConfig,
 
 
 class VAttentionBackend:
-    """Prefill: exact attention, K/V and signatures written to the pools. Decode: vAttention."""
+    """Prefill: exact attention, K/V and key codes written to the pools. Decode: vAttention."""
 
     name = "vattention"
     graphable = True
@@ -176,11 +197,7 @@ class VAttentionBackend:
         self.cfg, self.pool, self.device = cfg, pool, device
         self.layers_served = mc.num_layers  # layers a decode step runs here (step_stats counts)
         self.kernels = get_kernels(device, pool.dtype)
-        planes_gen = torch.Generator().manual_seed(0x5EED)  # fixed: signatures must stay comparable
-        self.planes = torch.randn(
-            mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.hash_bits, generator=planes_gen
-        ).to(device)
-        self.signatures = SignaturePool(pool, cfg.hash_bits // 8, device)
+        self.codes = KeyCodePool(pool, cfg.key_bits, device)
         self.resident = None  # GPU copies of the sink and window pages, for a host pool on a GPU
         if pool.k_view.is_cuda and not pool.k.is_cuda:
             P = pool.page_size
@@ -189,7 +206,7 @@ class VAttentionBackend:
             self.resident = ResidentPages(pool, slots, device)
         self.generator = torch.Generator(device)  # a CUDA graph registers it (graph-safe Philox)
         self.generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-        self._layer_stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # this step's, so far
+        self._layer_stats: list[tuple[torch.Tensor, ...]] = []  # this step's, so far
         self._seq_stats: dict[int, torch.Tensor] = {}
         self._steps: dict[int, int] = {}
 
@@ -211,11 +228,11 @@ class VAttentionBackend:
         self.resident.keep(wanted)
 
     def store(self, layer: int, k, v, ctx: StepContext) -> None:
-        """K/V rows to the pool (and the pages' GPU copies), their signatures beside: the one
-        write path of prefill and decode."""
+        """K/V rows to the pool (and the pages' GPU copies), the codes of the pages they fill
+        beside: the one write path of prefill and decode."""
         with self.pool.writing(ctx.slots, k, v):
-            self.kernels.store_rows(k, v, ctx.slots, self.planes[layer], self.pool.k_view[layer],
-                                    self.pool.v_view[layer], self.signatures.sig[layer],
+            self.kernels.store_rows(k, v, ctx.slots, self.pool.k_view[layer],
+                                    self.pool.v_view[layer], self.codes.layer(layer),
                                     self.resident_layer(layer))
 
     def prefill(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
@@ -225,7 +242,7 @@ class VAttentionBackend:
     def decode(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
         self.store(layer, k, v, ctx)
         r = self.estimate(layer, q, ctx)
-        self._layer_stats.append((r.density, r.over_eps))
+        self._layer_stats.append((r.density, r.over_eps, r.missed))
         return r.out
 
     def estimate(self, layer: int, q: torch.Tensor, ctx: StepContext) -> DecodeResult:
@@ -236,8 +253,7 @@ class VAttentionBackend:
             self.pool.v_view[layer],
             ctx.block_tables,
             ctx.context_lens,
-            self.signatures.sig[layer],
-            self.planes[layer],
+            self.codes.layer(layer),
             self.cfg,
             self.generator,
             self.kernels,
@@ -249,16 +265,18 @@ class VAttentionBackend:
         return None if self.resident is None else self.resident.layer(layer)
 
     def step_stats(self) -> torch.Tensor | None:
-        """[B, 3]: density summed over the step's layers, heads over epsilon, heads. One reduction
-        per step, not a few kernels per layer; under a CUDA graph, the graph's output."""
+        """[B, 4]: density summed over the step's layers, heads over epsilon, heads whose pilot
+        found a missed heavy row, heads. One reduction per step, not a few kernels per layer;
+        under a CUDA graph, the graph's output."""
         if not self._layer_stats:
             return None
-        density = torch.stack([d for d, _ in self._layer_stats]).mean(2).sum(0)
-        over = torch.stack([o for _, o in self._layer_stats]).sum((0, 2))
+        density = torch.stack([d for d, _, _ in self._layer_stats]).mean(2).sum(0)
+        over = torch.stack([o for _, o, _ in self._layer_stats]).sum((0, 2))
+        missed = torch.stack([x for _, _, x in self._layer_stats]).sum((0, 2))
         self.layers_served = len(self._layer_stats)
         heads = torch.full_like(over, self.layers_served * self._layer_stats[0][1].shape[1])
         self._layer_stats = []
-        return torch.stack([density, over, heads], 1)
+        return torch.stack([density, over, missed, heads], 1)
 
     def end_step(self, seq_ids: tuple[int, ...], stats: torch.Tensor | None) -> None:
         """Fold a step's statistics into each sequence's totals; device tensors throughout, read
@@ -272,13 +290,20 @@ class VAttentionBackend:
             self._steps[seq_id] = self._steps.get(seq_id, 0) + 1
 
     def seq_stats(self, seq_id: int) -> dict[str, float]:
+        """density: attended rows over context, per layer and KV head, averaged over the decode
+        steps; certificate_violation_rate: heads whose epsilon was not guaranteed (max_sample
+        bound); predictor_miss_rate: heads whose pilot found a row outside the top-k holding at
+        least epsilon of the attention (still estimated without bias; a high rate says the
+        predictor, not the sampler, sets the density)."""
         total, steps = self._seq_stats.get(seq_id), self._steps.get(seq_id, 0)
         if total is None:
-            return {"density": 1.0, "certificate_violation_rate": 0.0, "sparse_steps": 0}
-        density_sum, over, heads = total.tolist()
+            return {"density": 1.0, "certificate_violation_rate": 0.0,
+                    "predictor_miss_rate": 0.0, "sparse_steps": 0}
+        density_sum, over, missed, heads = total.tolist()
         return {
             "density": density_sum / (steps * self.layers_served),
             "certificate_violation_rate": over / heads,
+            "predictor_miss_rate": missed / heads,
             "sparse_steps": steps,
         }
 

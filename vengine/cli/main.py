@@ -57,15 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--context", default="2k", help="haystack length in tokens")
     ev.add_argument("--cases", type=int, default=5, help="cases per task")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--epsilons", default="0.05,0.1,0.2")
-    ev.add_argument("--delta", type=float, default=0.1)
+    ev.add_argument("--epsilons", default="0.05,0.1,0.25")
+    ev.add_argument("--delta", type=float, help="vAttention delta (default: each epsilon)")
+    ev.add_argument("--guarantees", default="denominator",
+                    help="comma-separated: denominator (the paper's) and/or output")
     ev.add_argument("--haystack", choices=("essay", "noise"), default="essay")
-    ev.add_argument("--no-baselines", action="store_true", help="skip top-k/uniform baselines")
-    ev.add_argument("--predictors", default="hash",
-                    help="vAttention top-k predictors, comma-separated: hash (the shipped "
-                         "signatures) and/or oracle (exact scores, the paper's oracle top-k)")
-    ev.add_argument("--top-k", type=float, default=0.05, help="vAttention top_k (fraction)")
-    ev.add_argument("--base-rate", type=float, default=0.02, help="vAttention base_rate")
+    ev.add_argument("--baselines", default="",
+                    help="comma-separated epsilons at whose vAttention density the oracle top-k, "
+                         "predictor top-k and uniform baselines run (default: none)")
+    ev.add_argument("--predictors", default="codes",
+                    help="vAttention top-k predictors, comma-separated: codes (the shipped key "
+                         "codes) and/or oracle (exact scores, the paper's oracle top-k)")
+    ev.add_argument("--top-k", type=float, default=0.02, help="vAttention top_k (fraction)")
+    ev.add_argument("--pilot", type=int, default=256, help="vAttention pilot rows")
     ev.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     ev.add_argument("--out", type=Path, default=Path("eval.json"))
     ev.add_argument("--plot-dir", type=Path, help="write PNG plots here (needs matplotlib)")
@@ -183,15 +187,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.cases < 1:
         raise ConfigError(f"--cases must be >= 1, got {args.cases}")
     predictors = tuple(args.predictors.split(","))
-    if not predictors or any(p not in ("hash", "oracle") for p in predictors):
-        raise ConfigError(f"--predictors: expected hash and/or oracle, got '{args.predictors}'")
+    if not predictors or any(p not in ("codes", "oracle") for p in predictors):
+        raise ConfigError(f"--predictors: expected codes and/or oracle, got '{args.predictors}'")
+    guarantees = tuple(args.guarantees.split(","))
+    if any(g not in ("denominator", "output") for g in guarantees):
+        raise ConfigError("--guarantees: expected denominator and/or output, got "
+                          f"'{args.guarantees}'")
+    try:
+        baselines = tuple(float(e) for e in args.baselines.split(",") if e)
+    except ValueError:
+        raise ConfigError(f"--baselines: expected epsilons like 0.1, got '{args.baselines}'") from None
+    if any(e not in epsilons for e in baselines):
+        raise ConfigError(f"--baselines: {args.baselines} must be among --epsilons {args.epsilons}")
     if args.max_batch < 1:
         raise ConfigError(f"--max-batch must be >= 1, got {args.max_batch}")
     context = parse_context(args.context, "--context")
     settings = EvalSettings(tasks=tasks, context=context, cases=args.cases, seed=args.seed,
-                            epsilons=epsilons, delta=args.delta, haystack=args.haystack,
-                            baselines=not args.no_baselines, predictors=predictors,
-                            top_k=args.top_k, base_rate=args.base_rate)
+                            epsilons=epsilons, delta=args.delta, guarantees=guarantees,
+                            haystack=args.haystack, baselines=baselines, predictors=predictors,
+                            top_k=args.top_k, pilot=args.pilot)
     for eps in epsilons:  # bad values fail before the model loads
         from vengine.eval.run import vattention_settings
 

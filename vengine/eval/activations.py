@@ -13,7 +13,7 @@ import torch
 
 from vengine.attention.context import StepContext
 from vengine.attention.full import causal_attention
-from vengine.kernels.common import paged_rows, paged_signatures
+from vengine.kernels.common import encode_pages, paged_rows
 
 _DOC_MODULES = ("argparse", "collections", "json", "email", "typing", "logging", "asyncio",
                 "functools", "itertools", "pathlib", "subprocess", "threading", "unittest",
@@ -78,8 +78,7 @@ class DecodeProblem:
     v_pool: torch.Tensor
     block_tables: torch.Tensor  # [B, pages]
     context_lens: torch.Tensor  # [B]
-    sig: torch.Tensor  # [pages, Hkv, P, nbytes] key signatures, paged like k_pool
-    planes: torch.Tensor  # [Hkv, D, nbits]
+    codes: tuple[torch.Tensor, torch.Tensor]  # the keys' codes (kernels.base.KeyCodes)
 
     def rows(self, pool: torch.Tensor) -> torch.Tensor:
         """A pool's rows of each query's sequence: [B, Hkv, S, ...]."""
@@ -106,7 +105,8 @@ def to_pages(x: torch.Tensor, page_size: int = 64) -> torch.Tensor:
     return x.view(pages, page_size, Hkv, D).transpose(1, 2).contiguous()
 
 
-def decode_problem(act: LayerActivations, planes: torch.Tensor, page_size: int = 64) -> DecodeProblem:
+def decode_problem(act: LayerActivations, key_bits: int = 3, page_size: int = 64
+                   ) -> DecodeProblem:
     """Queries at the last B positions, each attending over the keys up to its own position."""
     T = act.k.shape[0]
     B = act.q.shape[0]
@@ -118,6 +118,5 @@ def decode_problem(act: LayerActivations, planes: torch.Tensor, page_size: int =
         v_pool=to_pages(act.v, page_size),
         block_tables=torch.arange(pages, device=act.k.device)[None].expand(B, pages).contiguous(),
         context_lens=torch.arange(T - B + 1, T + 1, device=act.k.device),
-        sig=paged_signatures(k_pool, planes),
-        planes=planes,
+        codes=encode_pages(k_pool, key_bits),
     )

@@ -3,10 +3,10 @@
 All take exact scores s [B, Hq, S] (-inf past the context) of a DecodeProblem and return the
 attention output [B, Hq, D] and the estimated denominator at scale exp(-log_scale).
 - oracle top-k: sink + window + the true top rows (one set per GQA group), exact over them;
-- hash top-k: the same with rows ranked by the hash signatures;
+- predictor top-k: the same with rows ranked by vAttention's predictor (the key codes);
 - uniform: sink + window exact + a uniform sample of the rest weighted n_R / b.
-A GQA group ranks its rows as vAttention's top-k does (group_scores): so equal density means equal
-bytes and the same predictor. OracleVAttention is vAttention with the exact scores as predictor
+A GQA group ranks its rows as vAttention's top-k does (common.group_log_weights of its heads'
+scores): so equal density means equal bytes and the same group rule. OracleVAttention is vAttention with the exact scores as predictor
 (the paper's vAttention(oracle top-k)).
 """
 
@@ -21,8 +21,8 @@ from vengine.attention.vattention import DecodeResult, VAttentionBackend, vatten
 from vengine.errors import ConfigError
 from vengine.eval.activations import DecodeProblem
 from vengine.kernels.base import KernelBackend
-from vengine.kernels.common import mask_range
-from vengine.kernels.reference import hash_scores
+from vengine.kernels.common import group_log_weights, mask_range
+from vengine.kernels.reference import key_scores
 
 
 def fixed_mask(S: int, n: torch.Tensor, sink: int, window: int) -> torch.Tensor:
@@ -42,26 +42,18 @@ def _attend(s: torch.Tensor, logw: torch.Tensor, v: torch.Tensor, log_scale: tor
     return out / d[..., None], d
 
 
-def group_scores(q: torch.Tensor, planes: torch.Tensor, sig: torch.Tensor,
-                 block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-    """vAttention's top-k ranking of a GQA group's rows [B, Hkv, S]: the group's summed query
-    against the (paged) signatures (the sum of its heads' hash scores, which are linear in the
-    query); -inf past each context."""
-    B, Hq, D = q.shape
-    Hkv = sig.shape[1]
-    return hash_scores(q.float().view(B, Hkv, Hq // Hkv, D).sum(2), planes, sig, block_tables, 0,
-                       context_lens)
-
-
-def oracle_group_scores(s: torch.Tensor, Hkv: int) -> torch.Tensor:
-    """The oracle ranking [B, Hkv, S]: a row's best exact score over the group's query heads."""
-    B, Hq, S = s.shape
-    return s.view(B, Hkv, Hq // Hkv, S).amax(2)
+def predicted_group_scores(p: DecodeProblem) -> torch.Tensor:
+    """vAttention's top-k ranking of a GQA group's rows [B, Hkv, S]: the summed softmax weights
+    of its heads' scores against the decoded keys (every row of the context scored); -inf past
+    each context."""
+    Hkv, D = p.k_pool.shape[1], p.q.shape[-1]
+    s_hat = key_scores(p.q, p.codes, p.block_tables, 0, p.context_lens, D ** -0.5)
+    return group_log_weights(s_hat, Hkv)
 
 
 class _OracleKernels:
-    """kernels with hash_scores replaced by the exact group scores of s [B, Hq, S]; every other op
-    is the wrapped backend's."""
+    """kernels with key_scores replaced by the exact scores s [B, Hq, S]; every other op is the
+    wrapped backend's."""
 
     def __init__(self, kernels: KernelBackend, s: torch.Tensor) -> None:
         self.s = s
@@ -71,19 +63,19 @@ class _OracleKernels:
         self.row_scores, self.partial_attention = kernels.row_scores, kernels.partial_attention
         self.pilot_budget, self.finish = kernels.pilot_budget, kernels.finish
 
-    def hash_scores(self, q: torch.Tensor, planes: torch.Tensor, sig: torch.Tensor,
-                    block_tables: torch.Tensor, lo: int, hi: torch.Tensor) -> torch.Tensor:
-        return mask_range(oracle_group_scores(self.s, sig.shape[1]).clamp(min=-1e30), lo, hi)
+    def key_scores(self, q: torch.Tensor, codes, block_tables: torch.Tensor, lo: int,
+                   hi: torch.Tensor, scale: float) -> torch.Tensor:
+        return mask_range(self.s.clamp(min=-1e30), lo, hi)
 
 
 def oracle_kernels(kernels: KernelBackend, s: torch.Tensor) -> KernelBackend:
-    """A kernel backend whose predictor returns the exact group scores s [B, Hq, S] (taking their
-    best over each GQA group): vAttention(oracle top-k)."""
+    """A kernel backend whose predictor returns the exact scores s [B, Hq, S] (ranked by the same
+    group rule): vAttention(oracle top-k)."""
     return _OracleKernels(kernels, s)
 
 
 def topk_attention(p: DecodeProblem, s: torch.Tensor, density: float, sink: int, window: int,
-                   log_scale: torch.Tensor, use_hash: bool):
+                   log_scale: torch.Tensor, predicted: bool):
     """Exact attention over sink, window and the group's top rows, filled to the density (the
     query heads of a GQA group share one row set, as vAttention's do)."""
     B, Hq, S = s.shape
@@ -91,8 +83,7 @@ def topk_attention(p: DecodeProblem, s: torch.Tensor, density: float, sink: int,
     live = ~torch.isinf(s[:, 0])  # [B, S]
     fixed = fixed_mask(S, p.context_lens, sink, window) & live
     k = max(int(density * int(p.context_lens.min())) - int(fixed[0].sum()), 0)
-    rank = (group_scores(p.q, p.planes, p.sig, p.block_tables, p.context_lens) if use_hash
-            else oracle_group_scores(s, Hkv))
+    rank = predicted_group_scores(p) if predicted else group_log_weights(s, Hkv)
     rank = rank.masked_fill(fixed[:, None] | ~live[:, None], float("-inf"))
     chosen = fixed[:, None].expand(B, Hkv, S).clone()
     if k > 0:
@@ -131,21 +122,24 @@ def relative_errors(out: torch.Tensor, d_hat: torch.Tensor, exact_out: torch.Ten
     return out_err, (d_hat - d).abs() / d
 
 
+BASELINES = ("oracle_topk", "predictor_topk", "uniform")
+
+
 @dataclass(frozen=True)
 class SparseBaseline:
     """A sparse-attention baseline to run end to end in the engine, at a fixed density:
-    kind "oracle_topk", "hash_topk" or "uniform". Pass it as LLM(attention=...). It computes
+    kind "oracle_topk", "predictor_topk" or "uniform". Pass it as LLM(attention=...). It computes
     exact scores densely to pick rows, so it is for measuring quality, not speed."""
 
     kind: str
     density: float
     sink: int = 64
     window: int = 64
-    hash_bits: int = 64
+    key_bits: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("oracle_topk", "hash_topk", "uniform"):
+        if self.kind not in BASELINES:
             raise ConfigError(f"unknown sparse baseline '{self.kind}'")
         if not 0 < self.density <= 1:
             raise ConfigError(f"baseline density must be in (0, 1], got {self.density}")
@@ -163,17 +157,18 @@ def engine_problem(backend: VAttentionBackend, layer: int, q: torch.Tensor, ctx)
     k = backend.pool.k_view[layer][pages].float()
     v = backend.pool.v_view[layer][pages].float()
     tables = torch.arange(len(pages), device=bt.device).view(bt.shape)
+    codes, scales = backend.codes.layer(layer)
     return DecodeProblem(q.float(), k, v, tables, ctx.context_lens,
-                         backend.signatures.sig[layer][pages], backend.planes[layer])
+                         (codes[pages], scales[pages]))
 
 
 class _BaselineBackend(VAttentionBackend):
-    """Prefill and signatures as vAttention; decode with the baseline's row choice."""
+    """Prefill and key codes as vAttention; decode with the baseline's row choice."""
 
     graphable = False  # the row choice reads counts on the host
 
     def __init__(self, spec: SparseBaseline, pool, cfg, device) -> None:
-        settings = VAttention(sink=spec.sink, window=spec.window, hash_bits=spec.hash_bits,
+        settings = VAttention(sink=spec.sink, window=spec.window, key_bits=spec.key_bits,
                               seed=spec.seed)
         super().__init__(settings, pool, cfg, device)
         self.spec = spec
@@ -188,10 +183,11 @@ class _BaselineBackend(VAttentionBackend):
             out, d = uniform_attention(p, s, spec.density, spec.sink, spec.window, ls, self.rng)
         else:
             out, d = topk_attention(p, s, spec.density, spec.sink, spec.window, ls,
-                                    use_hash=spec.kind == "hash_topk")
+                                    predicted=spec.kind == "predictor_topk")
         B, Hq = out.shape[:2]
         density = torch.full((B, p.k_pool.shape[1]), spec.density, device=q.device)
-        return DecodeResult(out.to(q), ls, d, density, torch.zeros(B, Hq, device=q.device))
+        zeros = torch.zeros(B, Hq, device=q.device)
+        return DecodeResult(out.to(q), ls, d, density, zeros, zeros)
 
 
 @dataclass(frozen=True)
@@ -212,6 +208,6 @@ class _OracleBackend(VAttentionBackend):
     def estimate(self, layer: int, q: torch.Tensor, ctx) -> DecodeResult:
         p = engine_problem(self, layer, q, ctx)
         s, _ = p.exact()
-        r = vattention_decode(p.q, p.k_pool, p.v_pool, p.block_tables, p.context_lens, p.sig,
-                              p.planes, self.cfg, self.generator, oracle_kernels(self.kernels, s))
+        r = vattention_decode(p.q, p.k_pool, p.v_pool, p.block_tables, p.context_lens, p.codes,
+                              self.cfg, self.generator, oracle_kernels(self.kernels, s))
         return replace(r, out=r.out.to(q.dtype))

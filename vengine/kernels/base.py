@@ -3,8 +3,8 @@
 vattention_decode calls only these, so a backend is anything with them: a module or an object.
 Shapes: q [B, Hq, D]; one layer of the paged pool k_pool, v_pool [pages, Hkv, P, D];
 block_tables [B, max_pages]; rows [B, Hkv, R] token positions (only the first counts[b, h] are
-valid); logw [B, Hkv, R] log importance weights; key signatures sig [pages, Hkv, P, nbytes] uint8,
-paged like the pool (S = max_pages * P positions per sequence). The query heads of a GQA group
+valid); logw [B, Hkv, R] log importance weights; key codes (KeyCodes) paged like the pool
+(S = max_pages * P positions per sequence). The query heads of a GQA group
 (G = Hq // Hkv of them) read the same rows. Row selection: picked [B, Hkv, >= S] int8 marks each
 group's predicted top-k; u [2, B, Hkv, S] uniform draws (the pilot's, the second sample's);
 context_lens [B]. Outputs are float32.
@@ -20,9 +20,13 @@ Resident = tuple[Tensor, Tensor, Tensor]
 """GPU copies of some pages (offload.kv_pool.ResidentPages.layer): slot_of [pages] int32 (-1: no
 copy), k_hot, v_hot [slots, Hkv, P, D] with the pool's strides. The pool holds every row too, so
 a backend may ignore them (the reference does)."""
-Proposal = tuple[Tensor, Tensor, Tensor, Tensor]
-"""(scores [B, Hkv, S], inv_t [B, Hkv], lse [B, Hkv], n_r [B, Hkv]): the sampling proposal
-pr_i = (1 - f) exp(score_i * inv_t - lse) + f / n_R over the residual R (proposal_params)."""
+KeyCodes = tuple[Tensor, Tensor]
+"""(codes [pages, Hkv, P, bits * D / 8] uint8, scales [pages, Hkv, 2, D] float16): one layer's
+keys quantised per page and channel (common.encode_pages), kept on the GPU; the predictor
+scores every position from them."""
+Proposal = tuple[Tensor, Tensor, Tensor]
+"""(scores [B, Hkv, S], lse [B, Hkv], n_r [B, Hkv]): the sampling proposal
+pr_i = (1 - f) exp(score_i - lse) + f / n_R over the residual R (proposal_params)."""
 Partial = tuple[Tensor, Tensor, Tensor]
 """(m [B, Hq], l [B, Hq], acc [B, Hq, D]): unnormalised softmax attention over a row set."""
 
@@ -30,18 +34,16 @@ Partial = tuple[Tensor, Tensor, Tensor]
 class KernelBackend(Protocol):
     """The ops of one vAttention decode step, in the order it calls them (store_rows at append)."""
 
-    def store_rows(self, k: Tensor, v: Tensor, slots: Tensor, planes: Tensor | None,
-                   k_pool: Tensor, v_pool: Tensor, sig: Tensor | None,
-                   resident: Resident | None = None) -> None:
+    def store_rows(self, k: Tensor, v: Tensor, slots: Tensor, k_pool: Tensor, v_pool: Tensor,
+                   codes: KeyCodes | None = None, resident: Resident | None = None) -> None:
         """Write a step's K/V rows [T, Hkv, D] at flat slots [T] (page * P + offset) into one
-        layer's pools (and their pages' GPU copies), and the keys' signatures (planes
-        [Hkv, D, nbits]) into sig; none where sig is None (exact attention keeps none)."""
+        layer's pools (and their pages' GPU copies), then encode into codes each page whose
+        last row was written (none where codes is None: exact attention keeps none)."""
 
-    def hash_scores(self, q: Tensor, planes: Tensor, sig: Tensor, block_tables: Tensor, lo: int,
-                    hi: Tensor) -> Tensor:
-        """Predicted scores [B, Hq, S] of positions lo <= s < hi[b] (-inf elsewhere):
-        sum_j (q . r_j) * sign(k . r_j) over the planes r_j [Hkv, D, nbits]. q may be [B, Hkv, D]
-        (a group's summed query)."""
+    def key_scores(self, q: Tensor, codes: KeyCodes, block_tables: Tensor, lo: int, hi: Tensor,
+                   scale: float) -> Tensor:
+        """Predicted scores [B, Hq, S] of positions lo <= s < hi[b] (-inf elsewhere): q . k_hat
+        * scale, k_hat decoded from the codes."""
 
     def pick_top(self, scores: Tensor, k_max: int, k_rows: Tensor) -> Tensor:
         """picked [B, Hkv, S + 1] int8 from scores [B, Hkv, S]: 1 at each (b, h)'s k_rows[b]
@@ -53,9 +55,9 @@ class KernelBackend(Protocol):
         """Rows attended exactly (sink, recent window, picked), ascending [B, Hkv, width] (the
         first width), and counts [B, Hkv]."""
 
-    def proposal_params(self, scores: Tensor, picked: Tensor) -> tuple[Tensor, Tensor]:
-        """inv_t, lse [B, Hkv] of the residual's hash scores scores [B, Hkv, S] (see Proposal):
-        1 / their population sd, and logsumexp of score * inv_t."""
+    def proposal_params(self, scores: Tensor, picked: Tensor) -> Tensor:
+        """lse [B, Hkv]: logsumexp of the residual's predicted log weights scores [B, Hkv, S]
+        (see Proposal)."""
 
     def pilot_rows(self, picked: Tensor, u: Tensor, prop: Proposal, size: Tensor,
                    context_lens: Tensor, sink: int, window: int, width: int
@@ -84,12 +86,15 @@ class KernelBackend(Protocol):
         gives m = -inf, l = 0, acc = 0."""
 
     def pilot_budget(self, s_b: Tensor, count_b: Tensor, pa_b: Tensor, pr_b: Tensor, m_f: Tensor,
-                     l_f: Tensor, cap: Tensor, n_r: Tensor, epsilon: float, delta: float
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     l_f: Tensor, cap: Tensor, n_r: Tensor, epsilon: float, delta: float,
+                     dev_b: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The second sample's size from the pilot (s_b [B, Hq, W] its scores, count_b [B, Hkv],
-        pa_b, pr_b [B, Hkv, W]; m_f, l_f [B, Hq] the exact rows' partials; cap, n_r [B, Hkv]):
-        m, d_f [B, Hq], c [B, Hkv], the pilot rows' log weights [B, Hkv, W] and over_eps [B, Hq]
-        (1 where the cap kept a head from its budget). reference.pilot_budget derives it."""
+        pa_b, pr_b [B, Hkv, W]; m_f, l_f [B, Hq] the exact rows' partials; cap, n_r [B, Hkv];
+        dev_b [B, Hq, W] the rows' relative squared deviations for the output guarantee):
+        m, d_f [B, Hq], c [B, Hkv], the pilot rows' log weights [B, Hkv, W], over_eps [B, Hq]
+        (1 where the cap kept a head from its budget) and missed [B, Hq] (1 where a pilot row
+        holds at least epsilon of the head's mass). reference.pilot_budget derives it."""
 
     def finish(self, part_f: Partial, part_b: Partial, part_s: Partial, m: Tensor, d_f: Tensor
                ) -> tuple[Tensor, Tensor]:

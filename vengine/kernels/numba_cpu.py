@@ -1,6 +1,6 @@
 """numba CPU kernels for vAttention decode, parallel over (sequence, KV head); float32 only.
 
-Its own: hash_scores, row_scores and partial_attention, the ops that loop over rows: each K/V row
+Its own: key_scores, row_scores and partial_attention, the ops that loop over rows: each K/V row
 is read once for all query heads of its GQA group, with an online softmax. The others are the
 reference's (assigned below), which are vectorised torch over whole tensors already. Shapes:
 vengine.kernels.base.KernelBackend.
@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 
 from vengine.kernels import reference
-from vengine.kernels.base import Partial, Resident
-from vengine.kernels.common import byte_signs, mask_range, paged_rows
+from vengine.kernels.base import KeyCodes, Partial, Resident
 
 store_rows = reference.store_rows
 pick_top = reference.pick_top
@@ -30,17 +29,40 @@ finish = reference.finish
 
 
 @nb.njit(parallel=True, cache=True)
-def _hash_scores(table, sig, out):
-    B, Hkv, G, nbytes, _ = table.shape
-    S = sig.shape[2]
+def _key_scores(q, codes, scales, tables, lo, hi, out):
+    """q [B, Hkv, G, D] (scaled); per page, the scores are q . min + sum_c (q_c step_c) code_c."""
+    B, Hkv, G, D = q.shape
+    P, nbytes = codes.shape[2], codes.shape[3]
+    bits = nbytes * 8 // D
     for bh in nb.prange(B * Hkv):
         b, h = bh // Hkv, bh % Hkv
-        for s in range(S):
+        w = np.empty((G, D), np.float32)
+        base = np.empty(G, np.float32)
+        level = np.empty(D, np.float32)
+        for j in range(tables.shape[1]):
+            page = tables[b, j]
             for g in range(G):
                 acc = np.float32(0.0)
-                for p in range(nbytes):
-                    acc += table[b, h, g, p, sig[b, h, s, p]]
-                out[b, h * G + g, s] = acc
+                for c in range(D):
+                    acc += q[b, h, g, c] * scales[page, h, 0, c]
+                    w[g, c] = q[b, h, g, c] * scales[page, h, 1, c]
+                base[g] = acc
+            for off in range(P):
+                s = j * P + off
+                if s < lo or s >= hi[b]:
+                    for g in range(G):
+                        out[b, h * G + g, s] = -np.inf
+                    continue
+                for c in range(D):
+                    x = 0
+                    for t in range(bits):
+                        x |= ((codes[page, h, off, t * (D // 8) + c // 8] >> (c % 8)) & 1) << t
+                    level[c] = x
+                for g in range(G):
+                    acc = base[g]
+                    for c in range(D):
+                        acc += w[g, c] * level[c]
+                    out[b, h * G + g, s] = acc
 
 
 @nb.njit(parallel=True, cache=True)
@@ -107,17 +129,15 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-def hash_scores(q: Tensor, planes: Tensor, sig: Tensor, block_tables: Tensor, lo: int,
-                hi: Tensor) -> Tensor:
+def key_scores(q: Tensor, codes: KeyCodes, block_tables: Tensor, lo: int, hi: Tensor,
+               scale: float) -> Tensor:
     B, Hq, D = q.shape
-    sig = paged_rows(sig, block_tables)
-    _, Hkv, S, nbytes = sig.shape
-    G = Hq // Hkv
-    w = torch.einsum("bhgd,hdn->bhgn", q.float().view(B, Hkv, G, D), planes)
-    table = w.view(B, Hkv, G, nbytes, 8) @ byte_signs(q.device).T  # [B, Hkv, G, nbytes, 256]
-    out = torch.empty(B, Hq, S, dtype=torch.float32)
-    _hash_scores(_np(table), _np(sig), out.numpy())
-    return mask_range(out, lo, hi)
+    Hkv = codes[0].shape[1]
+    out = torch.empty(B, Hq, block_tables.shape[1] * codes[0].shape[2], dtype=torch.float32)
+    qs = (q.float() * scale).view(B, Hkv, Hq // Hkv, D)
+    _key_scores(_np(qs), _np(codes[0]), _np(codes[1].float()), _np(block_tables), lo, _np(hi),
+                out.numpy())
+    return out
 
 
 def row_scores(q: Tensor, k_pool: Tensor, block_tables: Tensor, rows: Tensor, counts: Tensor,

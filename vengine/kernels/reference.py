@@ -7,17 +7,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vengine.kernels.base import Partial, Proposal, Resident
-from vengine.kernels.common import (PROPOSAL_FLOOR, PROPOSAL_TEMPERATURE, byte_signs, compact,
-                                    mask_range, pack_signatures, paged_rows, sample_z,
-                                    sigma_upper_factor)
+from vengine.kernels.base import KeyCodes, Partial, Proposal, Resident
+from vengine.kernels.common import (PROPOSAL_FLOOR, compact, decode_keys, encode_pages,
+                                    mask_range, merge_partials, paged_rows, sample_z, sigma_upper_factor)
 
 
-def store_rows(k: Tensor, v: Tensor, slots: Tensor, planes: Tensor | None, k_pool: Tensor,
-               v_pool: Tensor, sig: Tensor | None, resident: Resident | None = None) -> None:
+def store_rows(k: Tensor, v: Tensor, slots: Tensor, k_pool: Tensor, v_pool: Tensor,
+               codes: KeyCodes | None = None, resident: Resident | None = None) -> None:
     """Write a step's K/V rows [T, Hkv, D] at flat slots [T] (page * P + offset) into one layer's
-    pools and the keys' signatures into sig [pages, Hkv, P, nbytes] (none where sig is None:
-    exact attention keeps no signatures). Prefill and decode both write through it.
+    pools, then encode every page whose last row this step wrote into codes (base.KeyCodes; none
+    where codes is None: exact attention keeps none). Prefill and decode both write through it.
+    A page is encoded once, when full: the rows of an unfinished page are in the recent window,
+    which is attended exactly (VAttentionBackend keeps the window at least a page).
 
     resident (here and in row_scores, partial_attention): GPU copies of some pages
     (base.Resident), which the Triton kernels keep and read; the pool holds every row, so the
@@ -26,26 +27,22 @@ def store_rows(k: Tensor, v: Tensor, slots: Tensor, planes: Tensor | None, k_poo
     pages, offsets = slots // P, slots % P
     k_pool[pages, :, offsets] = k.to(k_pool.dtype)
     v_pool[pages, :, offsets] = v.to(v_pool.dtype)
-    if sig is not None:
-        sig[pages, :, offsets] = pack_signatures(k, planes)
+    if codes is not None:
+        full = pages[offsets == P - 1]
+        packed, scales = encode_pages(k_pool[full], codes[0].shape[-1] * 8 // k.shape[-1])
+        codes[0][full], codes[1][full] = packed, scales
 
 
-def hash_scores(q: Tensor, planes: Tensor, sig: Tensor, block_tables: Tensor, lo: int,
-                hi: Tensor) -> Tensor:
-    """Predicted scores [B, Hq, S] of positions lo <= s < hi[b] (-inf elsewhere):
-    sum_j (q . r_j) * sign(k . r_j), bits weighted by |q . r_j|.
-
-    Each signature byte indexes a 256-entry table of partial sums built from the query, so scoring
-    reads nbits / 8 bytes per row instead of the key's D values.
-    """
+def key_scores(q: Tensor, codes: KeyCodes, block_tables: Tensor, lo: int, hi: Tensor,
+               scale: float) -> Tensor:
+    """Predicted scores [B, Hq, S] of positions lo <= s < hi[b] (-inf elsewhere): q . k_hat *
+    scale, k_hat the keys decoded from their codes (common.decode_keys)."""
     B, Hq, D = q.shape
-    sig = paged_rows(sig, block_tables)  # [B, Hkv, S, nbytes]
-    _, Hkv, S, nbytes = sig.shape
-    G = Hq // Hkv
-    w = torch.einsum("bhgd,hdn->bhgn", q.float().view(B, Hkv, G, D), planes)
-    table = w.view(B, Hkv, G, nbytes, 8) @ byte_signs(q.device).T  # [B, Hkv, G, nbytes, 256]
-    idx = sig.long().transpose(2, 3)[:, :, None].expand(B, Hkv, G, nbytes, S)
-    return mask_range(table.gather(-1, idx).sum(3).view(B, Hq, S), lo, hi)
+    k_hat = decode_keys(*codes)  # [pages, Hkv, P, D]
+    k_hat = paged_rows(k_hat, block_tables)  # [B, Hkv, S, D]
+    Hkv, S = k_hat.shape[1], k_hat.shape[2]
+    s = torch.einsum("bhgd,bhsd->bhgs", q.float().view(B, Hkv, Hq // Hkv, D), k_hat) * scale
+    return mask_range(s.reshape(B, Hq, S), lo, hi)
 
 
 def pick_top(scores: Tensor, k_max: int, k_rows: Tensor) -> Tensor:
@@ -75,24 +72,18 @@ def exact_rows(picked: Tensor, context_lens: Tensor, S: int, sink: int, window: 
     return compact(exact_mask(picked, context_lens, S, sink, window), width)
 
 
-def proposal_params(scores: Tensor, picked: Tensor) -> tuple[Tensor, Tensor]:
-    """scores [B, Hkv, S]: the hash scores of the candidates (-inf elsewhere), picked: the top-k.
-    Per (b, h) [B, Hkv]: inv_t, 1 / the spread (population sd) of the residual's hash scores,
-    and lse = logsumexp of score * inv_t over the residual. The proposal is then
-    pr_i = (1 - f) exp(score_i * inv_t - lse) + f / n_R, summing to 1 over R.
+def proposal_params(scores: Tensor, picked: Tensor) -> Tensor:
+    """scores [B, Hkv, S]: the group's predicted log weights (common.group_log_weights) of the
+    candidates (-inf elsewhere), picked: the top-k. lse [B, Hkv]: their logsumexp over the
+    residual, so that the proposal pr_i = (1 - f) exp(score_i - lse) + f / n_R sums to 1 on R.
 
-    Why: a uniform sample wastes rows on keys the hash already calls negligible, and misses the
-    heavy hitters the top-k missed; weighting by the predicted score (in units of the scores' own
-    spread, so the scale of q does not matter) and keeping a uniform floor f bounds the variance
-    at 1/f of a uniform sample's where the hash is wrong (defensive importance sampling).
+    Why: the variance of a Horvitz-Thompson sum of weights is least with rows drawn in
+    proportion to their weights, which the predicted weights approximate; the uniform floor f
+    bounds the variance at 1/f of a uniform sample's where the prediction is wrong (defensive
+    importance sampling).
     """
     resid = torch.isfinite(scores) & (picked[..., :scores.shape[-1]] == 0)
-    n = resid.sum(-1).clamp(min=1)
-    h = torch.where(resid, scores, 0.0)
-    var = ((h * h).sum(-1) / n - (h.sum(-1) / n) ** 2).clamp(min=0)  # one pass, as the kernel
-    inv_t = 1 / (PROPOSAL_TEMPERATURE * var.sqrt().clamp(min=1e-6))
-    lse = torch.logsumexp(torch.where(resid, scores * inv_t[..., None], float("-inf")), -1)
-    return inv_t, lse
+    return torch.logsumexp(torch.where(resid, scores, float("-inf")), -1)
 
 
 def residual_mask(picked: Tensor, context_lens: Tensor, S: int, sink: int, window: int
@@ -103,10 +94,10 @@ def residual_mask(picked: Tensor, context_lens: Tensor, S: int, sink: int, windo
 
 
 def proposal(prop: Proposal, resid: Tensor) -> Tensor:
-    """The proposal [B, Hkv, S] of residual rows from prop = (scores, inv_t, lse, n_r) (see
-    proposal_params): (1 - f) exp(score * inv_t - lse) + f / n_R on R, 0 elsewhere."""
-    scores, inv_t, lse, n_r = prop
-    soft = torch.exp(scores * inv_t[..., None] - lse[..., None])
+    """The proposal [B, Hkv, S] of residual rows from prop = (scores, lse, n_r) (see
+    proposal_params): (1 - f) exp(score - lse) + f / n_R on R, 0 elsewhere."""
+    scores, lse, n_r = prop
+    soft = torch.exp(scores - lse[..., None])
     pr = (1 - PROPOSAL_FLOOR) * soft + PROPOSAL_FLOOR / n_r.clamp(min=1)[..., None]
     return torch.where(resid, pr, 0.0)
 
@@ -182,17 +173,10 @@ def partial_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: T
     return m.view(B, Hq), p.sum(-1).view(B, Hq), acc.view(B, Hq, D)
 
 
-def merge_partials(parts: list[Partial]) -> Tensor:
-    """Combine (m, l, acc) partials over disjoint row sets into the attention output [B, Hq, D]."""
-    m = torch.stack([p[0] for p in parts]).amax(0).clamp_min(torch.finfo(torch.float32).min)
-    l = sum(p[1] * torch.exp(p[0] - m) for p in parts)
-    acc = sum(p[2] * torch.exp(p[0] - m)[..., None] for p in parts)
-    return acc / l[..., None]
-
-
 def pilot_budget(s_b: Tensor, count_b: Tensor, pa_b: Tensor, pr_b: Tensor, m_f: Tensor,
-                 l_f: Tensor, cap: Tensor, n_r: Tensor, epsilon: float, delta: float
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 l_f: Tensor, cap: Tensor, n_r: Tensor, epsilon: float, delta: float,
+                 dev_b: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The second sample's size from the pilot. The residual R is sampled twice: the pilot
     (Poisson, probability pa per row), then a Poisson sample with probability min(1, c * pr); D_hat
     is Horvitz-Thompson over their union.
@@ -201,19 +185,28 @@ def pilot_budget(s_b: Tensor, count_b: Tensor, pa_b: Tensor, pr_b: Tensor, m_f: 
     their pilot probability and proposal; m_f, l_f [B, Hq]: the exact rows' partials; cap [B, Hkv]
     the largest c allowed; n_r [B, Hkv] the residual's size. Per head, with x = exp(s - m) (m the
     largest score seen), the pilot gives HT estimates of D = D_F + sum_R x and of
-    A = sum_R x^2 / pr. The second sample's HT variance, sum_R x^2 (1 / min(1, c pr) - 1), is
+    A = sum_R x^2 r / pr. The second sample's HT variance, sum_R x^2 r (1 / min(1, c pr) - 1), is
     below A / c (the variance of drawing row i Poisson(c pr_i) times), so c = A / (epsilon * D /
     z)^2 meets z * sd <= epsilon * D; the group takes its heads' largest c. delta is split: A is
     inflated by the chi2 factor that bounds a sample variance with probability 1 - delta/2 (pilot
     noise), and z = z_{1-delta/4}.
 
+    r is 1 for the denominator guarantee (|D_hat - D| <= epsilon D). For the output guarantee
+    (|o_hat - o| <= epsilon |o|) dev_b [B, Hq, W] gives r = |v_i - o|^2 / |o|^2 per pilot row
+    (o from the exact rows and the pilot): the linearised error of the ratio N_hat / D_hat is
+    sum_R (I_i / pi_i - 1) x_i (v_i - o) / D, whose squared norm's mean is that variance over
+    (|o| D)^2; z bounds its norm too (a Gaussian vector's squared norm over its mean has the
+    tail of chi2 with one degree of freedom at most, beyond ~1.54 times the mean).
+
     Unbiased: c depends on the pilot, so a pilot row's inclusion probability
     1 - (1 - pa)(1 - min(1, c pr)) is taken with c_{-i}, the budget computed without that row;
     given the other rows, row i is then in the union with exactly the probability it is weighted
     by. Returns m, d_f [B, Hq], c [B, Hkv], logw_b [B, Hkv, W] (the pilot rows' log weights,
-    -log of their inclusion probabilities) and over_eps [B, Hq]: 1 where the cap kept a head
-    from its budget, unless c >= n_r / PROPOSAL_FLOOR: then every row is in (pr >= f / n_R), and
-    there is no error to certify.
+    -log of their inclusion probabilities), over_eps [B, Hq]: 1 where the cap kept a head from
+    its budget, unless c >= n_r / PROPOSAL_FLOOR (then every row is in, as pr >= f / n_R, and
+    there is no error to certify); and missed [B, Hq]: 1 where a pilot row, outside the
+    predicted top-k by construction, holds at least epsilon of the head's estimated attention
+    mass: the predictor missed a heavy row (the estimate stays unbiased, its budget grows).
     """
     B, Hq, W = s_b.shape
     Hkv = count_b.shape[1]
@@ -223,6 +216,8 @@ def pilot_budget(s_b: Tensor, count_b: Tensor, pa_b: Tensor, pr_b: Tensor, m_f: 
     x = torch.exp(s_b - m[..., None]).view(B, Hkv, G, W)  # 0 past the counts
     e = torch.where(live, x / pa_b.clamp(min=1e-30)[:, :, None], 0.0)
     a = e * x / pr_b.clamp(min=1e-30)[:, :, None]
+    if dev_b is not None:
+        a = a * torch.where(live, dev_b.view(B, Hkv, G, W), 0.0)
     d_f = (l_f * torch.exp(m_f - m)).view(B, Hkv, G)
     z = sample_z(delta)
     nb = count_b.float()
@@ -240,8 +235,9 @@ def pilot_budget(s_b: Tensor, count_b: Tensor, pa_b: Tensor, pr_b: Tensor, m_f: 
     c_loo = need((D[..., None] - e).clamp(min=0), A[..., None] - a, nb - 1).amax(2)
     pi_b = 1 - (1 - pa_b) * (1 - torch.clamp(torch.minimum(c_loo, cap[..., None]) * pr_b, max=1))
     over_eps = (c_head > c[..., None] * (1 + 1e-4)) & (c < n_r / PROPOSAL_FLOOR)[..., None]
-    over_eps = over_eps.float().view(B, Hq)
-    return m, d_f.view(B, Hq), c, -torch.log(pi_b.clamp(min=1e-30)), over_eps
+    missed = (torch.where(live, x, 0.0).amax(-1) >= epsilon * D).float().view(B, Hq)
+    return (m, d_f.view(B, Hq), c, -torch.log(pi_b.clamp(min=1e-30)),
+            over_eps.float().view(B, Hq), missed)
 
 
 def finish(part_f: Partial, part_b: Partial, part_s: Partial, m: Tensor, d_f: Tensor

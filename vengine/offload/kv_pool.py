@@ -155,17 +155,27 @@ class KVPool:
                                                                           block_tables)
 
 
-class SignaturePool:
-    """Per-token key signatures [layers, pages, kv_heads, page_size, nbytes] uint8, paged like KV.
+class KeyCodePool:
+    """Per-token key codes for the predictor, paged like KV: codes [layers, pages, kv_heads,
+    page_size, bits * head_dim / 8] uint8 and per-page, per-channel scales [layers, pages,
+    kv_heads, 2, head_dim] float16 (kernels.common.encode_pages).
 
-    Small (nbytes per token and head, vs 2 * D * dtype bytes of K/V), so it stays on the GPU;
-    kernels.store_rows writes it together with the K/V rows.
+    Small (3 bits per element and 4 bytes per channel and page, 0.109 of the KV's bytes at
+    head dim 128 and 16-bit KV), so it stays on the GPU; kernels.store_rows writes a page's codes
+    when its last row is written.
     """
 
-    def __init__(self, kv: KVPool, nbytes: int, device: torch.device) -> None:
-        L, pages, H, P, _ = kv.k.shape
-        self.page_size = P
-        self.sig = torch.zeros((L, pages, H, P, nbytes), dtype=torch.uint8, device=device)
+    def __init__(self, kv: KVPool, bits: int, device: torch.device) -> None:
+        L, pages, H, P, D = kv.k.shape
+        if D % 8:
+            raise ConfigError(f"vAttention key codes need a head dim divisible by 8, got {D}")
+        self.codes = torch.zeros((L, pages, H, P, bits * D // 8), dtype=torch.uint8,
+                                 device=device)
+        self.scales = torch.zeros((L, pages, H, 2, D), dtype=torch.float16, device=device)
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, scales) of one layer: kernels.base.KeyCodes."""
+        return self.codes[layer], self.scales[layer]
 
 
 class ResidentPages:
