@@ -120,7 +120,8 @@ def on_gpu(p: DecodeProblem) -> tuple[DecodeProblem, DecodeProblem]:
 
     k16, v16 = p.k_pool.bfloat16().pin_memory(), p.v_pool.bfloat16().pin_memory()
     exact = dataclasses.replace(p, k_pool=k16.float(), v_pool=v16.float())
-    exact = DecodeProblem(*(getattr(exact, f.name).cuda() for f in dataclasses.fields(exact)))
+    exact = DecodeProblem(*(tuple(t.cuda() for t in x) if isinstance(x, tuple) else x.cuda()
+                            for x in (getattr(exact, f.name) for f in dataclasses.fields(exact))))
     host = dataclasses.replace(exact, k_pool=uva_view(k16), v_pool=uva_view(v16))
     return exact, host
 

@@ -17,7 +17,7 @@ from vengine.attention.config import VAttention  # noqa: E402
 from vengine.eval.activations import DecodeProblem  # noqa: E402
 from vengine.kernels import reference  # noqa: E402
 from vengine.kernels import triton as triton_gpu  # noqa: E402  (the GPU kernels)
-from vengine.kernels.common import mask_range  # noqa: E402
+from vengine.kernels.common import decode_keys, mask_range  # noqa: E402
 from vengine.offload.uva import uva_view  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -55,7 +55,7 @@ def cast(p: DecodeProblem, dtype, dev) -> tuple:
 @pytest.mark.parametrize("D", [32, 64])
 @pytest.mark.parametrize("Hkv,G", [(1, 1), (2, 4), (3, 3)])
 def test_kernels_match_reference(Hkv, G, D, P):
-    p = shuffled_problem(Hkv=Hkv, G=G, D=D, P=P, bits=64 if D == 64 else 40)  # 40 bits: 5 bytes
+    p = shuffled_problem(Hkv=Hkv, G=G, D=D, P=P)
     rows, counts = row_lists(p, 0.5, width=199)
     logw = torch.rand(rows.shape, generator=torch.Generator().manual_seed(2)) * 3 - 1
     scale = 1 / math.sqrt(D)
@@ -72,12 +72,6 @@ def test_kernels_match_reference(Hkv, G, D, P):
             for i, (t, r, rl) in enumerate(zip(tri, ref, ref_lowp)):
                 check(f"{name}[{i}] {dtype}", t, r, rl, **tol)
 
-        if P == 16:  # hash_scores does not read the pool
-            hi = p.context_lens - 5
-            compare("hash_scores", lambda q, k, v, bt: (
-                reference.hash_scores(q, p.planes, p.sig, bt, 3, hi),), (),
-                (triton_gpu.hash_scores(q, p.planes.to(DEV), p.sig.to(DEV), bt, 3, hi.to(DEV)),),
-                atol=1e-4)
         compare("row_scores", lambda q, k, v, bt, *a: (reference.row_scores(q, k, bt, *a),),
                 (rows, counts, scale), (triton_gpu.row_scores(q, kp, bt, rd, cd, scale),))
         for w in (None, logw.to(dtype)):
@@ -94,8 +88,24 @@ def test_kernels_match_reference(Hkv, G, D, P):
                                              logw.to(DEV), scale, scores=s, chunk=128), rtol=1e-4)
 
 
+@pytest.mark.parametrize("P,D,Hkv,G,bits", [(16, 64, 2, 3, 3), (64, 128, 1, 7, 3),
+                                             (16, 128, 2, 1, 2), (64, 64, 3, 3, 4)])
+def test_key_scores_match_reference(P, D, Hkv, G, bits):
+    """q . k_hat * scale of the keys decoded from their codes over shuffled pages, -inf outside
+    lo <= s < hi[b]: the reference's on the same f32 or bf16 queries."""
+    p = shuffled_problem(Hkv=Hkv, G=G, D=D, P=P, bits=bits)
+    hi, scale = p.context_lens - 5, 1 / math.sqrt(D)
+    codes = tuple(c.to(DEV) for c in p.codes)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = p.q.to(dtype)
+        ref = reference.key_scores(q, p.codes, p.block_tables, 3, hi, scale)
+        tri = triton_gpu.key_scores(q.to(DEV), codes, p.block_tables.to(DEV), 3, hi.to(DEV),
+                                    scale)
+        check(f"key_scores {dtype}", tri, ref, atol=1e-4)
+
+
 def selection_problem(S: int):
-    """Hash-like scores (-inf off the candidates), picks, context lengths and draws."""
+    """Predicted log weights (-inf off the candidates), picks, context lengths and draws."""
     g = torch.Generator().manual_seed(S)
     B, Hkv = 3, 2
     lens = torch.tensor([S, S - 1000 if S > 1000 else S - 100, 40])  # the last: all fixed
@@ -112,11 +122,10 @@ def test_row_selection_matches_reference(S, width):
     beside them; proposal_params the reference's."""
     picked, scores, lens, u = selection_problem(S)
     n_r = (lens[:, None].float() * 0.8).expand(3, 2)
-    prop_ref = (scores, *reference.proposal_params(scores, picked), n_r)
-    prop_tri = (scores.to(DEV), *triton_gpu.proposal_params(scores.to(DEV), picked.to(DEV)),
-                prop_ref[3].to(DEV))
-    for name, r, t in zip(("inv_t", "lse"), prop_ref[1:3], prop_tri[1:3]):
-        torch.testing.assert_close(t.cpu(), r, rtol=1e-5, atol=1e-5, msg=name)
+    prop_ref = (scores, reference.proposal_params(scores, picked), n_r)
+    prop_tri = (scores.to(DEV), triton_gpu.proposal_params(scores.to(DEV), picked.to(DEV)),
+                n_r.to(DEV))
+    torch.testing.assert_close(prop_tri[1].cpu(), prop_ref[1], rtol=1e-5, atol=1e-5, msg="lse")
     size = torch.tensor([[30.0, 300.0], [1e4, 0.0], [50.0, 50.0]])
     c = torch.tensor([[100.0, 5.0], [0.0, 1e9], [20.0, 2000.0]])
     d = [t.to(DEV) for t in (picked, u, size, c, lens)]
@@ -164,7 +173,7 @@ def test_pick_top_matches_reference(S, k_max):
 @pytest.mark.parametrize("G,W", [(1, 40), (4, 300), (3, 700)])
 def test_budget_and_finish_match_reference(G, W):
     """pilot_budget and finish against the reference, pilot sizes 0, 1, 2 and larger included,
-    and a cap that binds."""
+    a cap that binds, heavy pilot rows (missed), and the output guarantee's deviations dev_b."""
     g = torch.Generator().manual_seed(G * W)
     B, Hkv, D = 3, 2, 32
     Hq = Hkv * G
@@ -180,12 +189,19 @@ def test_budget_and_finish_match_reference(G, W):
     ref = reference.pilot_budget(*args)
     never_all_in = reference.pilot_budget(*args[:7], n_r.clamp(min=1e6), *args[8:])[4]
     assert not torch.equal(never_all_in, ref[4])  # a head over its cap with every row in: certified
-    tri = triton_gpu.pilot_budget(*(a.to(DEV) if torch.is_tensor(a) else a for a in args))
+    dev_b = torch.rand(B, Hq, W, generator=g) * 2
+    ref_dev = reference.pilot_budget(*args, dev_b)
+    assert not torch.allclose(ref_dev[2], ref[2])  # the deviations move the budget
     live = torch.arange(W) < count_b[..., None]
-    for name, r, t in zip(("m", "d_f", "c", "logw_b", "over_eps"), ref, tri):
-        r, t = (x.masked_fill(~live, 0) if name == "logw_b" else x for x in (r, t.cpu()))
-        torch.testing.assert_close(t, r, rtol=1e-4, atol=1e-5, msg=name)
-    assert (ref[4] == 1).any() and (ref[4] == 0).any()  # the cap binds somewhere, not everywhere
+    for dv, refs in ((None, ref), (dev_b, ref_dev)):
+        tri = triton_gpu.pilot_budget(*(a.to(DEV) if torch.is_tensor(a) else a for a in args),
+                                      None if dv is None else dv.to(DEV))
+        for name, r, t in zip(("m", "d_f", "c", "logw_b", "over_eps", "missed"), refs, tri):
+            r, t = (x.masked_fill(~live, 0) if name == "logw_b" else x for x in (r, t.cpu()))
+            torch.testing.assert_close(t, r, rtol=1e-4, atol=1e-5,
+                                       msg=f"{name} (dev_b {dv is not None})")
+        for flag in refs[4:]:  # the cap binds, a pilot row is heavy: somewhere, not everywhere
+            assert (flag == 1).any() and (flag == 0).any()
 
     m, d_f = ref[:2]
     parts = [(torch.randn(B, Hq, generator=g), torch.rand(B, Hq, generator=g) * 9 + 1,
@@ -198,39 +214,64 @@ def test_budget_and_finish_match_reference(G, W):
         torch.testing.assert_close(t.cpu(), r, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("dtype,bits", [(torch.float32, 64), (torch.bfloat16, 24)])
+def code_levels(codes: torch.Tensor, D: int) -> torch.Tensor:
+    """Each element's level (0 .. 2^bits - 1) in packed codes [..., P, bits * D / 8]."""
+    return decode_keys(codes, torch.stack([torch.zeros(D), torch.ones(D)]))
+
+
+@pytest.mark.parametrize("dtype,bits", [(torch.float32, 3), (torch.bfloat16, 4)])
 def test_store_rows_match_reference(dtype, bits):
-    """K/V rows land in the slots given (other slots untouched) and the packed signatures are the
-    reference's, bit for bit; a non-contiguous v (a view of a fused projection) included."""
+    """Over three steps on shuffled pages, K/V rows land in the slots given (other slots
+    untouched) and each page whose last row a step writes gets the reference's scales, and its
+    codes (a level off at a rounding tie at most, on a tiny share): prefill chunks of whole pages
+    (encoded from k), a chunk completing a page begun a step before, batched behind another
+    sequence's chunk, and a decode step (both encoded from the pool). v is a view of a fused
+    projection. (k is in the pools' dtype: the interpreter truncates float32 to bfloat16.)"""
     g = torch.Generator().manual_seed(bits)
-    T, Hkv, D, P, pages = 37, 3, 32, 16, 8
-    kv = torch.randn(T, Hkv, 2 * D, generator=g).to(dtype)
-    k, v = kv[..., :D].contiguous(), kv[..., D:]
-    slots = torch.randperm(pages * P, generator=g)[:T]
-    planes = torch.randn(Hkv, D, bits, generator=g)
+    Hkv, D, P, pages = 3, 32, 16, 10
+    tables = torch.randperm(pages, generator=g).view(2, 5)
+
+    def slots(seq: int, start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        return tables[seq, pos // P] * P + pos % P
+
+    steps = [slots(0, 0, 37),  # pages 0, 1 of sequence 0
+             torch.cat([slots(1, 0, 31), slots(0, 37, 71)]),  # page 0 of 1; 2, 3 of 0
+             torch.cat([slots(1, 31, 32), slots(0, 71, 72)])]  # decode: page 1 of 1
     pools = [(torch.full((pages, Hkv, P, D), 7.0, dtype=dtype),
               torch.full((pages, Hkv, P, D), 7.0, dtype=dtype),
-              torch.full((pages, Hkv, P, bits // 8), 9, dtype=torch.uint8)) for _ in range(2)]
-    reference.store_rows(k, v, slots, planes, *pools[0])
-    dev = [t.to(DEV) for t in pools[1]]
-    triton_gpu.store_rows(k.to(DEV), v.to(DEV), slots.to(DEV), planes.to(DEV), *dev)
-    for name, r, t in zip(("k", "v", "sig"), pools[0], dev):
-        assert torch.equal(t.cpu(), r), name
-    assert (pools[0][2] != 9).any() and (pools[0][0] == 7).any()
+              torch.full((pages, Hkv, P, bits * D // 8), 0xA5, dtype=torch.uint8),
+              torch.full((pages, Hkv, 2, D), 3.0, dtype=torch.float16)) for _ in range(2)]
+    ref, dev = pools[0], [t.to(DEV) for t in pools[1]]
+    for i, step in enumerate(steps):
+        kv = torch.randn(len(step), Hkv, 2 * D, generator=g).to(dtype)
+        k, v = kv[..., :D].contiguous(), kv[..., D:]
+        reference.store_rows(k, v, step, ref[0], ref[1], (ref[2], ref[3]))
+        triton_gpu.store_rows(k.to(DEV), v.to(DEV), step.to(DEV), dev[0], dev[1], (dev[2], dev[3]))
+        for name, r, t in zip(("k", "v", "scales"), (ref[0], ref[1], ref[3]),
+                              (dev[0], dev[1], dev[3])):
+            assert torch.equal(t.cpu(), r), f"{name} after step {i}"
+        off = (code_levels(dev[2].cpu(), D) - code_levels(ref[2], D)).abs()
+        assert off.max() <= 1 and (off > 0).float().mean() < 1e-3, f"codes after step {i}"
+    encoded = torch.zeros(pages, dtype=torch.bool)
+    encoded[torch.cat([tables[0, :4], tables[1, :2]])] = True
+    assert torch.equal((ref[3] != 3.0).flatten(1).any(1), encoded)
+    assert (ref[0] == 7).any()
 
 
-def test_store_rows_without_signatures_writes_only_kv():
-    """Exact attention writes through the same kernel with sig None: the rows land, nothing else
-    changes (a kernel that still wrote signatures would fault on the placeholder or change v)."""
+def test_store_rows_without_codes_writes_only_kv():
+    """Exact attention writes through the same kernel with codes None: the rows land, nothing
+    else changes, also for slots that end a page."""
     g = torch.Generator().manual_seed(3)
     T, Hkv, D, P, pages = 21, 2, 16, 8, 6
     k, v = torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, D, generator=g)
     slots = torch.randperm(pages * P, generator=g)[:T]
+    assert (slots % P == P - 1).any()
     pools = [(torch.full((pages, Hkv, P, D), 7.0), torch.full((pages, Hkv, P, D), 7.0))
              for _ in range(2)]
-    reference.store_rows(k, v, slots, None, *pools[0], None)
+    reference.store_rows(k, v, slots, *pools[0])
     dev = [t.to(DEV) for t in pools[1]]
-    triton_gpu.store_rows(k.to(DEV), v.to(DEV), slots.to(DEV), None, *dev, None)
+    triton_gpu.store_rows(k.to(DEV), v.to(DEV), slots.to(DEV), *dev)
     for name, r, t in zip(("k", "v"), pools[0], dev):
         assert torch.equal(t.cpu(), r), name
     assert (pools[0][0] != 7).any() and (pools[0][0] == 7).any()
@@ -263,9 +304,7 @@ def test_resident_pages_are_read_from_their_gpu_copy():
 
     k, v = torch.randn(2, 2, 32), torch.randn(2, 2, 32)
     slots = torch.tensor([resident_pages[0] * 16 + 3, int(p.block_tables[1, 1]) * 16])
-    sig = torch.zeros(kp.shape[0], 2, 16, 8, dtype=torch.uint8, device=DEV)
-    triton_gpu.store_rows(k.to(DEV), v.to(DEV), slots.to(DEV), p.planes.to(DEV), kp, vp, sig,
-                          resident)
+    triton_gpu.store_rows(k.to(DEV), v.to(DEV), slots.to(DEV), kp, vp, resident=resident)
     assert torch.equal(resident[1][2, :, 3].cpu(), k[0])
     assert torch.equal(kp[resident_pages[0], :, 3].cpu(), k[0])
     assert torch.equal(resident[2][2, :, 3].cpu(), v[0])
@@ -283,12 +322,17 @@ def test_split_sizes_agree():
             check(f"chunk {chunk}", a, b.cpu(), rtol=1e-5)
 
 
-def test_decode_matches_reference_kernels():
+@pytest.mark.parametrize("guarantee", ["denominator", "output"])
+def test_decode_matches_reference_kernels(guarantee):
     p = shuffled_problem(B=2, Hkv=2, G=2, D=32, P=16, n=300)
-    cfg = VAttention(epsilon=0.1, delta=0.1, sink=8, window=8, top_k=0.05, base_rate=0.05)
-    p = DecodeProblem(*(getattr(p, f.name).to(DEV) for f in dataclasses.fields(p)))
+    cfg = VAttention(epsilon=0.1, delta=0.1, sink=8, window=8, top_k=0.05, pilot=16,
+                     guarantee=guarantee)
+    fields = (getattr(p, f.name) for f in dataclasses.fields(p))
+    p = DecodeProblem(*(tuple(t.to(DEV) for t in x) if isinstance(x, tuple) else x.to(DEV)
+                        for x in fields))
     a, b = decode(p, cfg, 3, reference), decode(p, cfg, 3, triton_gpu)  # the same draws
-    assert torch.equal(a.density, b.density)
+    for name in ("density", "over_eps", "missed"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
     check("decode output", b.out, a.out.cpu(), rtol=1e-4)
 
 

@@ -174,6 +174,7 @@ def output_deviations(q, k_pool, v_pool, block_tables, rows_b, count_b, pa_b, s_
                                        -torch.log(pa_b.clamp(min=1e-30)), scale, resident,
                                        scores=s_b)
     o = merge_partials([part_f, part_b]).view(B, Hkv, Hq // Hkv, 1, D)
+    rows_b = torch.where(torch.arange(W, device=q.device) < count_b[..., None], rows_b, 0)
     pages = block_tables.gather(1, (rows_b // k_pool.shape[2]).view(B, -1)).view(B, Hkv, W)
     heads = torch.arange(Hkv, device=q.device)[None, :, None]
     v = v_pool[pages, heads, rows_b % k_pool.shape[2]].float()[:, :, None]  # [B, Hkv, 1, W, D]

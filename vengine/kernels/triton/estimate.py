@@ -14,11 +14,12 @@ from vengine.kernels.triton.common import _p2
 
 
 @triton.jit
-def _budget_kernel(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, m_out, d_f_out, c_out,
-                   logw_out, over_out, W, Z, ZA, EPS, FLOOR, G: tl.constexpr, GP: tl.constexpr,
-                   BW: tl.constexpr):
-    """One (sequence, KV head): reference.pilot_budget. s_b [NBH, G, W]; pa_b, pr_b, logw_out
-    [NBH, W]; the per-head tensors [NBH, G]; count_b, cap, n_r, c_out [NBH]."""
+def _budget_kernel(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, dev_b, m_out, d_f_out, c_out,
+                   logw_out, over_out, missed_out, W, Z, ZA, EPS, FLOOR, G: tl.constexpr,
+                   GP: tl.constexpr, BW: tl.constexpr, HAS_DEV: tl.constexpr):
+    """One (sequence, KV head): reference.pilot_budget. s_b, dev_b (read if HAS_DEV) [NBH, G, W];
+    pa_b, pr_b, logw_out [NBH, W]; the per-head tensors [NBH, G]; count_b, cap, n_r, c_out
+    [NBH]."""
     bh = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, GP)
     gm = g < G
@@ -26,7 +27,8 @@ def _budget_kernel(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, m_out, d_f_out,
     lim = tl.load(cap + bh)
     mf = tl.load(m_f + bh * G + g, mask=gm, other=0.0)  # padding heads: finite, unused
     lf = tl.load(l_f + bh * G + g, mask=gm, other=0.0)
-    row = s_b + (bh * G + g[:, None]) * W
+    head_w = (bh * G + g[:, None]) * W  # a head's row in s_b and dev_b
+    row = s_b + head_w
     m = mf
     for w0 in range(0, W, BW):
         w = w0 + tl.arange(0, BW)
@@ -35,6 +37,7 @@ def _budget_kernel(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, m_out, d_f_out,
     d = lf * tl.exp(mf - m)
     d_f = d
     a_sum = tl.zeros([GP], tl.float32)
+    x_max = tl.zeros([GP], tl.float32)
     for w0 in range(0, W, BW):
         w = w0 + tl.arange(0, BW)
         live = w < nb
@@ -43,8 +46,13 @@ def _budget_kernel(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, m_out, d_f_out,
         pa = tl.load(pa_b + bh * W + w, mask=live, other=1.0)
         pr = tl.load(pr_b + bh * W + w, mask=live, other=1.0)
         e = tl.where(live[None, :], x / tl.maximum(pa, 1e-30)[None, :], 0.0)
+        a = e * x / tl.maximum(pr, 1e-30)[None, :]
+        if HAS_DEV:
+            a *= tl.load(dev_b + head_w + w[None, :], mask=gm[:, None] & live[None, :],
+                         other=0.0)
         d += tl.sum(e, 1)
-        a_sum += tl.sum(e * x / tl.maximum(pr, 1e-30)[None, :], 1)
+        a_sum += tl.sum(a, 1)
+        x_max = tl.maximum(x_max, tl.max(tl.where(live[None, :], x, 0.0), 1))
     infl = _chi2_factor(nb, ZA)
     c_head = infl * a_sum / tl.maximum((EPS * d / Z) * (EPS * d / Z), 1e-30)
     c_head = tl.where(nb >= 2, c_head, float("inf"))
@@ -53,6 +61,7 @@ def _budget_kernel(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, m_out, d_f_out,
     tl.store(d_f_out + bh * G + g, d_f, mask=gm)
     bar = tl.where(c < tl.load(n_r + bh) / FLOOR, c * (1 + 1e-4), float("inf"))  # all in: none
     tl.store(over_out + bh * G + g, tl.where(c_head > bar, 1.0, 0.0), mask=gm)
+    tl.store(missed_out + bh * G + g, tl.where(x_max >= EPS * d, 1.0, 0.0), mask=gm)
     tl.store(c_out + bh, c)
     infl1 = _chi2_factor(nb - 1, ZA)  # the budget without one pilot row: its own terms out
     for w0 in range(0, W, BW):
@@ -64,6 +73,9 @@ def _budget_kernel(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, m_out, d_f_out,
         pr = tl.load(pr_b + bh * W + w, mask=live, other=1.0)
         e = x / tl.maximum(pa, 1e-30)[None, :]
         a = e * x / tl.maximum(pr, 1e-30)[None, :]
+        if HAS_DEV:
+            a *= tl.load(dev_b + head_w + w[None, :], mask=gm[:, None] & live[None, :],
+                         other=0.0)
         d_loo = tl.maximum(d[:, None] - e, 0.0)
         c_loo = infl1 * (a_sum[:, None] - a) / tl.maximum(
             (EPS * d_loo / Z) * (EPS * d_loo / Z), 1e-30)
@@ -108,21 +120,24 @@ def _finish_kernel(m_f, l_f, acc_f, m_b, l_b, acc_b, m_s, l_s, acc_s, m, d_f, ou
     tl.store(d_hat_out + h, d_hat, mask=gm)
 
 
-def pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, epsilon: float, delta: float):
-    """The second sample's size from the pilot, one program per group (reference.pilot_budget)."""
+def pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, epsilon: float, delta: float,
+                 dev_b=None):
+    """The second sample's size from the pilot, one program per group (reference.pilot_budget):
+    m, d_f, c, logw_b, over_eps and missed."""
     B, Hq, W = s_b.shape
     Hkv = count_b.shape[1]
     G = Hq // Hkv
     dev = s_b.device
-    m, d_f, over = (torch.empty(B, Hq, dtype=torch.float32, device=dev) for _ in range(3))
+    m, d_f, over, missed = (torch.empty(B, Hq, dtype=torch.float32, device=dev) for _ in range(4))
     c = torch.empty(B, Hkv, dtype=torch.float32, device=dev)
     logw = torch.empty(B, Hkv, W, dtype=torch.float32, device=dev)
     _budget_kernel[(B * Hkv,)](
         s_b.contiguous(), count_b.contiguous(), pa_b.contiguous(), pr_b.contiguous(),
-        m_f.contiguous(), l_f.contiguous(), cap.float().contiguous(), n_r.float().contiguous(), m,
-        d_f, c, logw, over, W, sample_z(delta), NormalDist().inv_cdf(delta / 2), epsilon,
-        PROPOSAL_FLOOR, G, _p2(G, 1), 256)
-    return m, d_f, c, logw, over
+        m_f.contiguous(), l_f.contiguous(), cap.float().contiguous(), n_r.float().contiguous(),
+        s_b if dev_b is None else dev_b.contiguous(), m, d_f, c, logw, over, missed, W,
+        sample_z(delta), NormalDist().inv_cdf(delta / 2), epsilon, PROPOSAL_FLOOR, G, _p2(G, 1),
+        256, dev_b is not None)
+    return m, d_f, c, logw, over, missed
 
 
 def finish(part_f, part_b, part_s, m, d_f):

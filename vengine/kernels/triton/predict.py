@@ -1,4 +1,5 @@
-"""The predictor: hash scores of every position from the key signatures, and each group's top-k."""
+"""The predictor: scores of every position from the key codes (q . k_hat, k_hat the key decoded
+from its page's few-bit codes), and each group's top-k."""
 
 from __future__ import annotations
 
@@ -6,31 +7,39 @@ import torch
 import triton
 import triton.language as tl
 
-from vengine.kernels.common import byte_signs
-from vengine.kernels.triton.common import _p2
+from vengine.kernels.triton.common import _DTYPES, _INTERPRET, _load_q, _mma, _p2
 
-BLOCK_S = 64  # signatures per hash_scores program
+BLOCK_S = 64  # positions per key_scores program
 
 
 @triton.jit
-def _hash_kernel(table, sig, tables, hi, out, lo, S, st0, sg0, sg1, sg2, HKV: tl.constexpr,
-                 G: tl.constexpr, P: tl.constexpr, NB: tl.constexpr, GP: tl.constexpr,
-                 NBP: tl.constexpr, BLOCK: tl.constexpr):
-    # table [B*Hkv, G, NB, 256] f32, sig [pages, Hkv, P, NB] u8 paged, out [B*Hkv, G, S] f32
+def _key_kernel(q, codes, scales, tables, hi, out, lo, S, scale, st0, c0, c1, c2, s0, s1, s2,
+                HKV: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
+                GP: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    """BLOCK positions of one (sequence, KV head): each position's key decoded from its page's
+    codes (bit plane j: byte j * D / 8 + c // 8, bit c % 8) and scales, scored against the
+    group's G queries at once. q [B*Hkv*G, D] contiguous, out [B*Hkv, G, S] f32."""
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // HKV, bh % HKV
     s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    g, j = tl.arange(0, GP), tl.arange(0, NBP)
-    s_ok, j_ok = s < S, j < NB
-    scored = s_ok & (s >= lo) & (s < tl.load(hi + b))
+    d = tl.arange(0, DP)
+    scored = (s < S) & (s >= lo) & (s < tl.load(hi + b))
+    ok = scored[:, None] & (d < D)[None, :]
     page = tl.load(tables + b * st0 + s // P, mask=scored, other=0).to(tl.int64)
-    byte = tl.load(sig + (page * sg0 + h * sg1 + (s % P) * sg2)[:, None] + j[None, :],
-                   mask=scored[:, None] & j_ok[None, :], other=0).to(tl.int32)  # [BLOCK, NBP]
-    offs = (g[:, None, None] * NB + j[None, None, :]) * 256 + byte[None, :, :]  # [GP, BLOCK, NBP]
-    mask = (g[:, None, None] < G) & j_ok[None, None, :]
-    vals = tl.sum(tl.load(table + bh * (G * NB * 256) + offs, mask=mask, other=0.0), axis=2)
+    byte = codes + (page * c0 + h * c1 + (s % P) * c2)[:, None] + (d // 8)[None, :]
+    level = tl.zeros([BLOCK, DP], tl.int32)
+    for j in tl.static_range(BITS):
+        x = tl.load(byte + j * (D // 8), mask=ok, other=0).to(tl.int32)
+        level |= ((x >> (d % 8)[None, :]) & 1) << j
+    sc = scales + (page * s0 + h * s1)[:, None] + d[None, :]
+    k_lo = tl.load(sc, mask=ok, other=0.0).to(tl.float32)
+    k_step = tl.load(sc + s2, mask=ok, other=0.0).to(tl.float32)
+    k_hat = k_lo + k_step * level.to(tl.float32)  # [BLOCK, DP]
+    x = _mma(_load_q(q, bh, G, D, GP, DP), tl.trans(k_hat), INTERPRET) * scale  # [GP, BLOCK]
+    g = tl.arange(0, GP)
     tl.store(out + (bh * G + g[:, None]) * S + s[None, :],
-             tl.where(scored[None, :], vals, float("-inf")), mask=(g[:, None] < G) & s_ok[None, :])
+             tl.where(scored[None, :], x, float("-inf")), mask=(g[:, None] < G) & (s < S)[None, :])
 
 
 @triton.jit
@@ -63,23 +72,23 @@ def _top_kernel(values, indices, k_rows, picked, K, sp, HKV: tl.constexpr, KP: t
     tl.store(picked + bh * sp + idx, tl.full([KP], 1, tl.int8), mask=keep)
 
 
-def hash_scores(q: torch.Tensor, planes: torch.Tensor, sig: torch.Tensor,
-                block_tables: torch.Tensor, lo: int, hi: torch.Tensor) -> torch.Tensor:
-    """q [B, Hq, D], planes [Hkv, D, nbits], sig [pages, Hkv, P, nbytes] uint8 read through
-    block_tables -> [B, Hq, S] f32, -inf outside lo <= s < hi[b] (see reference)."""
+def key_scores(q: torch.Tensor, codes: tuple, block_tables: torch.Tensor, lo: int,
+               hi: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, Hq, D] and codes (base.KeyCodes) read through block_tables -> [B, Hq, S] f32:
+    q . k_hat * scale, -inf outside lo <= s < hi[b] (reference.key_scores). Each program reads
+    its BLOCK_S positions' codes once for the G query heads of the group."""
     B, Hq, D = q.shape
-    _, Hkv, P, nbytes = sig.shape
+    packed, scales = codes
+    _, Hkv, P, nbytes = packed.shape
     S = block_tables.shape[1] * P
-    G = Hq // Hkv
-    assert sig.dtype == torch.uint8 and sig.stride(-1) == 1 and planes.shape == (Hkv, D, 8 * nbytes)
-    assert block_tables.stride(1) == 1
-    w = torch.einsum("bhgd,hdn->bhgn", q.float().view(B, Hkv, G, D), planes.float())
-    table = (w.view(B, Hkv, G, nbytes, 8) @ byte_signs(q.device).T).contiguous()
+    assert packed.dtype == torch.uint8 and packed.stride(-1) == 1 and scales.stride(-1) == 1
+    assert block_tables.stride(1) == 1 and q.dtype in _DTYPES and D % 8 == 0
     out = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
-    grid = (B * Hkv, triton.cdiv(S, BLOCK_S))
-    _hash_kernel[grid](table, sig, block_tables, hi.contiguous(), out, lo, S,
-                       block_tables.stride(0), *sig.stride()[:3], Hkv, G, P, nbytes, _p2(G, 1),
-                       _p2(nbytes, 1), BLOCK_S)
+    G = Hq // Hkv
+    _key_kernel[(B * Hkv, triton.cdiv(S, BLOCK_S))](
+        q.contiguous(), packed, scales, block_tables, hi.contiguous(), out, lo, S, scale,
+        block_tables.stride(0), *packed.stride()[:3], *scales.stride()[:3], Hkv, G, P, D, _p2(G),
+        _p2(D), nbytes * 8 // D, BLOCK_S, _INTERPRET)
     return out
 
 

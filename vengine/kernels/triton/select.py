@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vengine.kernels.common import PROPOSAL_FLOOR, PROPOSAL_TEMPERATURE
+from vengine.kernels.common import PROPOSAL_FLOOR
 from vengine.kernels.triton.common import _p2
 
 SPLIT = 4096  # context positions per row-selection program
@@ -16,7 +16,7 @@ BLOCK_SEL = 1024  # positions per row-selection inner step
 
 
 @triton.jit
-def _rows_kernel(picked, scores, u, inv_t_, lse_, n_r_, size_, c_, lens, counts, total, rows,
+def _rows_kernel(picked, scores, u, lse_, n_r_, size_, c_, lens, counts, total, rows,
                  aux0, aux1, width, S, NBH, sp, SINK, WINDOW, FLOOR, HKV: tl.constexpr,
                  MODE: tl.constexpr, WRITE: tl.constexpr, SPLIT_: tl.constexpr,
                  BLOCK: tl.constexpr, NSP: tl.constexpr):
@@ -24,8 +24,8 @@ def _rows_kernel(picked, scores, u, inv_t_, lse_, n_r_, size_, c_, lens, counts,
     window or picked). MODE 1: the pilot, residual rows with u0 < pa = min(1, size * pr), pa and
     pr listed beside (aux0, aux1). MODE 2: the second sample, residual rows with u0 >= pa and
     u1 < pc = min(1, c * pr), the log weight -log(1 - (1 - pa)(1 - pc)) beside (aux0). The
-    proposal pr = (1 - FLOOR) exp(score * inv_t - lse) + FLOOR / n_r (reference.proposal); the
-    per-head inv_t, lse, n_r, size and c are [NBH] f32. Pass 1 (WRITE False) counts rows per
+    proposal pr = (1 - FLOOR) exp(score - lse) + FLOOR / n_r (reference.proposal); the
+    per-head lse, n_r, size and c are [NBH] f32. Pass 1 (WRITE False) counts rows per
     split; pass 2 writes them, ascending, from the split's offset (the sum of the earlier splits'
     counts), and split 0 writes the list's length, at most width. scores, u [2, NBH, S] and the
     lists [NBH, width] are contiguous."""
@@ -36,7 +36,7 @@ def _rows_kernel(picked, scores, u, inv_t_, lse_, n_r_, size_, c_, lens, counts,
     start = split * SPLIT_
     end = tl.minimum(start + SPLIT_, n)
     if MODE > 0:
-        inv_t, lse = tl.load(inv_t_ + bh), tl.load(lse_ + bh)
+        lse = tl.load(lse_ + bh)
         floor = FLOOR / tl.maximum(tl.load(n_r_ + bh), 1.0)
         size = tl.load(size_ + bh)
         if MODE == 2:
@@ -56,7 +56,7 @@ def _rows_kernel(picked, scores, u, inv_t_, lse_, n_r_, size_, c_, lens, counts,
         if MODE > 0:
             resid = valid & ~keep
             x = tl.load(scores + bh * S + s, mask=resid, other=float("-inf"))
-            pr = (1 - FLOOR) * tl.exp(x * inv_t - lse) + floor
+            pr = (1 - FLOOR) * tl.exp(x - lse) + floor
             pa = tl.minimum(size * pr, 1.0)
             u0 = tl.load(u + bh * S + s, mask=valid, other=1.0)
             if MODE == 1:
@@ -82,62 +82,36 @@ def _rows_kernel(picked, scores, u, inv_t_, lse_, n_r_, size_, c_, lens, counts,
 
 
 @triton.jit
-def _proposal_kernel(scores, picked, stats1, stats2, inv_t, S, sp, TEMP, SPLIT_: tl.constexpr,
-                     BLOCK: tl.constexpr, NSP: tl.constexpr, PASS: tl.constexpr):
-    """One split of one (sequence, KV head)'s residual (finite score, not picked): pass 1 its
-    count, sum and sum of squares (stats1 [NBH, splits, 3]); pass 2 the max and sum of
-    exp(score * inv_t - max) (stats2 [NBH, splits, 2]), inv_t = 1 / (TEMP * sd) from all of pass
-    1's splits (split 0 stores it)."""
+def _proposal_kernel(scores, picked, stats, S, sp, SPLIT_: tl.constexpr, BLOCK: tl.constexpr):
+    """One split of one (sequence, KV head)'s residual (finite score, not picked): the max and
+    sum of exp(score - max) (stats [NBH, splits, 2])."""
     bh = tl.program_id(0).to(tl.int64)
     split, n_splits = tl.program_id(1), tl.num_programs(1)
-    a = tl.zeros([], tl.float32)
-    b = tl.zeros([], tl.float32)
-    sq = tl.zeros([], tl.float32)
+    total = tl.zeros([], tl.float32)
     mx = tl.full([], float("-inf"), tl.float32)
-    if PASS == 2:
-        j = tl.arange(0, NSP)
-        part = stats1 + (bh * n_splits + j) * 3
-        n = tl.maximum(tl.sum(tl.load(part, mask=j < n_splits, other=0.0), 0), 1.0)
-        mean = tl.sum(tl.load(part + 1, mask=j < n_splits, other=0.0), 0) / n
-        var = tl.maximum(tl.sum(tl.load(part + 2, mask=j < n_splits, other=0.0), 0) / n
-                         - mean * mean, 0.0)
-        it = 1 / (TEMP * tl.maximum(tl.sqrt(var), 1e-6))
-        if split == 0:
-            tl.store(inv_t + bh, it)
     for s0 in range(split * SPLIT_, tl.minimum(split * SPLIT_ + SPLIT_, S), BLOCK):
         s = s0 + tl.arange(0, BLOCK)
         valid = s < S
         x = tl.load(scores + bh * S + s, mask=valid, other=float("-inf"))
         resid = (x > float("-inf")) & (tl.load(picked + bh * sp + s, mask=valid, other=1) == 0)
-        if PASS == 1:
-            a += tl.sum(resid.to(tl.float32), 0)
-            b += tl.sum(tl.where(resid, x, 0.0), 0)
-            sq += tl.sum(tl.where(resid, x * x, 0.0), 0)
-        else:
-            y = tl.where(resid, x * it, float("-inf"))
-            new = tl.maximum(mx, tl.max(y, 0))
-            safe = tl.where(new == float("-inf"), 0.0, new)
-            b = b * tl.exp(mx - safe) + tl.sum(tl.exp(y - safe), 0)
-            mx = new
-    if PASS == 1:
-        out = stats1 + (bh * n_splits + split) * 3
-        tl.store(out, a)
-        tl.store(out + 1, b)
-        tl.store(out + 2, sq)
-    else:
-        out = stats2 + (bh * n_splits + split) * 2
-        tl.store(out, mx)
-        tl.store(out + 1, b)
+        y = tl.where(resid, x, float("-inf"))
+        new = tl.maximum(mx, tl.max(y, 0))
+        safe = tl.where(new == float("-inf"), 0.0, new)
+        total = total * tl.exp(mx - safe) + tl.sum(tl.exp(y - safe), 0)
+        mx = new
+    out = stats + (bh * n_splits + split) * 2
+    tl.store(out, mx)
+    tl.store(out + 1, total)
 
 
 @triton.jit
-def _lse_kernel(stats2, lse, n_splits, NSP: tl.constexpr):
-    """One (sequence, KV head): logsumexp from the splits' (max, sum of exp) of _proposal_kernel
-    pass 2; -inf for an empty residual."""
+def _lse_kernel(stats, lse, n_splits, NSP: tl.constexpr):
+    """One (sequence, KV head): logsumexp from the splits' (max, sum of exp) of _proposal_kernel;
+    -inf for an empty residual."""
     bh = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, NSP)
-    mx = tl.load(stats2 + (bh * n_splits + j) * 2, mask=j < n_splits, other=float("-inf"))
-    se = tl.load(stats2 + (bh * n_splits + j) * 2 + 1, mask=j < n_splits, other=0.0)
+    mx = tl.load(stats + (bh * n_splits + j) * 2, mask=j < n_splits, other=float("-inf"))
+    se = tl.load(stats + (bh * n_splits + j) * 2 + 1, mask=j < n_splits, other=0.0)
     top = tl.maximum(tl.max(mx, 0), -3.4028234663852886e38)
     tl.store(lse + bh, top + tl.log(tl.sum(se * tl.exp(mx - top), 0)))
 
@@ -154,7 +128,7 @@ def _select(mode: int, picked, context_lens, sink: int, window: int, width: int,
     aux = [torch.empty(B, Hkv, width, dtype=torch.float32, device=dev)
            for _ in range((0, 2, 1)[mode])]  # pilot: pa, pr; second sample: log weights
     dummy = counts
-    head = [dummy] * 6  # scores, inv_t, lse, n_r, size, c
+    head = [dummy] * 5  # scores, lse, n_r, size, c
     if mode:
         assert u.is_contiguous() and u.shape == (2, B, Hkv, S)
         head = [x.float().contiguous() for x in (*prop, size, c if c is not None else size)]
@@ -181,19 +155,15 @@ def second_rows(picked, u, prop, size, c, context_lens, sink: int, window: int, 
     return _select(2, picked, context_lens, sink, window, width, u.shape[-1], u, prop, size, c)
 
 
-def proposal_params(scores: torch.Tensor, picked: torch.Tensor):
-    """inv_t and lse [B, Hkv] of the residual's hash scores (reference.proposal_params): two
-    passes over splits of the positions, then one program per head combines the splits."""
+def proposal_params(scores: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    """lse [B, Hkv] of the residual's predicted log weights (reference.proposal_params): each
+    split of the positions its max and sum of exp, then one program per head combines them."""
     B, Hkv, S = scores.shape
     assert scores.is_contiguous()
     n_splits = max(1, triton.cdiv(S, SPLIT))
-    dev = scores.device
-    stats1 = torch.empty(B * Hkv, n_splits, 3, dtype=torch.float32, device=dev)
-    stats2 = torch.empty(B * Hkv, n_splits, 2, dtype=torch.float32, device=dev)
-    inv_t, lse = (torch.empty(B, Hkv, dtype=torch.float32, device=dev) for _ in range(2))
-    for step in (1, 2):
-        _proposal_kernel[(B * Hkv, n_splits)](
-            scores, picked, stats1, stats2, inv_t, S, picked.stride(1), PROPOSAL_TEMPERATURE,
-            SPLIT, BLOCK_SEL, _p2(n_splits, 1), step)
-    _lse_kernel[(B * Hkv,)](stats2, lse, n_splits, _p2(n_splits, 1))
-    return inv_t, lse
+    stats = torch.empty(B * Hkv, n_splits, 2, dtype=torch.float32, device=scores.device)
+    lse = torch.empty(B, Hkv, dtype=torch.float32, device=scores.device)
+    _proposal_kernel[(B * Hkv, n_splits)](scores, picked, stats, S, picked.stride(1), SPLIT,
+                                          BLOCK_SEL)
+    _lse_kernel[(B * Hkv,)](stats, lse, n_splits, _p2(n_splits, 1))
+    return lse
