@@ -13,9 +13,10 @@ Each predictor keeps a few bytes per token and KV head on the GPU; the table giv
 fraction of the bf16 K+V bytes (4 D) at the model's head dim and at Llama-3.1-8B's D = 128.
 Group rules: `sumq` ranks by the group's summed query against the approximate keys (vAttention's
 former rule); `wsum` by the group's summed softmax weights of the approximate logits (sink and
-window logits exact: they are resident); `wcand` as `wsum` with each head's softmax over the
-candidates only (vAttention's rule). What ships is `q3 channel/64tok (shipped)` (vengine's key
-codes) under `wcand`; `sig64` under `sumq` is what it replaced. Prints a table; writes JSON
+window logits exact: they are resident); `wpred` as `wsum` with the approximate logits at the
+sink and window too (vAttention's rule: its predictor scores every coded row). What ships is
+`q3 channel/64tok (shipped)` (vengine's key codes) under `wpred`; `sig64` under `sumq` is what
+it replaced. Prints a table; writes JSON
 (--out).
 """
 
@@ -205,9 +206,9 @@ def group_scores(b, qg: torch.Tensor, logits: torch.Tensor | None = None,
     """One predictor's ranking of the rows for each KV group: rule -> scores [Q, Hkv, T].
     b: approximate keys [T, Hkv, D] | ('score', f) | ('bound', f); qg [Q, Hkv, G, D].
     sumq: the group's summed query; wsum: the summed softmax weights of the approximate logits,
-    with the exact logits [Q, Hkv, G, T] at the fixed rows [Q, T] (sink and window); wcand:
-    vAttention's rule (kernels.common.group_log_weights), the same sum with each head's softmax
-    over the candidates only (its predictor scores no others)."""
+    with the exact logits [Q, Hkv, G, T] at the fixed rows [Q, T] (sink and window); wpred:
+    vAttention's rule (kernels.common.group_log_weights), the same sum with the approximate
+    logits everywhere (its predictor scores every coded row, sink and window included)."""
     scale = 1 / math.sqrt(qg.shape[-1])
     if isinstance(b, tuple) and b[0] == "score":
         return {"sumq": b[1](qg.sum(2))}
@@ -216,14 +217,13 @@ def group_scores(b, qg: torch.Tensor, logits: torch.Tensor | None = None,
     else:
         s_sum = torch.einsum("qhd,thd->qht", qg.sum(2), b)
         s_head = torch.einsum("qhgd,thd->qhgt", qg, b) * scale
-    if fixed is not None:
-        s_head = torch.where(fixed[:, None, None], logits, s_head)
     if live is not None:
         s_head = s_head.masked_fill(~live[:, None, None], -math.inf)
-    s_cand = s_head if fixed is None else s_head.masked_fill(fixed[:, None, None], -math.inf)
     Q, Hkv, G, T = s_head.shape
-    return {"sumq": s_sum, "wsum": s_head.softmax(-1).sum(2),
-            "wcand": group_log_weights(s_cand.reshape(Q, Hkv * G, T), Hkv)}
+    s_pred = group_log_weights(s_head.reshape(Q, Hkv * G, T), Hkv)
+    if fixed is not None:
+        s_head = torch.where(fixed[:, None, None], logits, s_head)
+    return {"sumq": s_sum, "wsum": s_head.softmax(-1).sum(2), "wpred": s_pred}
 
 
 def evaluate_layer(k: torch.Tensor, q: torch.Tensor, built, fracs=FRACTIONS):

@@ -1,6 +1,7 @@
 """Record the default model's tokens for test_golden.py (run once, at the commit named inside).
 
-The refactors after 14a1099 must not change a token: greedy and seeded decoding with full
+Refactors must not change a token (full attention's are those of 14a1099; vAttention's were
+re-recorded at b5bc63b, when its predictor changed on purpose): greedy and seeded decoding with full
 attention and with vAttention, batched, queued (more prompts than slots) and preempted (a pool
 too small for the batch), and a two-turn chat that reuses its KV. Prompt ids are stored too, so
 the test does not depend on how the prompts are built.

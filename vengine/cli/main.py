@@ -173,7 +173,7 @@ def _avail_host() -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from vengine import LLM
     from vengine.engine.config import parse_context
-    from vengine.eval.run import EvalSettings, plot, print_table, run_eval, save
+    from vengine.eval.run import EvalSettings, plot, print_table, provenance, run_eval, save
     from vengine.eval.tasks import TASKS
 
     tasks = tuple(TASKS) if args.tasks == "all" else tuple(args.tasks.split(","))
@@ -214,7 +214,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     llm = LLM(model=args.model, device=args.device, max_context=context + 512,
               max_batch=args.max_batch, threads=args.threads)
-    results = run_eval(llm, settings)
+    results = provenance(llm, args.argv) | run_eval(llm, settings)
     print_table(results)
     save(results, args.out)
     if args.plot_dir:
@@ -246,6 +246,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what a result file records
         commands = {"chat": cmd_chat, "generate": cmd_generate, "info": cmd_info,
                     "eval": cmd_eval, "bench": cmd_bench, "pull": cmd_pull}
         return commands[args.command](args)

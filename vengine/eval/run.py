@@ -229,6 +229,23 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     return [acc_png, cal_png]
 
 
+def provenance(llm, argv: list[str]) -> dict[str, str]:
+    """Device, date, commit ('' outside a git checkout) and command of a run, so that a result
+    file says what produced it."""
+    import datetime
+    import platform
+    import shlex
+    import subprocess
+
+    dev = llm.config.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor()
+                                                                       or platform.machine())
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         check=False, cwd=Path(__file__).resolve().parent)
+    return {"device": f"{name} (torch {torch.__version__})", "date": str(datetime.date.today()),
+            "commit": git.stdout.strip(), "command": "vengine " + shlex.join(argv)}
+
+
 def save(results: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
