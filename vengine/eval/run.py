@@ -92,7 +92,9 @@ def paired(mode: dict[str, Any], full: dict[str, Any]) -> dict[str, float]:
     (normal, over the cases: tasks have equal case counts, so this is the mean over tasks)."""
     d = [100 * (a - b) for a, b in zip(mode["scores"], full["scores"])]
     mean = statistics.mean(d)
-    half = 1.96 * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("inf")
+    if len(d) < 2:  # no spread to estimate: no interval
+        return {"diff": mean, "lo": None, "hi": None, "n": len(d)}
+    half = 1.96 * statistics.stdev(d) / math.sqrt(len(d))
     return {"diff": mean, "lo": mean - half, "hi": mean + half, "n": len(d)}
 
 
@@ -174,7 +176,8 @@ def print_table(results: dict[str, Any]) -> None:
           + f"{'mean':>7}{'vs full [95% CI]':>23}{'density':>9}{'miss':>7}{'cert':>7}")
     for name, m in modes.items():
         vs = m.get("vs_full")
-        paired_txt = f"{vs['diff']:+.1f} [{vs['lo']:+.1f}, {vs['hi']:+.1f}]" if vs else ""
+        paired_txt = "" if not vs else f"{vs['diff']:+.1f}" + (
+            f" [{vs['lo']:+.1f}, {vs['hi']:+.1f}]" if vs["lo"] is not None else " (1 case)")
         print(f"{name:<34}" + "".join(f"{m['accuracy'][t]:15.1f}" for t in tasks)
               + f"{m['mean_accuracy']:7.1f}{paired_txt:>23}{m['density']:9.3f}"
               + f"{m['predictor_miss_rate']:7.3f}{m['certificate_violation_rate']:7.3f}")
