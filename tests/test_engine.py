@@ -54,6 +54,9 @@ def test_batched_generation_matches_one_by_one(llm):
         prompt_ids = p if isinstance(p, list) else llm.tokenizer.encode(p)
         assert b.stats["prompt_tokens"] == len(prompt_ids)
         assert b.stats["completion_tokens"] == len(b.token_ids)
+        pages = -(-(len(prompt_ids) + len(b.token_ids) - 1) // llm.config.page_size)
+        assert b.stats["kv_bytes"] == pages * llm.pool.allocator.page_bytes > 0
+        assert b.stats["prefill_tokens_per_s"] > 0 and b.stats["time_to_first_token_s"] > 0
         if b.finish_reason == "length":
             assert len(b.token_ids) == n and b.token_ids[-1] not in stop_ids
         else:

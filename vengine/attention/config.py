@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from vengine.checks import check_float, check_int, check_seed, invalid
@@ -29,6 +30,9 @@ class VAttention:
     max_sample: cap on the expected size of the sample beyond the pilot, a fraction of the context
         (None: as large as the CLT asks). It bounds each step's PCIe bytes; where it binds
         epsilon is not guaranteed, and the certificate (Completion.stats) counts those heads.
+    exact_below: a decode step whose padded context (the batch's longest, in whole pages) is at
+        most this many rows attends exactly (None: exact_width's rule). Exact is within any
+        epsilon; below that width selection would read half the rows anyway.
     """
 
     epsilon: float = 0.05
@@ -41,6 +45,7 @@ class VAttention:
     guarantee: str = "denominator"
     seed: int | None = None
     max_sample: float | None = None
+    exact_below: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("epsilon", "delta"):
@@ -57,6 +62,8 @@ class VAttention:
         if self.guarantee not in GUARANTEES:
             raise invalid("VAttention.guarantee", " or ".join(map(repr, GUARANTEES)), self.guarantee)
         check_seed(self.seed, "VAttention.seed")
+        if self.exact_below is not None:
+            check_int(self.exact_below, "VAttention.exact_below", lo=0)
         if self.max_sample is not None:
             check_float(self.max_sample, "VAttention.max_sample", 0, 1, lo_open=True,
                         want="a number in (0, 1] or None")
@@ -68,3 +75,13 @@ class VAttention:
                 return (context_len.double() * self.top_k).long()
             return context_len * 0 + self.top_k
         return int(self.top_k * context_len) if isinstance(self.top_k, float) else self.top_k
+
+    def exact_width(self) -> int:
+        """Decode steps whose padded context is at most this many rows attend exactly: where the
+        rows every step reads (sink, window, pilot, top-k) would be at least half the context,
+        unless exact_below says otherwise. Defaults: 2 * 512 / 0.96 = 1067 rows."""
+        if self.exact_below is not None:
+            return self.exact_below
+        share = self.top_k if isinstance(self.top_k, float) else 0.0
+        count = 0 if isinstance(self.top_k, float) else self.top_k
+        return math.ceil(2 * (self.sink + self.window + self.pilot + count) / (1 - 2 * share))

@@ -14,7 +14,9 @@ Per decode step, layer, sequence and KV head (the query heads of a GQA group sha
    estimate is Horvitz-Thompson over the union of both samples: each row weighted by the inverse
    of its inclusion probability (a log-weight score bias), unbiased (pilot_budget says how,
    given that c depends on the pilot).
-Prefill is exact attention; it writes the K/V rows and their key codes.
+Prefill is exact attention; it writes the K/V rows and their key codes. A decode step whose
+padded context is short (VAttention.exact_width: selection would read half the rows anyway)
+attends exactly.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from vengine.attention.base import SequenceView
 from vengine.attention.config import VAttention
 from vengine.attention.context import StepContext
-from vengine.attention.full import prefill_attention
+from vengine.attention.full import decode_attention, prefill_attention
 from vengine.kernels import get_kernels
 from vengine.kernels.common import PROPOSAL_FLOOR, group_log_weights, mask_range, merge_partials
 from vengine.models.config import ModelConfig
@@ -241,7 +243,17 @@ class VAttentionBackend:
         return prefill_attention(self.pool, layer, q, k, v, ctx)
 
     def decode(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
+        """vAttention, or exact attention where the step's padded context is at most
+        VAttention.exact_width() rows (a host int per CUDA-graph bucket: no sync)."""
         self.store(layer, k, v, ctx)
+        if ctx.block_tables.shape[1] * self.pool.page_size <= self.cfg.exact_width():
+            kc, vc = self.pool.gather_pages(layer, ctx.block_tables)
+            out = decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), ctx.context_lens)
+            B, Hq = q.shape[:2]
+            zeros = q.new_zeros(B, Hq, dtype=torch.float32)
+            self._layer_stats.append((q.new_ones(B, self.pool.k.shape[2], dtype=torch.float32),
+                                      zeros, zeros))
+            return out
         r = self.estimate(layer, q, ctx)
         self._layer_stats.append((r.density, r.over_eps, r.missed))
         return r.out

@@ -165,6 +165,9 @@ def format_stats(llm, session) -> str:
         parts.append(f"last reply {st['completion_tokens']} tokens at "
                      f"{st['decode_tokens_per_s']:.1f} tokens/s, prefilled {session.prefilled_tokens}")
         parts.append(f"density {st.get('density', 1.0):.3f}")
+        if "certificate_violation_rate" in st:
+            parts.append(f"certificate: {st['certificate_violation_rate']:.3f} heads capped, "
+                         f"{st['predictor_miss_rate']:.3f} predictor misses")
     pool = llm.pool
     page_bytes = (pool.k.nbytes + pool.v.nbytes) // pool.num_pages
     in_use = pool.num_pages - pool.allocator.num_free

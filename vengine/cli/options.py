@@ -20,7 +20,7 @@ FLAGS = {
     "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
     "top_k": "--top-k", "repetition_penalty": "--repetition-penalty", "seed": "--seed",
     "max_context": "--ctx", "host_mem": "--host-mem", "VAttention.epsilon": "--epsilon",
-    "VAttention.delta": "--delta", "device": "--device", "dtype": "--dtype",
+    "VAttention.delta": "--delta", "VAttention.guarantee": "--guarantee", "device": "--device", "dtype": "--dtype",
     "max_batch": "--batch-size", "threads": "--threads", "attention": "--attention",
 }
 MODEL_HELP = ("HF directory (config.json + *.safetensors), .gguf file, or a hub id 'org/name' "
@@ -37,9 +37,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", default="8k", help="context length in tokens: 8192, 8k, 128K")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    p.add_argument("--attention", choices=("full", "vattention"), default="full")
+    p.add_argument("--attention", choices=("full", "vattention"), default="vattention",
+                   help="vattention (default: verified sparse decode, KV in host memory) or full "
+                        "(exact; on a GPU the KV stays in GPU memory)")
     p.add_argument("--epsilon", type=float, help="vAttention relative error bound (default 0.05)")
     p.add_argument("--delta", type=float, help="vAttention failure probability (default 0.05)")
+    p.add_argument("--guarantee", choices=("denominator", "output"),
+                   help="what epsilon bounds: the attention denominator (default) or output")
     p.add_argument("--host-mem", help="host KV budget, e.g. 64GiB")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default 512, or 32768 with --input")
@@ -85,7 +89,7 @@ def engine_options(args: argparse.Namespace, **options: Any) -> dict[str, Any]:
     from vengine.engine.config import EngineConfig
 
     attention: Any = "full"
-    given = [f for f in ("epsilon", "delta") if getattr(args, f) is not None]
+    given = [f for f in ("epsilon", "delta", "guarantee") if getattr(args, f) is not None]
     try:
         if args.attention == "vattention":
             attention = VAttention(**{f: getattr(args, f) for f in given})

@@ -76,7 +76,7 @@ class EngineConfig:
     device: str | torch.device = "auto"
     dtype: str | torch.dtype = "auto"
     max_context: int | str = 8192
-    attention: Any = "full"  # see resolve_attention
+    attention: Any = "vattention"  # see resolve_attention; "full" is opt-in
     host_mem: int | str | None = None  # KV pool budget; None: max_batch full contexts
     max_batch: int = 8
     page_size: int = 64

@@ -108,14 +108,16 @@ class EngineCore:
         return events
 
     def _stats(self, seq: Sequence) -> dict[str, Any]:
-        decode_s = seq.t_finish - seq.t_first_token
+        decode_s, ttft = seq.t_finish - seq.t_first_token, seq.t_first_token - seq.t_arrival
         n_out = len(seq.output_ids)
         return {
             "prompt_tokens": len(seq.prompt_ids),
             "completion_tokens": n_out,
             "seconds": seq.t_finish - seq.t_arrival,
-            "time_to_first_token_s": seq.t_first_token - seq.t_arrival,
+            "time_to_first_token_s": ttft,
+            "prefill_tokens_per_s": len(seq.prompt_ids) / ttft if ttft > 0 else 0.0,
             "decode_tokens_per_s": (n_out - 1) / decode_s if n_out > 1 and decode_s > 0 else 0.0,
+            "kv_bytes": len(seq.block_table) * self.scheduler.allocator.page_bytes,  # at the end
             **self.seq_stats(seq.seq_id),
         }
 

@@ -56,7 +56,7 @@ class LLM:
         device: str = "auto",
         dtype: str | torch.dtype = "auto",
         max_context: int | str = 8192,
-        attention: Any = "full",
+        attention: Any = "vattention",
         **engine_options: Any,
     ) -> None:
         self.config = cfg = EngineConfig(

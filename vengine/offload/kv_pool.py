@@ -51,6 +51,7 @@ class PageAllocator:
 
     def __init__(self, num_pages: int, page_size: int, budget_bytes: int) -> None:
         self.page_size, self.budget_bytes = page_size, budget_bytes
+        self.page_bytes = budget_bytes // max(num_pages, 1)
         self.free_pages = list(range(num_pages - 1, -1, -1))
 
     @property
