@@ -53,7 +53,8 @@ def test_generate_jsonl_and_resume(tmp_path, llm, cli):
     assert set(rows) == {1, "chat", 3}
     assert rows[1]["completion_tokens"] == 6 and rows[1]["finish_reason"] == "length"
     assert set(rows["chat"]) == {"id", "text", "prompt_tokens", "completion_tokens",
-                                 "finish_reason", "seconds", "density"}
+                                 "finish_reason", "seconds", "time_to_first_token_s",
+                                 "decode_tokens_per_s", "density", "certificate_violation_rate"}
     # the greedy row equals what the library gives for the same prompt
     assert rows[1]["text"] == llm.generate("The capital of France is", max_new_tokens=6)[0].text
     before = out.read_text()

@@ -23,7 +23,7 @@ GREEDY = dict(max_new_tokens=64, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def cpu_llm():
-    return vengine.LLM(device="cpu", dtype="float32", max_context=2048)
+    return vengine.LLM(device="cpu", dtype="float32", max_context=2048, attention="full")
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +34,11 @@ def story(cpu_llm):
 
 def test_full_attention_greedy_same_on_cpu_and_gpu(cpu_llm, story):
     ids, cpu_tokens = story
-    gpu32 = vengine.LLM(device="cuda", dtype="float32", max_context=2048)
+    gpu32 = vengine.LLM(device="cuda", dtype="float32", max_context=2048, attention="full")
     assert gpu32.generate(ids, **GREEDY)[0].token_ids == cpu_tokens
     # bf16: teacher-forced on the CPU's tokens, the same argmax almost everywhere and log-probs
     # of the CPU's tokens within bf16 noise; free-running greedy agrees on a prefix.
-    gpu16 = vengine.LLM(device="cuda", dtype="bfloat16", max_context=2048)
+    gpu16 = vengine.LLM(device="cuda", dtype="bfloat16", max_context=2048, attention="full")
     seq = ids + cpu_tokens
     span = slice(len(ids) - 1, len(seq) - 1)
     ref, got = (llm.logits(seq)[span].log_softmax(-1) for llm in (cpu_llm, gpu16))
@@ -54,8 +54,9 @@ def test_full_attention_greedy_same_on_cpu_and_gpu(cpu_llm, story):
 
 def test_cuda_graph_decode_matches_eager(story):
     ids, _ = story
-    eager = vengine.LLM(device="cuda", dtype="float32", max_context=2048, cuda_graphs=False)
-    graphed = vengine.LLM(device="cuda", dtype="float32", max_context=2048)
+    eager = vengine.LLM(device="cuda", dtype="float32", max_context=2048, attention="full",
+                        cuda_graphs=False)
+    graphed = vengine.LLM(device="cuda", dtype="float32", max_context=2048, attention="full")
     a, b = (llm.generate(ids, **GREEDY)[0].token_ids for llm in (eager, graphed))
     assert graphed.runner.graph_error is None and graphed.runner.graphs
     assert not eager.runner.graphs
@@ -66,7 +67,7 @@ def test_vattention_over_pinned_pool_is_exact_when_every_row_is_fixed(story):
     ids, _ = story
     spec = vengine.VAttention(sink=1024, window=1024, seed=0)  # every row is sink or window
     sparse = vengine.LLM(device="cuda", dtype="float32", max_context=2048, attention=spec)
-    full = vengine.LLM(device="cuda", dtype="float32", max_context=2048)
+    full = vengine.LLM(device="cuda", dtype="float32", max_context=2048, attention="full")
     pool = sparse.pool
     assert pool.k.is_pinned() and not pool.k.is_cuda and pool.k_view.is_cuda
     a, b = (llm.generate(ids, **GREEDY)[0] for llm in (sparse, full))

@@ -51,7 +51,7 @@ def test_pool_store_and_gather_round_trip():
 
 @pytest.fixture(scope="module")
 def full_llm():
-    return vengine.LLM(max_context=1024)
+    return vengine.LLM(max_context=1024, attention="full")
 
 
 def test_vattention_without_sparsity_reproduces_full_attention(full_llm):

@@ -101,7 +101,7 @@ def vattention_decode(
     and a step of fixed S has fixed shapes (CUDA graphs). resident: GPU copies of some pages
     (ResidentPages.layer: the sink and window), which the kernels read instead of the pool."""
     B, Hq, D = q.shape
-    P = k_pool.shape[2]
+    dev, P = q.device, k_pool.shape[2]
     Hkv, S = k_pool.shape[1], block_tables.shape[1] * P
     window = max(cfg.window, P)  # the unfinished page has no codes yet: attended exactly
     scale = 1.0 / math.sqrt(D)
@@ -115,14 +115,14 @@ def vattention_decode(
     s_hat = kernels.key_scores(q, codes, block_tables, 0, context_lens // P * P, scale)
     scores = mask_range(group_log_weights(s_hat, Hkv), cfg.sink, context_lens - window)
     picked = kernels.pick_top(scores, k_max, cfg.top_k_rows(context_lens))
-    exact_width = min(S, cfg.sink + window + k_max)
-    rows_f, count_f = kernels.exact_rows(picked, context_lens, S, cfg.sink, window, exact_width)
+    width_f = min(S, cfg.sink + window + k_max)
+    rows_f, count_f = kernels.exact_rows(picked, context_lens, S, cfg.sink, window, width_f)
     n_r = (n - count_f).float()  # [B, Hkv]
 
     # 2. the pilot: a Poisson sample of the residual, row i with probability
     # min(1, size * pr_i) (pr: the proposal, kernels.proposal_params), E|pilot| <= size;
     # selected and its K read while the exact rows are fetched
-    with beside(dev := q.device):
+    with beside(dev):
         prop = (scores, kernels.proposal_params(scores, picked), n_r)
         u = torch.rand(2, B, Hkv, S, device=dev, generator=generator)
         size = torch.full_like(n_r, float(cfg.pilot))

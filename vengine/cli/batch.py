@@ -134,7 +134,11 @@ def run_batch(llm, input_path: Path, out: OutputFile, resume: bool,
                             "completion_tokens": c.stats["completion_tokens"],
                             "finish_reason": c.finish_reason,
                             "seconds": round(c.stats["seconds"], 3),
-                            "density": round(c.stats.get("density", 1.0), 4)})
+                            "time_to_first_token_s": round(c.stats["time_to_first_token_s"], 3),
+                            "decode_tokens_per_s": round(c.stats["decode_tokens_per_s"], 2),
+                            "density": round(c.stats.get("density", 1.0), 4),
+                            "certificate_violation_rate": round(
+                                c.stats.get("certificate_violation_rate", 0.0), 4)})
                 done += 1
                 tokens += c.stats["completion_tokens"]
                 rate = tokens / (time.perf_counter() - start)

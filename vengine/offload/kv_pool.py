@@ -170,9 +170,11 @@ class KeyCodePool:
         L, pages, H, P, D = kv.k.shape
         if D % 8:
             raise ConfigError(f"vAttention key codes need a head dim divisible by 8, got {D}")
-        self.codes = torch.zeros((L, pages, H, P, bits * D // 8), dtype=torch.uint8,
-                                 device=device)
-        self.scales = torch.zeros((L, pages, H, 2, D), dtype=torch.float16, device=device)
+        shapes = ((L, pages, H, P, bits * D // 8), torch.uint8), ((L, pages, H, 2, D), torch.float16)
+        if device.type == "cpu":  # committed as pages fill, like the CPU pool
+            self.codes, self.scales = (lazy_zeros(s, t) for s, t in shapes)
+        else:
+            self.codes, self.scales = (torch.zeros(s, dtype=t, device=device) for s, t in shapes)
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, scales) of one layer: kernels.base.KeyCodes."""
