@@ -69,7 +69,8 @@ def test_vattention_decode_is_sparse_and_reports_its_certificate(full_llm):
     from vengine.eval.activations import corpus_text
 
     sparse = vengine.LLM(max_context=4096, attention=vengine.VAttention(
-        epsilon=0.2, delta=0.1, sink=32, window=32, top_k=0.02, pilot=64, seed=0))
+        epsilon=0.2, delta=0.1, sink=32, window=32, top_k=0.02, pilot=64, seed=0,
+        exact_below=0))
     ids = sparse.tokenizer.encode(corpus_text())[:2000]
     out = sparse.generate([ids], max_new_tokens=8, ignore_eos=True)[0]
     assert len(out.token_ids) == 8
@@ -89,7 +90,7 @@ def test_long_generation_grows_memory_only_by_its_kv():
     """Over a long vAttention generation the process grows by the KV rows written and no more:
     no per-token state accumulates outside the paged pool."""
     llm = vengine.LLM(max_context=2048, attention=vengine.VAttention(
-        epsilon=0.2, delta=0.1, sink=32, window=32, top_k=0.02, pilot=64, seed=0))
+        epsilon=0.2, delta=0.1, sink=32, window=32, top_k=0.02, pilot=64, seed=0, exact_below=0))
     per_token = llm.model.config.kv_bytes_per_token(4)
     samples = {}
     for i, _ in enumerate(llm.stream("Tell me a very long story.", max_new_tokens=400,

@@ -9,6 +9,7 @@ from vengine.checks import check_float, check_int, check_seed, invalid
 
 
 GUARANTEES = ("denominator", "output")
+LOCAL_EXACT_WIDTH = 8192  # CPU pools: exact attention measured faster up to here (exact_width)
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class VAttention:
         epsilon is not guaranteed, and the certificate (Completion.stats) counts those heads.
     exact_below: a decode step whose padded context (the batch's longest, in whole pages) is at
         most this many rows attends exactly (None: exact_width's rule). Exact is within any
-        epsilon; below that width selection would read half the rows anyway.
+        epsilon; below that width selection costs more than it saves.
     """
 
     epsilon: float = 0.05
@@ -76,12 +77,16 @@ class VAttention:
             return context_len * 0 + self.top_k
         return int(self.top_k * context_len) if isinstance(self.top_k, float) else self.top_k
 
-    def exact_width(self) -> int:
-        """Decode steps whose padded context is at most this many rows attend exactly: where the
-        rows every step reads (sink, window, pilot, top-k) would be at least half the context,
-        unless exact_below says otherwise. Defaults: 2 * 512 / 0.96 = 1067 rows."""
+    def exact_width(self, local_kv: bool = False) -> int:
+        """Decode steps whose padded context is at most this many rows attend exactly, unless
+        exact_below says otherwise: where the rows every step reads (sink, window, pilot,
+        top-k) would be at least half the context (2 * 512 / 0.96 = 1067 rows by default), and
+        with the KV in local memory (a CPU pool: reading a row costs what scoring its code does)
+        up to LOCAL_EXACT_WIDTH, below which exact attention measured faster (docs/user_path.md:
+        15.9 against 5.6 tokens/s at 4K, 10.6 against 4.5 at 7.5K, default model, 2 cores)."""
         if self.exact_below is not None:
             return self.exact_below
         share = self.top_k if isinstance(self.top_k, float) else 0.0
         count = 0 if isinstance(self.top_k, float) else self.top_k
-        return math.ceil(2 * (self.sink + self.window + self.pilot + count) / (1 - 2 * share))
+        rule = math.ceil(2 * (self.sink + self.window + self.pilot + count) / (1 - 2 * share))
+        return max(rule, LOCAL_EXACT_WIDTH) if local_kv else rule

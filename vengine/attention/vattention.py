@@ -15,7 +15,7 @@ Per decode step, layer, sequence and KV head (the query heads of a GQA group sha
    of its inclusion probability (a log-weight score bias), unbiased (pilot_budget says how,
    given that c depends on the pilot).
 Prefill is exact attention; it writes the K/V rows and their key codes. A decode step whose
-padded context is short (VAttention.exact_width: selection would read half the rows anyway)
+padded context is short (VAttention.exact_width: where selection costs more than it saves)
 attends exactly.
 """
 
@@ -201,6 +201,7 @@ class VAttentionBackend:
         self.layers_served = mc.num_layers  # layers a decode step runs here (step_stats counts)
         self.kernels = get_kernels(device, pool.dtype)
         self.codes = KeyCodePool(pool, cfg.key_bits, device)
+        self.exact_width = cfg.exact_width(local_kv=pool.k_view.device.type == "cpu")
         self.resident = None  # GPU copies of the sink and window pages, for a host pool on a GPU
         if pool.k_view.is_cuda and not pool.k.is_cuda:
             P = pool.page_size
@@ -244,9 +245,9 @@ class VAttentionBackend:
 
     def decode(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
         """vAttention, or exact attention where the step's padded context is at most
-        VAttention.exact_width() rows (a host int per CUDA-graph bucket: no sync)."""
+        VAttention.exact_width rows (a host int per CUDA-graph bucket: no sync)."""
         self.store(layer, k, v, ctx)
-        if ctx.block_tables.shape[1] * self.pool.page_size <= self.cfg.exact_width():
+        if ctx.block_tables.shape[1] * self.pool.page_size <= self.exact_width:
             kc, vc = self.pool.gather_pages(layer, ctx.block_tables)
             out = decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), ctx.context_lens)
             B, Hq = q.shape[:2]

@@ -169,7 +169,7 @@ class _BaselineBackend(VAttentionBackend):
 
     def __init__(self, spec: SparseBaseline, pool, cfg, device) -> None:
         settings = VAttention(sink=spec.sink, window=spec.window, key_bits=spec.key_bits,
-                              seed=spec.seed)
+                              seed=spec.seed, exact_below=0)  # the baseline at every length
         super().__init__(settings, pool, cfg, device)
         self.spec = spec
         self.rng = torch.Generator(device).manual_seed(spec.seed)

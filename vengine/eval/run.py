@@ -50,7 +50,7 @@ def vattention_settings(s: EvalSettings, epsilon: float, guarantee: str = "denom
                         ) -> VAttention:
     return VAttention(epsilon=epsilon, delta=epsilon if s.delta is None else s.delta,
                       sink=s.sink, window=s.window, top_k=s.top_k, pilot=s.pilot,
-                      guarantee=guarantee, seed=s.seed)
+                      guarantee=guarantee, seed=s.seed, exact_below=0)  # always sparse
 
 
 def _prompt_ids(llm, case) -> list[int]:
