@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -38,7 +39,10 @@ def child(argv: list[str], gpu_cap_gib: float | None) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_cap_gib * 2**30 / total))
     rc = main(argv)
     gpu = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    # VmHWM: this process's own peak (ru_maxrss would carry the forking parent's over exec)
+    status = Path("/proc/self/status")
+    hwm = re.search(r"VmHWM:\s+(\d+) kB", status.read_text()) if status.exists() else None
+    rss = (int(hwm.group(1)) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     print(json.dumps({"rc": rc, "peak_rss_bytes": rss, "peak_gpu_bytes": gpu}))
 
 
