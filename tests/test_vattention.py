@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -195,16 +196,10 @@ def test_certificate_reports_a_heavy_row_the_predictor_missed():
     heavy, P = 150, p.k_pool.shape[2]
     p.k_pool[heavy // P, 0, heavy % P] = p.q[0, 0] / p.q[0, 0].norm() * 3 * math.sqrt(64)
     cfg = VAttention(epsilon=0.1, delta=0.1, sink=16, window=16, top_k=8, pilot=20000)
-    honest = random_problem(B=1, Hkv=1, G=2, n=300, seed=3)
-    honest.k_pool.copy_(p.k_pool)
-    honest.codes = encode_pages(p.k_pool, 3)
-    lying = random_problem(B=1, Hkv=1, G=2, n=300, seed=3)
-    lying.k_pool.copy_(p.k_pool)
-    lying.codes = encode_pages(p.k_pool, 3)
-    page_codes, page_scales = lying.codes[0][heavy // P], lying.codes[1][heavy // P]
-    page_codes[0, heavy % P] = encode_pages(-p.k_pool[heavy // P:heavy // P + 1], 3)[0][0, 0,
-                                                                                   heavy % P]
-    page_scales.copy_(encode_pages(p.k_pool[heavy // P:heavy // P + 1], 3)[1][0])
+    honest = dataclasses.replace(p, codes=encode_pages(p.k_pool, 3))
+    codes, scales = encode_pages(p.k_pool, 3)
+    codes[heavy // P, 0, heavy % P] ^= 0xFF  # every level mirrored: the key read as its opposite
+    lying = dataclasses.replace(p, codes=(codes, scales))
     s, out = p.exact()
     assert s[0, 0].softmax(-1)[heavy] > 0.5, "the planted row must be heavy"
     r_honest, r_lying = decode(honest, cfg, 0), decode(lying, cfg, 0)

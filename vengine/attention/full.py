@@ -48,6 +48,12 @@ def decode_attention(q, k, v, context_lens) -> torch.Tensor:
     return o.reshape(B, Hq, D)
 
 
+def pool_decode_attention(pool: KVPool, layer: int, q, ctx: StepContext) -> torch.Tensor:
+    """Exact decode of q [B, Hq, D] over every stored row of the step's sequences."""
+    kc, vc = pool.gather_pages(layer, ctx.block_tables)
+    return decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), ctx.context_lens)
+
+
 def prefill_attention(pool: KVPool, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
     """Causal attention of a prompt chunk (its K/V already stored) over its sequence so far."""
     if ctx.cached_len == 0:  # the whole context is in this chunk: no gather needed
@@ -85,8 +91,7 @@ class FullAttention:
 
     def decode(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
         self.store(layer, k, v, ctx)
-        kc, vc = self.pool.gather_pages(layer, ctx.block_tables)
-        return decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), ctx.context_lens)
+        return pool_decode_attention(self.pool, layer, q, ctx)
 
     def begin_step(self, seqs: Sequence[SequenceView], is_prefill: bool) -> None:
         """Nothing to prepare: every row is where decode reads it."""

@@ -32,9 +32,10 @@ import torch
 from vengine.attention.base import SequenceView
 from vengine.attention.config import VAttention
 from vengine.attention.context import StepContext
-from vengine.attention.full import decode_attention, prefill_attention
+from vengine.attention.full import pool_decode_attention, prefill_attention
 from vengine.kernels import get_kernels
-from vengine.kernels.common import PROPOSAL_FLOOR, group_log_weights, mask_range, merge_partials
+from vengine.kernels.common import (PROPOSAL_FLOOR, gather_rows, group_log_weights, mask_range,
+                                    merge_partials)
 from vengine.models.config import ModelConfig
 from vengine.offload.kv_pool import KeyCodePool, KVPool, ResidentPages
 
@@ -177,9 +178,7 @@ def output_deviations(q, k_pool, v_pool, block_tables, rows_b, count_b, pa_b, s_
                                        scores=s_b)
     o = merge_partials([part_f, part_b]).view(B, Hkv, Hq // Hkv, 1, D)
     rows_b = torch.where(torch.arange(W, device=q.device) < count_b[..., None], rows_b, 0)
-    pages = block_tables.gather(1, (rows_b // k_pool.shape[2]).view(B, -1)).view(B, Hkv, W)
-    heads = torch.arange(Hkv, device=q.device)[None, :, None]
-    v = v_pool[pages, heads, rows_b % k_pool.shape[2]].float()[:, :, None]  # [B, Hkv, 1, W, D]
+    v = gather_rows(v_pool, block_tables, rows_b).float()[:, :, None]  # [B, Hkv, 1, W, D]
     dev = ((v - o) ** 2).sum(-1) / (o * o).sum(-1).clamp(min=1e-30)
     return dev.view(B, Hq, W)
 
@@ -248,8 +247,7 @@ class VAttentionBackend:
         VAttention.exact_width rows (a host int per CUDA-graph bucket: no sync)."""
         self.store(layer, k, v, ctx)
         if ctx.block_tables.shape[1] * self.pool.page_size <= self.exact_width:
-            kc, vc = self.pool.gather_pages(layer, ctx.block_tables)
-            out = decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), ctx.context_lens)
+            out = pool_decode_attention(self.pool, layer, q, ctx)
             B, Hq = q.shape[:2]
             zeros = q.new_zeros(B, Hq, dtype=torch.float32)
             self._layer_stats.append((q.new_ones(B, self.pool.k.shape[2], dtype=torch.float32),

@@ -78,6 +78,16 @@ def paged_rows(pool: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, H, n * P, *x.shape[4:])
 
 
+def gather_rows(pool: torch.Tensor, block_tables: torch.Tensor, rows: torch.Tensor
+                ) -> torch.Tensor:
+    """pool [pages, Hkv, P, D], rows [B, Hkv, R] -> [B, Hkv, R, D] (rows past the counts: garbage)."""
+    P = pool.shape[2]
+    B, Hkv, R = rows.shape
+    pages = block_tables.gather(1, (rows // P).view(B, -1)).view(B, Hkv, R)
+    heads = torch.arange(Hkv, device=rows.device)[None, :, None]
+    return pool[pages, heads, rows % P]
+
+
 def mask_range(scores: torch.Tensor, lo: int, hi: torch.Tensor) -> torch.Tensor:
     """scores [B, H, S] with -inf outside positions lo <= s < hi[b]."""
     pos = torch.arange(scores.shape[-1], device=scores.device)

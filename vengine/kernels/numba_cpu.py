@@ -30,7 +30,8 @@ finish = reference.finish
 
 @nb.njit(parallel=True, cache=True)
 def _key_scores(q, codes, scales, tables, lo, hi, out):
-    """q [B, Hkv, G, D] (scaled); per page, the scores are q . min + sum_c (q_c step_c) code_c."""
+    """q [B, Hkv, G, D] (scaled); scales [B, pages per sequence, Hkv, 2, D] (the batch's pages,
+    in float32); per page, the scores are q . min + sum_c (q_c step_c) code_c."""
     B, Hkv, G, D = q.shape
     P, nbytes = codes.shape[2], codes.shape[3]
     bits = nbytes * 8 // D
@@ -44,8 +45,8 @@ def _key_scores(q, codes, scales, tables, lo, hi, out):
             for g in range(G):
                 acc = np.float32(0.0)
                 for c in range(D):
-                    acc += q[b, h, g, c] * scales[page, h, 0, c]
-                    w[g, c] = q[b, h, g, c] * scales[page, h, 1, c]
+                    acc += q[b, h, g, c] * scales[b, j, h, 0, c]
+                    w[g, c] = q[b, h, g, c] * scales[b, j, h, 1, c]
                 base[g] = acc
             for off in range(P):
                 s = j * P + off
@@ -135,8 +136,8 @@ def key_scores(q: Tensor, codes: KeyCodes, block_tables: Tensor, lo: int, hi: Te
     Hkv = codes[0].shape[1]
     out = torch.empty(B, Hq, block_tables.shape[1] * codes[0].shape[2], dtype=torch.float32)
     qs = (q.float() * scale).view(B, Hkv, Hq // Hkv, D)
-    _key_scores(_np(qs), _np(codes[0]), _np(codes[1].float()), _np(block_tables), lo, _np(hi),
-                out.numpy())
+    scales = codes[1][block_tables].float()  # only the batch's pages leave float16
+    _key_scores(_np(qs), _np(codes[0]), _np(scales), _np(block_tables), lo, _np(hi), out.numpy())
     return out
 
 

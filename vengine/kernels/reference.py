@@ -9,7 +9,8 @@ from torch import Tensor
 
 from vengine.kernels.base import KeyCodes, Partial, Proposal, Resident
 from vengine.kernels.common import (PROPOSAL_FLOOR, compact, decode_keys, encode_pages,
-                                    mask_range, merge_partials, paged_rows, sample_z, sigma_upper_factor)
+                                    gather_rows, mask_range, merge_partials, sample_z,
+                                    sigma_upper_factor)
 
 
 def store_rows(k: Tensor, v: Tensor, slots: Tensor, k_pool: Tensor, v_pool: Tensor,
@@ -38,9 +39,10 @@ def key_scores(q: Tensor, codes: KeyCodes, block_tables: Tensor, lo: int, hi: Te
     """Predicted scores [B, Hq, S] of positions lo <= s < hi[b] (-inf elsewhere): q . k_hat *
     scale, k_hat the keys decoded from their codes (common.decode_keys)."""
     B, Hq, D = q.shape
-    k_hat = decode_keys(*codes)  # [pages, Hkv, P, D]
-    k_hat = paged_rows(k_hat, block_tables)  # [B, Hkv, S, D]
-    Hkv, S = k_hat.shape[1], k_hat.shape[2]
+    k_hat = decode_keys(codes[0][block_tables], codes[1][block_tables])  # [B, n, Hkv, P, D]
+    Hkv = k_hat.shape[2]
+    k_hat = k_hat.transpose(1, 2).flatten(2, 3)  # [B, Hkv, S, D]
+    S = k_hat.shape[2]
     s = torch.einsum("bhgd,bhsd->bhgs", q.float().view(B, Hkv, Hq // Hkv, D), k_hat) * scale
     return mask_range(s.reshape(B, Hq, S), lo, hi)
 
@@ -127,15 +129,6 @@ def second_rows(picked: Tensor, u: Tensor, prop: Proposal, size: Tensor, c: Tens
     rows, counts = compact(resid & (u[0] >= pa) & (u[1] < pc), width)
     pi = 1 - (1 - pa.gather(-1, rows)) * (1 - pc.gather(-1, rows))
     return rows, counts, -torch.log(pi.clamp(min=1e-30))
-
-
-def gather_rows(pool: Tensor, block_tables: Tensor, rows: Tensor) -> Tensor:
-    """pool [pages, Hkv, P, D], rows [B, Hkv, R] -> [B, Hkv, R, D] (rows past the counts: garbage)."""
-    P = pool.shape[2]
-    B, Hkv, R = rows.shape
-    pages = block_tables.gather(1, (rows // P).view(B, -1)).view(B, Hkv, R)
-    heads = torch.arange(Hkv, device=rows.device)[None, :, None]
-    return pool[pages, heads, rows % P]
 
 
 def row_scores(q: Tensor, k_pool: Tensor, block_tables: Tensor, rows: Tensor, counts: Tensor,
