@@ -218,7 +218,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print_table(results)
     save(results, args.out)
     if args.plot_dir:
-        for png in plot(results, args.plot_dir):
+        for png in plot(results, args.plot_dir, Path(args.out).stem):
             print(f"wrote {png}")
     return 0
 

@@ -190,7 +190,9 @@ def print_table(results: dict[str, Any]) -> None:
             f"{k} {v:.3f}" for k, v in cal["correlation"].items()))
 
 
-def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
+def plot(results: dict[str, Any], out_dir: Path, stem: str = "eval") -> list[Path]:
+    """Accuracy against density and epsilon against observed error, as <stem>_*.png (the --out
+    file's stem, so that runs sharing a folder keep their own plots)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,7 +210,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_ylabel("accuracy (%)")
     ax.set_title("accuracy vs density")
     ax.legend()
-    acc_png = out_dir / "eval_accuracy_vs_density.png"
+    acc_png = out_dir / f"{stem}_accuracy_vs_density.png"
     fig.tight_layout()
     fig.savefig(acc_png, dpi=120)
     fig, ax = plt.subplots(figsize=(5, 4))
@@ -225,7 +227,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_xlabel("specified epsilon (delta = epsilon)")
     ax.set_ylabel("observed relative error")
     ax.legend(fontsize=7)
-    cal_png = out_dir / "eval_eps_calibration.png"
+    cal_png = out_dir / f"{stem}_eps_calibration.png"
     fig.tight_layout()
     fig.savefig(cal_png, dpi=120)
     plt.close("all")
