@@ -66,14 +66,25 @@ def prompt_of(model: str | None, tokens: int) -> str:
     return tok.decode(ids) + "\n\nSummarise the text above in one paragraph."
 
 
+MODES = {  # mode -> vengine generate flags
+    "full": ["--attention", "full"],  # exact, KV in GPU memory on a GPU
+    "full-host": ["--attention", "full", "--kv", "host"],  # exact over the pinned host KV
+    "vattention": ["--attention", "vattention"],  # the default
+}
+
+
 def run_one(args, mode: str, tokens: int, work: Path) -> dict:
     inp, out = work / f"in_{mode}_{tokens}.jsonl", work / f"out_{mode}_{tokens}.jsonl"
     inp.write_text(json.dumps({"id": 0, "prompt": prompt_of(args.model, tokens)}) + "\n")
     argv = ["generate", "--input", str(inp), "--output", str(out), "--no-resume",
             "--ctx", args.ctx, "--max-new-tokens", str(args.max_new_tokens),
-            "--attention", mode, "--device", args.device, "--batch-size", "1"]
+            "--device", args.device, "--batch-size", "1", *MODES[mode]]
+    if mode == "vattention" and args.epsilon:
+        argv += ["--epsilon", str(args.epsilon), "--delta", str(args.epsilon)]
     if args.model:
         argv += ["--model", args.model]
+    if args.gpu_cap_gib:  # the memory plan is told the budget the allocator is capped at
+        argv += ["--gpu-mem", f"{args.gpu_cap_gib}GiB"]
     cmd = [sys.executable, __file__, "--child", json.dumps(argv)]
     if args.gpu_cap_gib:
         cmd += ["--gpu-cap-gib", str(args.gpu_cap_gib)]
@@ -93,10 +104,21 @@ def run_one(args, mode: str, tokens: int, work: Path) -> dict:
     decode_s = row["completion_tokens"] / max(row["decode_tokens_per_s"], 1e-9)
     return result | {
         "prompt_tokens": row["prompt_tokens"], "completion_tokens": row["completion_tokens"],
-        "load_s": wall - row["seconds"], "time_to_first_token_s": row["time_to_first_token_s"],
+        "load_s": wall - row["seconds"], "weights_gb_per_s": weight_bytes(args.model) / 1e9
+        / max(wall - row["seconds"], 1e-9), "kv_bytes": row.get("kv_bytes"),
+        "time_to_first_token_s": row["time_to_first_token_s"],
         "prefill_tokens_per_s": row["prompt_tokens"] / max(row["time_to_first_token_s"], 1e-9),
         "decode_tokens_per_s": row["decode_tokens_per_s"], "decode_s": decode_s,
         "density": row["density"], "certificate_violation_rate": row["certificate_violation_rate"]}
+
+
+def weight_bytes(model: str | None) -> int:
+    """Bytes of the weight files the load reads (safetensors shards or the GGUF)."""
+    from vengine.models.loader import resolve_model
+
+    path = Path(resolve_model(model).path)
+    files = path.glob("*.safetensors") if path.is_dir() else [path]
+    return sum(f.stat().st_size for f in files)
 
 
 def main() -> None:
@@ -111,7 +133,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--ctx", default="8k")
     p.add_argument("--prompt-tokens", default="2048", help="comma-separated prompt lengths")
-    p.add_argument("--modes", default="full,vattention")
+    p.add_argument("--modes", default="full,vattention", help=", ".join(MODES))
+    p.add_argument("--epsilon", type=float, help="vAttention epsilon = delta (default: vengine's)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--gpu-cap-gib", type=float, help="cap this process's GPU memory (GiB)")
     p.add_argument("--out", default="docs/user_path.json")
@@ -125,7 +148,7 @@ def main() -> None:
                 rows.append(run_one(args, mode, tokens, Path(tmp)))
                 r = rows[-1]
                 print(f"{mode:>10} {tokens:>7} tokens: " + (r["error"] if "error" in r else
-                      f"load {r['load_s']:.1f} s, TTFT {r['time_to_first_token_s']:.1f} s, "
+                      f"load {r['load_s']:.1f} s ({r['weights_gb_per_s']:.2f} GB/s), TTFT {r['time_to_first_token_s']:.1f} s, "
                       f"prefill {r['prefill_tokens_per_s']:.0f} tok/s, decode "
                       f"{r['decode_tokens_per_s']:.1f} tok/s, density {r['density']:.3f}, "
                       f"RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB, GPU "

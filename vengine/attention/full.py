@@ -19,20 +19,30 @@ from vengine.offload.kv_pool import KVPool
 
 
 def causal_attention(q, k, v, cached_len: int) -> torch.Tensor:
-    """q: [T, Hq, D] new queries at positions cached_len..; k, v: [S, Hkv, D] -> [T, Hq, D].
+    """q: [T, Hq, D] new queries at positions cached_len..; k, v: [S, Hkv, D] -> [T, Hq, D]."""
+    return causal_attention_heads(q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], cached_len)
 
-    A chunk after a cached prefix uses a lower-right causal bias, which the flash and
-    memory-efficient kernels take directly (no [T, S] mask); they want K/V per query head.
+
+def causal_attention_heads(q, kh, vh, cached_len: int) -> torch.Tensor:
+    """q: [T, Hq, D]; kh, vh: [1, Hkv, S, D] (a gathered prefix, as it lies) -> [T, Hq, D].
+
+    A chunk after a cached prefix uses a lower-right causal bias, which the memory-efficient
+    kernel takes directly (no [T, S] mask) but only with one K/V head per query head: it runs
+    once per query head of each GQA group instead of repeating K/V per query head, which would
+    copy (group - 1) x the prefix (1.5 GiB per layer at 128K on Llama-8B shapes).
     """
-    T, S = q.shape[0], k.shape[0]
-    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    T, Hq, D = q.shape
+    Hkv, S = kh.shape[1], kh.shape[2]
+    qh = q.transpose(0, 1)[None]
     if cached_len == 0 and S == T:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
-    else:
-        group = q.shape[1] // k.shape[1]
-        kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(T, S))
-    return o[0].transpose(0, 1)
+        return o[0].transpose(0, 1)
+    group, bias = Hq // Hkv, causal_lower_right(T, S)
+    qg = qh.view(1, Hkv, group, T, D)
+    o = torch.empty((1, Hkv, group, T, D), dtype=q.dtype, device=q.device)
+    for j in range(group):  # a prefill loop (a few iterations per layer), not a decode one
+        o[:, :, j] = F.scaled_dot_product_attention(qg[:, :, j], kh, vh, attn_mask=bias)
+    return o.view(1, Hq, T, D)[0].transpose(0, 1)
 
 
 def decode_attention(q, k, v, context_lens) -> torch.Tensor:
@@ -60,9 +70,8 @@ def prefill_attention(pool: KVPool, layer: int, q, k, v, ctx: StepContext) -> to
         return causal_attention(q, k, v, 0)
     kc, vc = pool.gather_pages(layer, ctx.block_tables)
     S = ctx.cached_len + q.shape[0]
-    kc = kc[0, :, :S].transpose(0, 1).to(q.dtype)
-    vc = vc[0, :, :S].transpose(0, 1).to(q.dtype)
-    return causal_attention(q, kc, vc, ctx.cached_len)
+    return causal_attention_heads(q, kc[:, :, :S].to(q.dtype), vc[:, :, :S].to(q.dtype),
+                                  ctx.cached_len)
 
 
 def make_full(settings, pool: KVPool, cfg, device) -> FullAttention:

@@ -251,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
                     "eval": cmd_eval, "bench": cmd_bench, "pull": cmd_pull}
         return commands[args.command](args)
     except VengineError as e:
+        if isinstance(e, ConfigError):  # raised past the flag checks (e.g. the memory plan)
+            from vengine.cli.options import as_flag_error
+
+            e = as_flag_error(e)
         print(f"vengine: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `vengine ... | head`: the reader left, nothing to report

@@ -19,7 +19,7 @@ from vengine.errors import ConfigError
 FLAGS = {
     "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
     "top_k": "--top-k", "repetition_penalty": "--repetition-penalty", "seed": "--seed",
-    "max_context": "--ctx", "host_mem": "--host-mem", "VAttention.epsilon": "--epsilon",
+    "max_context": "--ctx", "host_mem": "--host-mem", "gpu_mem": "--gpu-mem", "kv": "--kv", "VAttention.epsilon": "--epsilon",
     "VAttention.delta": "--delta", "VAttention.guarantee": "--guarantee", "device": "--device", "dtype": "--dtype",
     "max_batch": "--batch-size", "threads": "--threads", "attention": "--attention",
 }
@@ -44,7 +44,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", type=float, help="vAttention failure probability (default 0.05)")
     p.add_argument("--guarantee", choices=("denominator", "output"),
                    help="what epsilon bounds: the attention denominator (default) or output")
-    p.add_argument("--host-mem", help="host KV budget, e.g. 64GiB")
+    p.add_argument("--host-mem", help="host KV cap, e.g. 64GiB (default: the batch's full "
+                   "contexts, within 3/4 of the available RAM; memory is taken as used)")
+    p.add_argument("--gpu-mem", help="GPU memory to plan within, e.g. 24GiB (default: what is "
+                   "free at start): the weights, key codes, resident pages and workspaces")
+    p.add_argument("--kv", choices=("auto", "host", "device"), default="auto",
+                   help="where the KV lives: auto (host memory for vattention, GPU for full), "
+                        "host or device")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default 512, or 32768 with --input")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -97,6 +103,10 @@ def engine_options(args: argparse.Namespace, **options: Any) -> dict[str, Any]:
             raise ConfigError(f"--{given[0]} applies only with --attention vattention")
         if args.host_mem:
             options["host_mem"] = args.host_mem
+        if args.gpu_mem:
+            options["gpu_mem"] = args.gpu_mem
+        if args.kv != "auto":
+            options["kv"] = args.kv
         kwargs = dict(model=args.model, device=args.device, dtype=args.dtype,
                       max_context=args.ctx, attention=attention, threads=args.threads,
                       **options)

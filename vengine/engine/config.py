@@ -77,10 +77,13 @@ class EngineConfig:
     dtype: str | torch.dtype = "auto"
     max_context: int | str = 8192
     attention: Any = "vattention"  # see resolve_attention; "full" is opt-in
-    host_mem: int | str | None = None  # KV pool budget; None: max_batch full contexts
+    host_mem: int | str | None = None  # KV cap; None: max_batch full contexts, within 3/4 of RAM
+    gpu_mem: int | str | None = None  # GPU budget the memory plan fits in; None: free at start
+    kv: str = "auto"  # where the KV lives: auto (host for sparse attention), host or device
     max_batch: int = 8
     page_size: int = 64
-    prefill_chunk: int | None = None  # tokens per prefill chunk; None: 2048 on CPU, 32768 on GPU
+    prefill_chunk: int | None = None  # tokens per prefill chunk at most; None: 2048 on CPU,
+    # 32768 on GPU (the memory plan halves it until it fits the GPU budget)
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (GPU only)
     threads: int | None = None  # torch and numba CPU threads; None: the cores this process may use
 
@@ -93,8 +96,11 @@ class EngineConfig:
         if self.prefill_chunk is None:
             # Bigger chunks on a GPU: each chunk re-reads the cached prefix over PCIe
             object.__setattr__(self, "prefill_chunk", 32768 if device.type == "cuda" else 2048)
-        if self.host_mem is not None:
-            object.__setattr__(self, "host_mem", parse_bytes(self.host_mem))
+        for name in ("host_mem", "gpu_mem"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, parse_bytes(getattr(self, name), name))
+        if self.kv not in ("auto", "host", "device"):
+            raise ConfigError(f"kv: expected auto, host or device, got {self.kv!r}", field="kv")
         for name in ("max_batch", "page_size", "prefill_chunk"):
             check_int(getattr(self, name), name, 1)
         if self.threads is not None:
@@ -102,7 +108,10 @@ class EngineConfig:
 
     @property
     def offloaded(self) -> bool:
-        """Sparse attention keeps the KV in host memory; full attention keeps it on the device
-        (a model with any sparse layer keeps it all in host memory)."""
+        """Whether the KV lives in host memory: kv="host", or by default with sparse attention
+        (a model with any sparse layer keeps it all there); full attention keeps it on the
+        device unless kv="host"."""
+        if self.kv != "auto":
+            return self.kv == "host"
         specs = self.attention if isinstance(self.attention, tuple) else (self.attention,)
         return any(s != "full" for s in specs)

@@ -18,6 +18,7 @@ import torch
 from vengine.attention.registry import make_layer_backends
 from vengine.engine.config import EngineConfig
 from vengine.engine.core import EngineCore, Event
+from vengine.engine.memory import gpu_state, plan_memory
 from vengine.engine.model_runner import ModelRunner
 from vengine.engine.sampling import SamplingParams
 from vengine.engine.sequence import Completion, Sequence
@@ -38,9 +39,16 @@ def _checked(params: Any) -> SamplingParams:
 
 
 def _available_memory(device: torch.device) -> int:
+    """Free GPU memory, or the RAM the kernel says is available (MemAvailable: free memory and
+    the page cache it can drop)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kib * 1024
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class LLM:
@@ -68,24 +76,35 @@ class LLM:
             **engine_options,
         )
         set_threads(cfg.threads)  # before the load: dequantising runs on these threads too
+        before = torch.cuda.memory_allocated(cfg.device) if cfg.device.type == "cuda" else 0
+        self._gpu_budget = cfg.gpu_mem or _available_memory(cfg.device)  # free at start
         self.model, self.tokenizer = load_model(resolve_model(model), cfg.device, cfg.dtype)
+        self._weights_bytes = (torch.cuda.memory_allocated(cfg.device) - before
+                               if cfg.device.type == "cuda" else 0)
         self._build_runtime()
 
     def _build_runtime(self) -> None:
-        """The KV pool, attention backend and runner for self.config (the model is separate)."""
+        """The KV pool, attention backend and runner for self.config (the model is separate),
+        sized by the memory plan."""
         cfg, mc = self.config, self.model.config
         kv_device = torch.device("cpu") if cfg.offloaded else cfg.device
         pin = cfg.offloaded and cfg.device.type == "cuda"
-        token_bytes = mc.kv_bytes_per_token(cfg.dtype.itemsize)
-        budget = cfg.host_mem or min(
-            cfg.max_batch * (cfg.max_context + cfg.page_size) * token_bytes,
-            _available_memory(kv_device) // 2,
-        )
-        self.pool = KVPool(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.page_size, budget,
-                           cfg.dtype, kv_device, pin)
+        dtype_bytes = cfg.dtype.itemsize
+        on_gpu = cfg.device.type == "cuda"
+        self.memory = plan_memory(
+            mc, dtype_bytes=dtype_bytes, page_size=cfg.page_size, max_context=cfg.max_context,
+            max_batch=cfg.max_batch, host_mem=cfg.host_mem,
+            host_available=_available_memory(torch.device("cpu")),
+            prefill_chunk=cfg.prefill_chunk, kv_on_host=cfg.offloaded,
+            gpu_mem=self._gpu_budget if on_gpu else None, weights_bytes=self._weights_bytes,
+            state=gpu_state(mc, cfg.attention, dtype_bytes, cfg.page_size, cfg.offloaded)
+            if on_gpu else None)
+        page_bytes = cfg.page_size * mc.kv_bytes_per_token(dtype_bytes)
+        self.pool = KVPool(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.page_size,
+                           self.memory.num_pages * page_bytes, cfg.dtype, kv_device, pin)
         self.backends = make_layer_backends(cfg.attention, self.pool, mc, cfg.device)
         self.runner = ModelRunner(self.model, self.pool, self.backends, cfg.device,
-                                  cfg.prefill_chunk, cfg.cuda_graphs)
+                                  self.memory.prefill_chunk, cfg.cuda_graphs)
         self._next_id = 0
 
     def with_attention(self, attention: Any) -> LLM:
@@ -93,6 +112,7 @@ class LLM:
         other = object.__new__(LLM)
         other.config = dataclasses.replace(self.config, attention=attention)
         other.model, other.tokenizer = self.model, self.tokenizer
+        other._gpu_budget, other._weights_bytes = self._gpu_budget, self._weights_bytes
         other._build_runtime()
         return other
 

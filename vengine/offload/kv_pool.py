@@ -14,18 +14,21 @@ host. Rows are written by the kernels' store_rows (prefill and decode alike); lo
 from __future__ import annotations
 
 import contextlib
+import heapq
 import math
 import mmap
 import re
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 
 import torch
 
 from vengine.errors import ConfigError, HostMemoryError
 from vengine.kernels.common import paged_rows
-from vengine.offload.uva import uva_view
+from vengine.offload.uva import pin_range, uva_view, unpin_range
 
 _SIDE_STREAM_ROWS = 1024  # writes of at least this many tokens go on the side stream
+SLAB_BYTES = 1 << 30  # a pinned pool is pinned in slabs of about this much K + V, as pages are used
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
           "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
@@ -47,12 +50,17 @@ def parse_bytes(value: str | int, flag: str = "host_mem") -> int:
 
 
 class PageAllocator:
-    """Free list of page ids; raises HostMemoryError before any state changes when pages run out."""
+    """Free pages, lowest id first (so that reuse after release stays inside the pinned slabs);
+    raises HostMemoryError before any state changes when pages run out. on_grow(n) is told when
+    pages at or above n's old value are first handed out (KVPool pins slabs there)."""
 
-    def __init__(self, num_pages: int, page_size: int, budget_bytes: int) -> None:
+    def __init__(self, num_pages: int, page_size: int, budget_bytes: int,
+                 on_grow: Callable[[int], None] | None = None) -> None:
         self.page_size, self.budget_bytes = page_size, budget_bytes
         self.page_bytes = budget_bytes // max(num_pages, 1)
-        self.free_pages = list(range(num_pages - 1, -1, -1))
+        self.free_pages = list(range(num_pages))  # a heap
+        self.high_water = 0  # one past the highest page ever handed out
+        self.on_grow = on_grow
 
     @property
     def num_free(self) -> int:
@@ -70,18 +78,24 @@ class PageAllocator:
                 f"{need} more pages of {self.page_size} tokens asked for, {self.num_free} free "
                 "(raise host_mem / --host-mem, or lower the batch size or context)"
             )
-        for _ in range(max(need, 0)):
-            block_table.append(self.free_pages.pop())
+        if need <= 0:
+            return
+        new = [heapq.heappop(self.free_pages) for _ in range(need)]
+        if new[-1] + 1 > self.high_water:  # popped in increasing order
+            if self.on_grow is not None:
+                self.on_grow(new[-1] + 1)
+            self.high_water = new[-1] + 1
+        block_table += new
 
     def shrink(self, block_table: list[int], num_tokens: int) -> None:
         """Free the pages past the first num_tokens tokens."""
         keep = self.pages_for(num_tokens)
-        self.free_pages.extend(reversed(block_table[keep:]))
+        for page in block_table[keep:]:
+            heapq.heappush(self.free_pages, page)
         del block_table[keep:]
 
     def free(self, block_table: list[int]) -> None:
-        self.free_pages.extend(reversed(block_table))
-        block_table.clear()
+        self.shrink(block_table, 0)
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -118,16 +132,43 @@ class KVPool:
             )
         shape = (num_layers, num_pages, num_kv_heads, page_size, head_dim)
         # Unwritten slots are read (and masked) by padded gathers, so they must hold finite values
-        # (a masked row still enters attention as 0 * value): zeros everywhere.
-        if device.type == "cuda" or pin:
-            self.k = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
-            self.v = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+        # (a masked row still enters attention as 0 * value): zeros everywhere. Host memory is an
+        # anonymous mmap, committed as it is written (or pinned), never up front.
+        if device.type == "cuda":
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
         else:
             self.k, self.v = lazy_zeros(shape, dtype), lazy_zeros(shape, dtype)
-        self.k_view, self.v_view = (uva_view(self.k), uva_view(self.v)) if pin else (self.k, self.v)
-        self.side_stream = torch.cuda.Stream() if pin else None
         self.num_pages = num_pages
-        self.allocator = PageAllocator(num_pages, page_size, num_pages * page_bytes)
+        self.pinned_pages = 0  # pages [0, pinned_pages) are page-locked and mapped for the GPU
+        self._pinned: list[tuple[int, int]] = []  # (address, bytes) of each registered range
+        self.slab_pages = max(1, SLAB_BYTES // page_bytes)
+        self.allocator = PageAllocator(num_pages, page_size, num_pages * page_bytes,
+                                       on_grow=self._pin_upto if pin else None)
+        if pin:
+            weakref.finalize(self, _unpin_all, self._pinned)
+            self._pin_upto(1)  # the views' base address must be registered memory
+            self.k_view, self.v_view = uva_view(self.k), uva_view(self.v)
+        else:
+            self.k_view, self.v_view = self.k, self.v
+        self.side_stream = torch.cuda.Stream() if pin else None
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self.pinned_pages * self.allocator.page_bytes
+
+    def _pin_upto(self, pages: int) -> None:
+        """Page-lock pages [0, pages), rounded up to whole slabs: each layer's K and V range of
+        the new slab is registered with CUDA (cudaHostRegister), so that kernels read it through
+        the UVA views. Called on the host before the step that first uses those pages."""
+        if pages <= self.pinned_pages:
+            return
+        end = min(self.num_pages, -(-pages // self.slab_pages) * self.slab_pages)
+        for t in (self.k, self.v):
+            for layer in range(t.shape[0]):
+                rows = t[layer, self.pinned_pages:end]
+                self._pinned.append(pin_range(rows.data_ptr(), rows.nbytes))
+        self.pinned_pages = end
 
     @contextlib.contextmanager
     def writing(self, *tensors: torch.Tensor) -> Iterator[None]:
@@ -231,3 +272,10 @@ class ResidentPages:
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(slot_of, k, v) of one layer, as the kernels take them."""
         return self.slot_of, self.k[layer], self.v[layer]
+
+
+def _unpin_all(ranges: list[tuple[int, int]]) -> None:
+    """Unregister a pool's pinned ranges before its memory is unmapped."""
+    for address, _ in ranges:
+        unpin_range(address)
+    ranges.clear()

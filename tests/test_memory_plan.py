@@ -1,0 +1,85 @@
+"""The memory plan (engine/memory.py) at the shapes users run, and the page allocator under it:
+an 8B model at 128K fits a 24 GiB GPU with vAttention and is refused in one line with full
+attention's GPU KV; the host cap comes from the available RAM; pages are reused lowest first."""
+
+from __future__ import annotations
+
+import pytest
+
+from vengine.engine.memory import HOST_FRACTION, code_page_bytes, gpu_state, plan_memory
+from vengine.errors import ConfigError
+from vengine.models.config import ModelConfig
+from vengine.offload.kv_pool import PageAllocator
+from vengine import VAttention
+
+GiB = 2**30
+LLAMA_8B = ModelConfig(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                       rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+                       tie_word_embeddings=False, attention_bias=False)
+WEIGHTS_8B = 16_060_522_496  # bf16 parameters of Llama-3.1-8B
+CTX = 131072 + 1024
+
+
+def plan(attention, kv_on_host: bool, gpu_mem=24 * GiB, host_available=120 * GiB, **kw):
+    return plan_memory(LLAMA_8B, dtype_bytes=2, page_size=64, max_context=CTX, max_batch=8,
+                       host_mem=kw.pop("host_mem", None), host_available=host_available,
+                       prefill_chunk=32768, kv_on_host=kv_on_host, gpu_mem=gpu_mem,
+                       weights_bytes=WEIGHTS_8B,
+                       state=gpu_state(LLAMA_8B, attention, 2, 64, kv_on_host), **kw)
+
+
+def test_8b_at_128k_fits_24gib_with_vattention():
+    p = plan(VAttention(), kv_on_host=True)
+    one = -(-(CTX + 64) // 64)
+    assert p.gpu_total <= 24 * GiB
+    assert p.num_pages >= one, "one full context must fit"
+    assert p.gpu["kv pages"] == p.num_pages * code_page_bytes(LLAMA_8B, 64, 3)
+    assert 4096 <= p.prefill_chunk <= 32768
+    # the host cap: 8 full contexts (128 GiB) are more than 3/4 of 120 GiB
+    assert p.num_pages * 64 * LLAMA_8B.kv_bytes_per_token(2) <= HOST_FRACTION * 120 * GiB
+
+
+def test_full_attention_gpu_kv_that_cannot_fit_says_what_to_do():
+    with pytest.raises(ConfigError) as e:
+        plan("full", kv_on_host=False)
+    assert e.value.field == "gpu_mem"
+    msg = str(e.value)
+    assert "\n" not in msg and "--attention vattention" in msg and "131072" not in msg
+    assert f"{CTX}-token context" in msg
+    # on a bigger card it fits, and the KV pages are what the GPU holds per page
+    p = plan("full", kv_on_host=False, gpu_mem=139 * GiB)
+    assert p.gpu["kv pages"] == p.num_pages * 64 * LLAMA_8B.kv_bytes_per_token(2)
+    assert p.gpu_total <= 139 * GiB
+
+
+def test_weights_alone_over_budget_and_small_ram_are_one_line_errors():
+    with pytest.raises(ConfigError, match="gpu_mem 12.00 GiB .*weights 14.96 GiB"):
+        plan(VAttention(), kv_on_host=True, gpu_mem=12 * GiB)
+    with pytest.raises(ConfigError, match="host_mem .*75% of the 16.00 GiB") as e:
+        plan(VAttention(), kv_on_host=True, host_available=16 * GiB)
+    assert e.value.field == "host_mem"
+    # a cap the user set may be smaller than a context: requests that outgrow it fail alone
+    assert plan(VAttention(), kv_on_host=True, host_mem=4 * GiB).num_pages == 4 * GiB // (
+        64 * LLAMA_8B.kv_bytes_per_token(2))
+
+
+def test_prefill_chunk_halves_to_fit():
+    roomy = plan(VAttention(), kv_on_host=True, gpu_mem=80 * GiB)
+    tight = plan(VAttention(), kv_on_host=True, gpu_mem=20 * GiB)
+    assert roomy.prefill_chunk == 32768 and tight.prefill_chunk < roomy.prefill_chunk
+    assert tight.gpu_total <= 20 * GiB
+
+
+def test_allocator_hands_out_lowest_pages_first_and_reports_growth():
+    grown = []
+    alloc = PageAllocator(10, 16, 10 * 100, on_grow=grown.append)
+    a, b = [], []
+    alloc.grow(a, 40)  # 3 pages
+    alloc.grow(b, 20)  # 2 pages
+    assert a == [0, 1, 2] and b == [3, 4] and grown == [3, 5]
+    alloc.free(a)
+    alloc.grow(a, 16 * 4)
+    assert a == [0, 1, 2, 5] and grown == [3, 5, 6], "freed pages first, growth only past them"
+    alloc.shrink(a, 16)
+    assert a == [0] and alloc.num_free == 10 - 3

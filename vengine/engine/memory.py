@@ -1,0 +1,147 @@
+"""The memory plan: how many KV pages and how long a prefill chunk, from the host and GPU budgets,
+decided before anything large is allocated. What does not fit is one line that names the flag
+to change, instead of an out-of-memory error halfway through a 128K prefill.
+
+On a GPU the plan holds the weights (measured after the load), and per KV page what stays on the
+GPU: the whole page with the KV there, the page's key codes with vAttention's KV in host memory,
+nothing for exact attention over host KV. Beside them: the resident sink and window pages, the
+workspace of one prefill chunk (its activations and the cached prefix gathered for attention),
+and the decode step's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vengine.attention.config import VAttention
+from vengine.attention.vattention import RESIDENT_SEQUENCES
+from vengine.errors import ConfigError
+from vengine.models.config import ModelConfig
+
+HOST_FRACTION = 0.75  # the default host KV cap: this share of the RAM available at start
+GPU_MARGIN = 1 << 30  # CUDA graphs, the caching allocator's slack, sampling buffers (at most
+# an eighth of the budget)
+MIN_PREFILL_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class GpuState:
+    """What a KV page and the attention keep on the GPU beside the weights."""
+
+    page_bytes: int  # per KV page: the page itself, its key codes, or 0
+    resident_bytes: int  # fixed: GPU copies of sink and window pages
+    decode_bytes_per_row: int  # the decode step's workspace per context row of the batch
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    num_pages: int
+    prefill_chunk: int
+    gpu: dict[str, int]  # planned GPU bytes by part; empty on CPU
+
+    @property
+    def gpu_total(self) -> int:
+        return sum(self.gpu.values())
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def code_page_bytes(mc: ModelConfig, page_size: int, bits: int) -> int:
+    """One page's key codes and per-channel scales (offload.kv_pool.KeyCodePool)."""
+    return mc.num_layers * mc.num_kv_heads * (page_size * bits * mc.head_dim // 8
+                                              + 2 * mc.head_dim * 2)
+
+
+def prefill_bytes(mc: ModelConfig, dtype_bytes: int, chunk: int, context: int) -> int:
+    """GPU workspace of one prefill chunk at a layer: fused q/k/v and gate/up outputs, the
+    activation product, residual and norm copies, and the prefix's K/V gathered for attention."""
+    per_token = (4 * mc.intermediate_size + 6 * mc.hidden_size
+                 + 3 * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim)
+    prefix = 2 * mc.num_kv_heads * context * mc.head_dim
+    return dtype_bytes * (chunk * per_token + prefix) + 8 * mc.vocab_size
+
+
+def gpu_state(mc: ModelConfig, attention, dtype_bytes: int, page_size: int,
+              kv_on_host: bool) -> GpuState:
+    """What the attention (an EngineConfig.attention: a spec or a tuple of per-layer specs)
+    keeps on the GPU per page and per decoded row."""
+    specs = attention if isinstance(attention, tuple) else (attention,)
+    sparse = next((s for s in specs if isinstance(s, VAttention)), None)
+    kv_page = page_size * mc.kv_bytes_per_token(dtype_bytes)
+    codes = code_page_bytes(mc, page_size, sparse.key_bits) if sparse else 0
+    gather_row = 2 * mc.num_kv_heads * mc.head_dim * dtype_bytes + 4 * mc.num_heads
+    if sparse is None or any(not isinstance(s, VAttention) for s in specs):
+        per_row = gather_row  # exact decode (or a plug-in) gathers every row
+    else:
+        per_row = 8 * 4 * mc.num_heads  # a few fp32 [B, Hq, n] score and weight tensors
+    resident = 0
+    if sparse and kv_on_host:
+        per_seq = -(-sparse.sink // page_size) + -(-sparse.window // page_size) + 1
+        resident = RESIDENT_SEQUENCES * per_seq * kv_page
+    return GpuState(codes + (0 if kv_on_host else kv_page), resident, per_row)
+
+
+def plan_memory(mc: ModelConfig, *, dtype_bytes: int, page_size: int, max_context: int,
+                max_batch: int, host_mem: int | None, host_available: int, prefill_chunk: int,
+                kv_on_host: bool = True, gpu_mem: int | None = None, weights_bytes: int = 0,
+                state: GpuState | None = None) -> MemoryPlan:
+    """Pages for max_batch full contexts, capped by --host-mem (default HOST_FRACTION of the
+    available RAM) and, on a GPU (gpu_mem given), by what each page keeps there; the prefill
+    chunk halves until one context's pages, the chunk's workspace and the decode step's fit.
+    Without --host-mem, a RAM that cannot hold one full context is an error at start; a cap the
+    user set may be smaller (requests that outgrow it fail alone, HostMemoryError)."""
+    kv_page = page_size * mc.kv_bytes_per_token(dtype_bytes)
+    one = -(-(max_context + page_size) // page_size)  # pages of one full context
+    if host_mem is not None:
+        pages, cap = host_mem // kv_page, f"host_mem {gib(host_mem)}"
+    elif not kv_on_host:
+        pages, cap = max_batch * one, ""
+    else:
+        limit = int(HOST_FRACTION * host_available)
+        pages, cap = min(max_batch * one, limit // kv_page), (
+            f"host_mem (default {HOST_FRACTION:.0%} of the {gib(host_available)} of RAM "
+            f"available, {gib(limit)})")
+    if pages < 1 or (pages < one and host_mem is None):  # a cap the user set may be small
+        raise ConfigError(
+            f"{cap} holds {pages * page_size} tokens of KV; one {max_context}-token context "
+            f"needs {gib(one * kv_page)}: raise --host-mem or lower --ctx", field="host_mem")
+    if gpu_mem is None or state is None:
+        return MemoryPlan(pages, prefill_chunk, {})
+
+    margin = min(GPU_MARGIN, gpu_mem // 8)
+    room = gpu_mem - weights_bytes - margin - state.resident_bytes
+    where = f"gpu_mem {gib(gpu_mem)} (weights {gib(weights_bytes)})"
+    if room <= 0:
+        raise ConfigError(f"{where} leaves no room for the KV state and workspaces: raise "
+                          "--gpu-mem or use a smaller model", field="gpu_mem")
+    rows = min(max_batch * max_context, pages * page_size)
+
+    def fixed(chunk: int, num_pages: int) -> int:
+        return (prefill_bytes(mc, dtype_bytes, chunk, max_context) + state.decode_bytes_per_row
+                * min(rows, num_pages * page_size) + state.page_bytes * num_pages)
+
+    one = min(one, pages)
+    chunk = min(prefill_chunk, max_context)
+    while chunk > MIN_PREFILL_CHUNK and fixed(chunk, one) > room:
+        chunk //= 2
+    if fixed(chunk, one) > room:
+        what = ("its KV" if state.page_bytes == kv_page else "its key codes"
+                if state.page_bytes else "the workspace of its attention")
+        hint = ("use --attention vattention (KV in host memory) or lower --ctx"
+                if state.page_bytes == kv_page else "raise --gpu-mem or lower --ctx")
+        raise ConfigError(
+            f"{where}: one {max_context}-token context does not fit, {what} and a "
+            f"{chunk}-token prefill need {gib(fixed(chunk, one))} and {gib(room)} is left: "
+            f"{hint}", field="gpu_mem")
+    if state.page_bytes:
+        per_page = state.page_bytes + state.decode_bytes_per_row * page_size
+        spare = room - prefill_bytes(mc, dtype_bytes, chunk, max_context)
+        pages = min(pages, spare // per_page)
+    gpu = {"weights": weights_bytes, "kv pages": state.page_bytes * pages,
+           "resident pages": state.resident_bytes,
+           "prefill chunk": prefill_bytes(mc, dtype_bytes, chunk, max_context),
+           "decode step": state.decode_bytes_per_row * min(rows, pages * page_size),
+           "margin": margin}
+    return MemoryPlan(pages, chunk, gpu)
