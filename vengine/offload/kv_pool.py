@@ -5,7 +5,11 @@ are contiguous, so gathers of one head's rows read long runs. The pool lives in 
 when a GPU will read it, in ordinary memory on CPU-only boxes, or on the GPU for the resident
 full-attention baseline. Page bookkeeping is plain Python (PageAllocator).
 
-With a pinned pool the GPU addresses it through UVA views (k_view, v_view): kernels read the rows
+A pinned pool is an anonymous mmap whose slabs (SLAB_BYTES of K + V) are page-locked with
+cudaHostRegister as the allocator first hands their pages out, so host memory tracks the KV in
+use, not the budget. Each slab of each layer is its own registration: a DMA copy of the host
+tensors (k[...].copy_) must stay inside one slab; kernels reading through the views need not.
+The GPU addresses the pool through UVA views (k_view, v_view): kernels read the rows
 they need straight over PCIe, and new rows are written by GPU stores, so no step waits for the
 host. Rows are written by the kernels' store_rows (prefill and decode alike); long writes
 (prefill) run on a side stream (`writing`), overlapping the next layer's compute.
