@@ -185,10 +185,12 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 
 
 def _tiny_model(arch: str, vocab: int, seed: int = 0, **extra):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers as tf
 
-    cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
-                          "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    cfg_cls, model_cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+                          "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+                          "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+                          "smollm3": (tf.SmolLM3Config, tf.SmolLM3ForCausalLM)}[arch]
     config = cfg_cls(vocab_size=vocab, **{**TINY, **extra})
     torch.manual_seed(seed)
     model = model_cls(config).float().eval()
@@ -245,6 +247,14 @@ TINY_CASES = {
         "llama", {"rope_scaling": dict(LLAMA3_ROPE), "rope_theta": 500000.0},
         (500000.0, dict(LLAMA3_ROPE))),
     "qwen2-theta1e6-legacy-config": ("qwen2", {"rope_theta": 1e6}, (1e6, None)),
+    # Qwen3: per-head q/k RMSNorm before RoPE, head_dim 24 (not hidden / heads = 16), tied
+    "qwen3": ("qwen3", {"head_dim": 24, "tie_word_embeddings": True}, None),
+    # SmolLM3: no RoPE on every 4th layer (layer 3 of 4 here)
+    "smollm3": ("smollm3", {"num_hidden_layers": 4, "pad_token_id": None}, None),
+    # Llama 3.2: llama3 RoPE with factor 32, tied embeddings
+    "llama3.2": ("llama", {"rope_parameters": {**LLAMA3_ROPE, "factor": 32.0,
+                                               "rope_theta": 500000.0},
+                           "tie_word_embeddings": True}, None),
 }
 
 V5_CONFIG_BUG = (
@@ -260,8 +270,12 @@ def test_tiny_safetensors_logit_parity(hf_tok, tiny_ids, tmp_path, case):
     model = _tiny_model(arch, len(hf_tok), **extra)
     if arch == "qwen2":
         assert model.model.layers[0].self_attn.q_proj.bias is not None
-    if "rope_scaling" in extra:
+    if "rope_scaling" in extra or "rope_parameters" in extra:
         assert model.config.rope_parameters["rope_type"] == "llama3"
+    if arch == "smollm3":
+        assert model.config.no_rope_layers == [1, 1, 1, 0], "a NoPE layer must be in the test"
+    if arch == "qwen3":
+        assert model.model.layers[0].self_attn.q_norm.weight.shape == (24,)
     path = _save(model, hf_tok, tmp_path / case)
     if legacy is not None:
         _to_legacy_rope_config(path, *legacy)
@@ -288,3 +302,15 @@ def test_tiny_sharded_safetensors(hf_tok, tiny_ids, tmp_path):
     assert index.is_file()
     assert len(set(json.loads(index.read_text())["weight_map"].values())) > 2
     _check_tiny(model, path, tiny_ids, "llama-sharded")
+
+
+def test_info_shows_layer_kinds_and_kv_per_token(hf_tok, tmp_path, capsys):
+    from vengine.cli.main import main
+
+    path = _save(_tiny_model("smollm3", len(hf_tok), num_hidden_layers=4, pad_token_id=None),
+                 hf_tok, tmp_path / "smollm3")
+    assert main(["info", "--model", str(path), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "4 global attention layers (3 with RoPE, 1 without)" in out
+    # 2 (K, V) x 4 layers x 2 KV heads x head dim 16 x 4 bytes (float32 on CPU)
+    assert "1.0 KiB in torch.float32" in out

@@ -149,6 +149,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("model", f"{source.path} ({source.kind})"),
         ("architecture", f"{c.arch}: {c.num_layers} layers, {c.num_heads} heads / {c.num_kv_heads} KV, "
                          f"head dim {c.head_dim}, hidden {c.hidden_size}, vocab {c.vocab_size}"),
+        ("layers", c.layer_kinds()),
         ("parameters", f"{params / 1e6:.1f} M"),
         ("context (trained)", str(c.max_position_embeddings)),
         ("KV per token", f"{c.kv_bytes_per_token(dtype.itemsize) / 1024:.1f} KiB in {dtype}"),

@@ -1,4 +1,8 @@
-"""ModelConfig: the shapes of one Llama-family model, read from HF config.json or GGUF metadata."""
+"""ModelConfig: the shapes of one Llama-family model, read from HF config.json or GGUF metadata.
+
+Family quirks are features of the config (flags and per-layer lists) that the one decoder in
+llama.py reads, not a file per model: Qwen3's per-head q/k norms (`qk_norm`), SmolLM3's layers
+without RoPE (`rope_layers`)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from typing import Any
 from vengine.checks import check_float, check_int
 from vengine.errors import ConfigError, ModelLoadError
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+GGUF_ARCHS = ("llama", "qwen2", "qwen3", "smollm3")
 _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
           "num_kv_heads", "head_dim", "max_position_embeddings")
 
@@ -41,6 +46,19 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     rope_scaling: RopeScaling | None = None
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k, before RoPE
+    rope_layers: tuple[bool, ...] | None = None  # per layer, whether RoPE applies; None: all
+
+    def uses_rope(self, layer: int) -> bool:
+        return self.rope_layers is None or self.rope_layers[layer]
+
+    def layer_kinds(self) -> str:
+        """What `vengine info` says about the layers: every layer is global (full context)."""
+        rope = sum(self.uses_rope(i) for i in range(self.num_layers))
+        kinds = f"{self.num_layers} global attention layers"
+        if rope < self.num_layers:
+            kinds += f" ({rope} with RoPE, {self.num_layers - rope} without)"
+        return kinds + (", RMSNorm on each head's q and k" if self.qk_norm else "")
 
     def __post_init__(self) -> None:
         if self.arch not in SUPPORTED_ARCHS:
@@ -54,6 +72,9 @@ class ModelConfig:
             check_float(self.rope_theta, "rope_theta", lo=0, lo_open=True)
         except ConfigError as e:
             raise ModelLoadError(str(e)) from None
+        if self.rope_layers is not None and len(self.rope_layers) != self.num_layers:
+            raise ModelLoadError(f"rope layers list has {len(self.rope_layers)} entries for "
+                                 f"{self.num_layers} layers")
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
@@ -70,6 +91,10 @@ class ModelConfig:
                 f"unsupported architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHS)})"
             )
         rope = cfg.get("rope_parameters") or {}  # transformers 5 keeps theta and scaling here
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        if arch in ("qwen3", "smollm3") and window and any(
+                t == "sliding_attention" for t in cfg.get("layer_types") or ["sliding_attention"]):
+            raise ModelLoadError(f"{arch} with a sliding window is not supported yet")
         try:
             hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
             head_dim = cfg.get("head_dim") or hidden // heads
@@ -88,6 +113,8 @@ class ModelConfig:
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
                 rope_scaling=_rope_scaling(cfg.get("rope_scaling") or rope),
+                qk_norm=arch == "qwen3",
+                rope_layers=_rope_layers(cfg) if arch == "smollm3" else None,
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks the field {e}") from None
@@ -95,9 +122,9 @@ class ModelConfig:
     @classmethod
     def from_gguf(cls, meta: dict[str, Any], has_output_tensor: bool) -> ModelConfig:
         arch = meta.get("general.architecture", "")
-        if arch not in ("llama", "qwen2"):
+        if arch not in GGUF_ARCHS:
             raise ModelLoadError(
-                f"unsupported GGUF architecture '{arch}' (supported: llama, qwen2)"
+                f"unsupported GGUF architecture '{arch}' (supported: {', '.join(GGUF_ARCHS)})"
             )
 
         def get(key: str, default: Any = None) -> Any:
@@ -127,6 +154,8 @@ class ModelConfig:
             tie_word_embeddings=not has_output_tensor,
             attention_bias=arch == "qwen2",
             rope_scaling=scaling,
+            qk_norm=arch == "qwen3",
+            rope_layers=_gguf_rope_layers(meta, arch, int(get("block_count"))),
         )
 
 
@@ -147,3 +176,23 @@ def _rope_scaling(spec: dict[str, Any] | None) -> RopeScaling | None:
             int(spec.get("original_max_position_embeddings", 8192)),
         )
     raise ModelLoadError(f"unsupported rope_scaling type '{kind}' (supported: linear, llama3)")
+
+
+def _rope_layers(cfg: dict[str, Any]) -> tuple[bool, ...]:
+    """SmolLM3's `no_rope_layers` (1: RoPE, 0: none), or its default: no RoPE on every
+    `no_rope_layer_interval`-th layer (as transformers builds it)."""
+    n = int(cfg["num_hidden_layers"])
+    flags = cfg.get("no_rope_layers")
+    if flags is None:
+        every = int(cfg.get("no_rope_layer_interval", 4))
+        flags = [(i + 1) % every != 0 for i in range(n)]
+    return tuple(bool(f) for f in flags)
+
+
+def _gguf_rope_layers(meta: dict[str, Any], arch: str, n: int) -> tuple[bool, ...] | None:
+    """llama.cpp's smollm3 GGUFs carry no layer list: its converter and runtime use the fixed
+    interval 4 (every 4th layer without RoPE), the transformers default."""
+    if arch != "smollm3":
+        return None
+    every = int(meta.get(f"{arch}.no_rope_layer_interval", 4))
+    return tuple((i + 1) % every != 0 for i in range(n))

@@ -58,6 +58,11 @@ def gguf_metadata(reader) -> dict[str, Any]:
     return meta
 
 
+# Architectures whose Q/K rows llama.cpp's converter permutes (its LlamaModel and subclasses;
+# Qwen2/Qwen3 are written as they are).
+_PERMUTED = ("llama", "smollm3")
+
+
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of llama.cpp's convert_hf_to_gguf `permute` for Q/K weights (rows = heads x dim)."""
     rows = w.shape[0]
@@ -84,8 +89,8 @@ def gguf_tensors(reader, path: str | Path, n_head: int, n_kv_head: int, arch: st
             raise ModelLoadError(f"{path}: tensor {t.name} is truncated or corrupt ({e})") from None
         if not np.isfinite(w).all():
             raise ModelLoadError(f"{path}: tensor {t.name} {NON_FINITE}")
-        if arch == "llama" and t.name.endswith("attn_q.weight"):
+        if arch in _PERMUTED and t.name.endswith("attn_q.weight"):
             w = _unpermute(w, n_head)
-        elif arch == "llama" and t.name.endswith("attn_k.weight"):
+        elif arch in _PERMUTED and t.name.endswith("attn_k.weight"):
             w = _unpermute(w, n_kv_head)
         yield t.name, w

@@ -1,4 +1,4 @@
-"""One forward for the Llama family (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2).
+"""One forward for the Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2/3).
 
 Tokens of a step are flattened to [T]; what the attention needs about the step (which sequences,
 where their KV lives) travels in `ctx`, and `attention(layer, q, k, v, ctx)` attends (the engine's
@@ -73,14 +73,22 @@ class Attention(nn.Module):
         qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.use_rope = cfg.uses_rope(layer_idx)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Any,
                 attention: Attend):
         T = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
+        q = self.q_norm(q.view(T, self.num_heads, self.head_dim))
+        k = self.k_norm(k.view(T, self.num_kv_heads, self.head_dim))
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(T, self.num_kv_heads, self.head_dim)
         o = attention(self.layer_idx, q, k, v, ctx)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, q_size))
