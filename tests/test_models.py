@@ -190,7 +190,8 @@ def _tiny_model(arch: str, vocab: int, seed: int = 0, **extra):
     cfg_cls, model_cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
                           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
                           "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
-                          "smollm3": (tf.SmolLM3Config, tf.SmolLM3ForCausalLM)}[arch]
+                          "smollm3": (tf.SmolLM3Config, tf.SmolLM3ForCausalLM),
+                          "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM)}[arch]
     config = cfg_cls(vocab_size=vocab, **{**TINY, **extra})
     torch.manual_seed(seed)
     model = model_cls(config).float().eval()
@@ -251,6 +252,12 @@ TINY_CASES = {
     "qwen3": ("qwen3", {"head_dim": 24, "tie_word_embeddings": True}, None),
     # SmolLM3: no RoPE on every 4th layer (layer 3 of 4 here)
     "smollm3": ("smollm3", {"num_hidden_layers": 4, "pad_token_id": None}, None),
+    # Gemma 3: 5 sliding-window layers (window 16, well inside the prompt) to 1 global, local RoPE
+    # base 10K and global 1M, (1 + w) norms around attention and MLP, tanh-GELU, scaled
+    # embeddings, q/k norms, query_pre_attn_scalar apart from head_dim, tied embeddings
+    "gemma3": ("gemma3", {"num_hidden_layers": 6, "sliding_window": 16, "head_dim": 32,
+                          "query_pre_attn_scalar": 24, "tie_word_embeddings": True,
+                          "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}, None),
     # Llama 3.2: llama3 RoPE with factor 32, tied embeddings
     "llama3.2": ("llama", {"rope_parameters": {**LLAMA3_ROPE, "factor": 32.0,
                                                "rope_theta": 500000.0},
@@ -276,6 +283,8 @@ def test_tiny_safetensors_logit_parity(hf_tok, tiny_ids, tmp_path, case):
         assert model.config.no_rope_layers == [1, 1, 1, 0], "a NoPE layer must be in the test"
     if arch == "qwen3":
         assert model.model.layers[0].self_attn.q_norm.weight.shape == (24,)
+    if arch == "gemma3":
+        assert model.config.layer_types == ["sliding_attention"] * 5 + ["full_attention"]
     path = _save(model, hf_tok, tmp_path / case)
     if legacy is not None:
         _to_legacy_rope_config(path, *legacy)
@@ -314,3 +323,43 @@ def test_info_shows_layer_kinds_and_kv_per_token(hf_tok, tmp_path, capsys):
     assert "4 global attention layers (3 with RoPE, 1 without)" in out
     # 2 (K, V) x 4 layers x 2 KV heads x head dim 16 x 4 bytes (float32 on CPU)
     assert "1.0 KiB in torch.float32" in out
+
+
+def test_gemma3_sliding_window_chunked_prefill_and_decode(hf_tok, tiny_ids, tmp_path):
+    """The window layers' rings across prefill chunks shorter than the window, and decode past
+    the window: logits and greedy tokens as transformers'. The host pool holds only the
+    global layer (1 of 6)."""
+    model = _tiny_model("gemma3", len(hf_tok), **TINY_CASES["gemma3"][1])
+    path = _save(model, hf_tok, tmp_path / "gemma3")
+    ref = _reference(model, tiny_ids)
+    chunked = vengine.LLM(model=str(path), device="cpu", dtype="float32", prefill_chunk=5)
+    assert chunked.pool.k.shape[0] == 1, "only the global layer's KV is pooled"
+    assert_logits_close(chunked.logits(tiny_ids), ref, "gemma3 chunked")
+    prompt = tiny_ids[:40]
+    with torch.inference_mode():
+        hf = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                            min_new_tokens=24)[0, 40:].tolist()
+    for attention in ("full", "vattention"):
+        llm = vengine.LLM(model=str(path), device="cpu", dtype="float32", attention=attention)
+        out = llm.generate(prompt, max_new_tokens=24, ignore_eos=True)[0].token_ids
+        assert out == hf, attention
+
+
+def test_window_attention_matches_a_masked_reference():
+    """window_causal_attention against SDPA with the full [T, S] sliding-window mask, for a
+    chunk after `prev` cached keys (GQA, a window that does not divide the chunk)."""
+    from vengine.attention.window import window_causal_attention
+
+    torch.manual_seed(0)
+    W, T, Hq, Hkv, D = 7, 23, 4, 2, 8
+    for prev in (0, 3, W - 1):
+        q = torch.randn(T, Hq, D)
+        k, v = torch.randn(prev + T, Hkv, D), torch.randn(prev + T, Hkv, D)
+        qpos = torch.arange(T)[:, None] + prev
+        kpos = torch.arange(prev + T)[None, :]
+        mask = (kpos <= qpos) & (kpos > qpos - W)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1),
+            v.repeat_interleave(2, 1).transpose(0, 1), attn_mask=mask).transpose(0, 1)
+        got = window_causal_attention(q, k, v, W, prev)
+        assert torch.allclose(got, ref, atol=1e-5), prev

@@ -146,3 +146,56 @@ def test_chat_template(real, chat):
     text = ref.tok.apply_chat_template(CHATS[chat], add_generation_prompt=True, tokenize=False)
     assert llm.tokenizer.apply_chat_template(CHATS[chat], add_generation_prompt=True) == text
     assert llm.chat_ids(CHATS[chat]) == ref.chat_ids[chat], name
+
+
+# -- Gemma 3 270M: a base model (no chat template) with 15 sliding-window layers of 3 global ----
+
+LONG = (PROMPT + "\n\n") * 4  # about 1,300 tokens: past the 512-token window
+GEMMA_GREEDY = 48
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    path = catalog.find("gemma3-270m")
+    if path is None:
+        pytest.skip(f"gemma3-270m is not cached in {catalog.cache_dir()}: "
+                    "run `vengine pull gemma3-270m`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 dtype=torch.float32).eval()
+    ids = tok(LONG)["input_ids"]
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids])).logits[0].float()
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                             dtype=torch.long), do_sample=False, max_new_tokens=GEMMA_GREEDY,
+                             min_new_tokens=GEMMA_GREEDY)
+    del model
+    gc.collect()
+    llm = vengine.LLM(model="gemma3-270m", device="cpu", dtype="float32", max_context=2048)
+    yield tok, ids, logits, out[0, len(ids):].tolist(), llm
+    del llm
+    gc.collect()
+
+
+def test_gemma3_config_and_pool(gemma):
+    _, ids, _, _, llm = gemma
+    c = llm.model.config
+    assert (c.arch, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim) == (
+        "gemma3_text", 18, 4, 1, 256)
+    assert c.layer_windows == tuple(0 if (i + 1) % 6 == 0 else 512 for i in range(18))
+    assert llm.pool.k.shape[0] == 3, "the host pool holds the 3 global layers only"
+    assert len(ids) > 2 * 512
+
+
+def test_gemma3_logit_parity_past_the_window(gemma):
+    tok, ids, logits, _, llm = gemma
+    assert llm.tokenizer.encode(LONG) == ids
+    assert_logits_close(llm.logits(ids), logits, "gemma3-270m/long", tol=TOL)
+
+
+def test_gemma3_greedy_48_tokens(gemma):
+    tok, ids, _, greedy, llm = gemma
+    ours = llm.generate([ids], max_new_tokens=GEMMA_GREEDY, ignore_eos=True)[0].token_ids
+    assert ours == greedy, f"ours: {tok.decode(ours)!r}\nref:  {tok.decode(greedy)!r}"

@@ -242,7 +242,7 @@ def test_guarantee_on_synthetic_distributions(kind, epsilon, delta):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("guarantee", ["denominator", "output"])
-@pytest.mark.parametrize("epsilon", [0.05, 0.1, 0.25])
+@pytest.mark.parametrize("epsilon", [0.05, 0.25])
 def test_guarantee_on_captured_activations(captured, guarantee, epsilon):
     delta = epsilon
     cfg = VAttention(epsilon=epsilon, delta=delta, guarantee=guarantee, **CAPTURED)
@@ -284,7 +284,7 @@ def test_vattention_beats_topk_and_uniform_at_equal_density(captured):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("epsilon,delta", [(0.05, 0.05), (0.1, 0.1)])
+@pytest.mark.parametrize("epsilon,delta", [(0.1, 0.1)])  # 0.05 too: 57 s more, same verdict
 def test_vattention_with_key_codes_beats_topk_and_uniform(captured, epsilon, delta):
     """The same with the shipped predictor, against its top-k alone (which ranks as
     vAttention's top-k does): the sample, drawn by predicted weight, beats spending its rows on

@@ -67,19 +67,27 @@ class LayerBackends:
     """The backend of each layer. Layers may use different backends (e.g. exact attention in some
     layers, sparse in others); those that share one backend object share its state."""
 
-    def __init__(self, by_layer: Sequence[AttentionBackend]) -> None:
+    def __init__(self, by_layer: Sequence[AttentionBackend], index: Sequence[int] | None = None,
+                 window: Any = None) -> None:
         self.by_layer = tuple(by_layer)
+        self.index = tuple(index) if index is not None else tuple(range(len(self.by_layer)))
         self.unique = tuple({id(b): b for b in self.by_layer}.values())
+        self.window = window  # attention.window.WindowAttention of the sliding-window layers
 
     def __getitem__(self, layer: int) -> AttentionBackend:
         return self.by_layer[layer]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  ctx: StepContext) -> torch.Tensor:
-        backend = self.by_layer[layer]
+        backend, i = self.by_layer[layer], self.index[layer]
         if ctx.is_prefill:
-            return backend.prefill(layer, q, k, v, ctx)
-        return backend.decode(layer, q, k, v, ctx)
+            return backend.prefill(i, q, k, v, ctx)
+        return backend.decode(i, q, k, v, ctx)
+
+    def kept(self, seq_id: int, cached: int, keep: int) -> int:
+        """Cached tokens that stay valid when a request keeps its first `keep` (a chat turn):
+        the sliding-window rings may not reach back that far."""
+        return keep if self.window is None else self.window.kept(seq_id, cached, keep)
 
     @property
     def graphable(self) -> bool:
@@ -105,8 +113,9 @@ class LayerBackends:
             b.free(seq_id)
 
     def seq_stats(self, seq_id: int) -> dict[str, float]:
-        """One backend's statistics as they are; several: the density averaged over layers, other
-        counters from the first backend that reports them."""
+        """One backend's statistics as they are; several: the density averaged over the global
+        layers (a sliding-window layer reads its window, not the context), other counters from
+        the first backend that reports them."""
         if len(self.unique) == 1:
             return self.unique[0].seq_stats(seq_id)
         per = {id(b): b.seq_stats(seq_id) for b in self.unique}
@@ -114,5 +123,6 @@ class LayerBackends:
         for b in self.unique:
             for key, value in per[id(b)].items():
                 stats.setdefault(key, value)
-        stats["density"] = sum(per[id(b)]["density"] for b in self.by_layer) / len(self.by_layer)
+        pooled = [b for b in self.by_layer if b is not self.window]  # density: of the context
+        stats["density"] = sum(per[id(b)]["density"] for b in pooled) / len(pooled)
         return stats

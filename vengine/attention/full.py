@@ -27,9 +27,9 @@ def causal_attention_heads(q, kh, vh, cached_len: int) -> torch.Tensor:
     """q: [T, Hq, D]; kh, vh: [1, Hkv, S, D] (a gathered prefix, as it lies) -> [T, Hq, D].
 
     A chunk after a cached prefix uses a lower-right causal bias, which the memory-efficient
-    kernel takes directly (no [T, S] mask) but only with one K/V head per query head: it runs
-    once per query head of each GQA group instead of repeating K/V per query head, which would
-    copy (group - 1) x the prefix (1.5 GiB per layer at 128K on Llama-8B shapes).
+    kernel takes directly (no [T, S] mask) but only with one K/V head per query head: on a GPU
+    it runs once per query head of each GQA group instead of repeating K/V per query head,
+    which would copy (group - 1) x the prefix (1.5 GiB per layer at 128K on Llama-8B shapes).
     """
     T, Hq, D = q.shape
     Hkv, S = kh.shape[1], kh.shape[2]
@@ -38,6 +38,9 @@ def causal_attention_heads(q, kh, vh, cached_len: int) -> torch.Tensor:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
         return o[0].transpose(0, 1)
     group, bias = Hq // Hkv, causal_lower_right(T, S)
+    if not q.is_cuda:  # CPU: one call over repeated K/V measured faster (0.26 s vs 0.30 s)
+        kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
+        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias)[0].transpose(0, 1)
     qg = qh.view(1, Hkv, group, T, D)
     o = torch.empty((1, Hkv, group, T, D), dtype=q.dtype, device=q.device)
     for j in range(group):  # a prefill loop (a few iterations per layer), not a decode one

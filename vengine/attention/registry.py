@@ -67,19 +67,28 @@ def make_backend(spec: Any, pool: KVPool, cfg: ModelConfig, device: torch.device
     return _factory(name)(settings, pool, cfg, device)
 
 
-def make_layer_backends(spec: Any, pool: KVPool, cfg: ModelConfig,
-                        device: torch.device) -> LayerBackends:
-    """The backend of every layer: one spec for all, or a list with one per layer."""
+def make_layer_backends(spec: Any, pool: KVPool, cfg: ModelConfig, device: torch.device,
+                        window: AttentionBackend | None = None) -> LayerBackends:
+    """The backend of every layer: one spec for all, or a list with one per layer; the
+    sliding-window layers (cfg.window) use `window` whatever the spec. A layer's index in its
+    storage (the pool's global layers, or the window rings) is what its backend is told."""
     specs = list(spec) if isinstance(spec, (list, tuple)) else [spec] * cfg.num_layers
     if len(specs) != cfg.num_layers:
         raise ConfigError(f"attention: a list of specs needs one per layer ({cfg.num_layers}), "
                           f"got {len(specs)}", field="attention")
     made: list[tuple[Any, AttentionBackend]] = []
     by_layer: list[AttentionBackend] = []
-    for s in specs:
+    index, counts = [], [0, 0]  # layers so far in the pool, in the rings
+    for layer, s in enumerate(specs):
+        windowed = bool(cfg.window(layer))
+        index.append(counts[windowed])
+        counts[windowed] += 1
+        if windowed:
+            by_layer.append(window)
+            continue
         backend = next((b for known, b in made if known == s), None)
         if backend is None:
             backend = make_backend(s, pool, cfg, device)
             made.append((s, backend))
         by_layer.append(backend)
-    return LayerBackends(by_layer)
+    return LayerBackends(by_layer, index, window)

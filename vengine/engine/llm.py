@@ -18,7 +18,8 @@ import torch
 from vengine.attention.registry import make_layer_backends
 from vengine.engine.config import EngineConfig
 from vengine.engine.core import EngineCore, Event
-from vengine.engine.memory import gpu_state, plan_memory
+from vengine.attention.window import WindowAttention
+from vengine.engine.memory import gpu_state, plan_memory, runtime_config
 from vengine.engine.model_runner import ModelRunner
 from vengine.engine.sampling import SamplingParams
 from vengine.engine.sequence import Completion, Sequence
@@ -84,25 +85,33 @@ class LLM:
         self._build_runtime()
 
     def _build_runtime(self) -> None:
-        """The KV pool, attention backend and runner for self.config (the model is separate),
-        sized by the memory plan."""
-        cfg, mc = self.config, self.model.config
+        """The KV pool, attention backends and runner for self.config (the model is separate),
+        sized by the memory plan. Sliding-window layers whose window is shorter than the
+        context keep their KV in rings on the device; the pool holds the global layers'."""
+        cfg = self.config
+        mc = runtime_config(self.model.config, cfg.max_context)
         kv_device = torch.device("cpu") if cfg.offloaded else cfg.device
         pin = cfg.offloaded and cfg.device.type == "cuda"
         dtype_bytes = cfg.dtype.itemsize
         on_gpu = cfg.device.type == "cuda"
+        windows = [mc.window(i) for i in range(mc.num_layers) if mc.window(i)]
+        slots = 2 * cfg.max_batch  # rings for the running requests and chat sessions kept
+        ring = WindowAttention.ring_bytes(len(windows), max(windows, default=0), mc.num_kv_heads,
+                                          mc.head_dim, dtype_bytes) * slots
         self.memory = plan_memory(
             mc, dtype_bytes=dtype_bytes, page_size=cfg.page_size, max_context=cfg.max_context,
             max_batch=cfg.max_batch, host_mem=cfg.host_mem,
             host_available=_available_memory(torch.device("cpu")),
             prefill_chunk=cfg.prefill_chunk, kv_on_host=cfg.offloaded,
             gpu_mem=self._gpu_budget if on_gpu else None, weights_bytes=self._weights_bytes,
-            state=gpu_state(mc, cfg.attention, dtype_bytes, cfg.page_size, cfg.offloaded)
+            state=gpu_state(mc, cfg.attention, dtype_bytes, cfg.page_size, cfg.offloaded, ring)
             if on_gpu else None)
         page_bytes = cfg.page_size * mc.kv_bytes_per_token(dtype_bytes)
-        self.pool = KVPool(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.page_size,
+        self.pool = KVPool(len(mc.global_layers), mc.num_kv_heads, mc.head_dim, cfg.page_size,
                            self.memory.num_pages * page_bytes, cfg.dtype, kv_device, pin)
-        self.backends = make_layer_backends(cfg.attention, self.pool, mc, cfg.device)
+        window = WindowAttention(len(windows), windows[0], mc.num_kv_heads, mc.head_dim, slots,
+                                 cfg.dtype, cfg.device) if windows else None
+        self.backends = make_layer_backends(cfg.attention, self.pool, mc, cfg.device, window)
         self.runner = ModelRunner(self.model, self.pool, self.backends, cfg.device,
                                   self.memory.prefill_chunk, cfg.cuda_graphs)
         self._next_id = 0

