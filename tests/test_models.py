@@ -363,3 +363,25 @@ def test_window_attention_matches_a_masked_reference():
             v.repeat_interleave(2, 1).transpose(0, 1), attn_mask=mask).transpose(0, 1)
         got = window_causal_attention(q, k, v, W, prev)
         assert torch.allclose(got, ref, atol=1e-5), prev
+
+
+@pytest.mark.parametrize("keep", [70, 20])  # a short rewind keeps the rings, a long one restarts
+def test_gemma3_kept_request_continues_as_a_fresh_one(hf_tok, tiny_ids, tmp_path, keep):
+    """A request continued with a rewritten tail (a chat turn) decodes what a fresh request
+    over the same ids decodes: the window rings are kept within their slack, else rebuilt."""
+    from vengine.engine.sampling import SamplingParams
+
+    model = _tiny_model("gemma3", len(hf_tok), **TINY_CASES["gemma3"][1])
+    llm = vengine.LLM(model=str(_save(model, hf_tok, tmp_path / "g")), device="cpu",
+                      dtype="float32", attention="full")
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    seq = llm.new_request(tiny_ids[:80], params)
+    seq.keep_cache = True  # as a ChatSession's
+    list(llm.run([seq]))
+    assert seq.num_cached >= 80
+    turn = tiny_ids[:keep] + tiny_ids[10:30]
+    llm.continue_request(seq, turn, params)
+    assert seq.num_cached == (keep if keep >= 80 + 11 - 64 else 0)
+    list(llm.run([seq]))
+    fresh = llm.generate(turn, max_new_tokens=12, ignore_eos=True)[0].token_ids
+    assert seq.output_ids == fresh

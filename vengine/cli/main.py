@@ -152,7 +152,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("layers", c.layer_kinds()),
         ("parameters", f"{params / 1e6:.1f} M"),
         ("context (trained)", str(c.max_position_embeddings)),
-        ("KV per token", f"{c.kv_bytes_per_token(dtype.itemsize) / 1024:.1f} KiB in {dtype}"),
+        ("KV per token", f"{c.kv_bytes_per_token(dtype.itemsize) / 1024:.1f} KiB in {dtype}"
+                         + (" (global layers; the window layers' rings are per sequence)"
+                            if c.layer_windows else "")),
         ("sparse kernels", get_kernels(device, dtype).__name__),
         ("host memory available", f"{_avail_host() / 2**30:.1f} GiB"),
     ]
