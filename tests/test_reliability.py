@@ -625,7 +625,7 @@ FLAG_VALUES = ["0", "-1", "1", "8k", "nan", "inf", "-inf", "1e999", str(2**63), 
                "0.5", "", "x", "\u00e9", "12q", "64GiB", "cuda", "cpu", "auto", "float16",
                "vattention", "full", "0.05", "0.9", "16", "-"]
 MODEL_FLAGS = ["--ctx", "--device", "--dtype", "--attention", "--epsilon", "--delta",
-               "--host-mem", "--max-new-tokens", "--temperature", "--top-p", "--top-k",
+               "--host-mem", "--gpu-mem", "--kv", "--max-new-tokens", "--temperature", "--top-p", "--top-k",
                "--repetition-penalty", "--seed", "--threads"]
 COMMAND_FLAGS = {
     "generate": MODEL_FLAGS + ["--batch-size", "--output", "--no-resume"],
