@@ -172,7 +172,8 @@ def format_stats(llm, session) -> str:
     page_bytes = (pool.k.nbytes + pool.v.nbytes) // pool.num_pages
     in_use = pool.num_pages - pool.allocator.num_free
     parts.append(f"KV pool ({pool.device.type}) {in_use * page_bytes / 2**20:.1f} MiB in use of "
-                 f"{pool.num_pages * page_bytes / 2**30:.2f} GiB")
+                 f"{pool.num_pages * page_bytes / 2**30:.2f} GiB"
+                 + (f", {pool.pinned_bytes / 2**30:.2f} GiB pinned" if pool.pinned_pages else ""))
     if torch.cuda.is_available():
         parts.append(f"GPU memory {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated")
     return "; ".join(parts)

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from vengine.attention.registry import make_layer_backends
+from vengine.attention.window import WindowAttention
 from vengine.engine.config import EngineConfig
 from vengine.engine.core import EngineCore, Event
-from vengine.attention.window import WindowAttention
 from vengine.engine.memory import gpu_state, plan_memory, runtime_config
 from vengine.engine.model_runner import ModelRunner
 from vengine.engine.sampling import SamplingParams

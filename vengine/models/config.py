@@ -72,7 +72,7 @@ class ModelConfig:
         return self.rope_layers is None or self.rope_layers[layer]
 
     def layer_kinds(self) -> str:
-        """What `vengine info` says about the layers: every layer is global (full context)."""
+        """What `vengine info` says about the layers: how many global and sliding-window, RoPE."""
         rope = sum(self.uses_rope(i) for i in range(self.num_layers))
         n_global = len(self.global_layers)
         kinds = f"{n_global} global attention layers"

@@ -84,12 +84,12 @@ class PageAllocator:
             )
         if need <= 0:
             return
-        new = [heapq.heappop(self.free_pages) for _ in range(need)]
-        if new[-1] + 1 > self.high_water:  # popped in increasing order
+        top = 1 + (self.free_pages[0] if need == 1 else max(heapq.nsmallest(need, self.free_pages)))
+        if top > self.high_water:  # told first: if pinning fails, no page has been taken
             if self.on_grow is not None:
-                self.on_grow(new[-1] + 1)
-            self.high_water = new[-1] + 1
-        block_table += new
+                self.on_grow(top)
+            self.high_water = top
+        block_table += [heapq.heappop(self.free_pages) for _ in range(need)]
 
     def shrink(self, block_table: list[int], num_tokens: int) -> None:
         """Free the pages past the first num_tokens tokens."""
