@@ -191,7 +191,8 @@ def _tiny_model(arch: str, vocab: int, seed: int = 0, **extra):
                           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
                           "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
                           "smollm3": (tf.SmolLM3Config, tf.SmolLM3ForCausalLM),
-                          "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM)}[arch]
+                          "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
+                          "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM)}[arch]
     config = cfg_cls(vocab_size=vocab, **{**TINY, **extra})
     torch.manual_seed(seed)
     model = model_cls(config).float().eval()
@@ -258,6 +259,15 @@ TINY_CASES = {
     "gemma3": ("gemma3", {"num_hidden_layers": 6, "sliding_window": 16, "head_dim": 32,
                           "query_pre_attn_scalar": 24, "tie_word_embeddings": True,
                           "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}, None),
+    # Phi-4-mini-like: fused qkv_proj / gate_up_proj tensors, partial rotary 0.75, LongRoPE
+    # (short factors at this length), tied embeddings
+    "phi3": ("phi3", {"pad_token_id": None, "tie_word_embeddings": True,
+                      "original_max_position_embeddings": 64, "max_position_embeddings": 256,
+                      "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                          "partial_rotary_factor": 0.75,
+                                          "short_factor": [1.0 + 0.1 * i for i in range(6)],
+                                          "long_factor": [2.0 + 0.5 * i for i in range(6)]}},
+             None),
     # Llama 3.2: llama3 RoPE with factor 32, tied embeddings
     "llama3.2": ("llama", {"rope_parameters": {**LLAMA3_ROPE, "factor": 32.0,
                                                "rope_theta": 500000.0},
@@ -277,8 +287,9 @@ def test_tiny_safetensors_logit_parity(hf_tok, tiny_ids, tmp_path, case):
     model = _tiny_model(arch, len(hf_tok), **extra)
     if arch == "qwen2":
         assert model.model.layers[0].self_attn.q_proj.bias is not None
-    if "rope_scaling" in extra or "rope_parameters" in extra:
-        assert model.config.rope_parameters["rope_type"] == "llama3"
+    asked = extra.get("rope_scaling") or extra.get("rope_parameters")
+    if asked:
+        assert model.config.rope_parameters["rope_type"] == asked["rope_type"]
     if arch == "smollm3":
         assert model.config.no_rope_layers == [1, 1, 1, 0], "a NoPE layer must be in the test"
     if arch == "qwen3":
@@ -385,3 +396,15 @@ def test_gemma3_kept_request_continues_as_a_fresh_one(hf_tok, tiny_ids, tmp_path
     list(llm.run([seq]))
     fresh = llm.generate(turn, max_new_tokens=12, ignore_eos=True)[0].token_ids
     assert seq.output_ids == fresh
+
+
+def test_phi3_longrope_factors_follow_the_context(hf_tok, tiny_ids, tmp_path):
+    """LongRoPE: with a context within the original length the short factors apply (as
+    transformers over a sequence that short); past it, the long ones (the test above)."""
+    model = _tiny_model("phi3", len(hf_tok), **TINY_CASES["phi3"][1])
+    path = _save(model, hf_tok, tmp_path / "phi3")
+    ids = tiny_ids[:40]
+    ours = vengine.LLM(model=str(path), device="cpu", dtype="float32", max_context=64)
+    assert_logits_close(ours.logits(ids), _reference(model, ids), "phi3 short")
+    long = vengine.LLM(model=str(path), device="cpu", dtype="float32", max_context=256)
+    assert not torch.allclose(long.logits(ids), ours.logits(ids)), "long factors differ"

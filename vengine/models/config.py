@@ -8,13 +8,14 @@ tanh-GELU, scaled embeddings and query scale (`gemma`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from vengine.checks import check_float, check_int
 from vengine.errors import ConfigError, ModelLoadError
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "phi3")
 GGUF_ARCHS = ("llama", "qwen2", "qwen3", "smollm3", "gemma3")
 GEMMA3_LOCAL_ROPE_THETA = 10_000.0  # transformers' Gemma3TextConfig default; GGUFs omit it
 GEMMA3_PATTERN = 6  # five sliding-window layers, then a global one (transformers' default)
@@ -25,13 +26,17 @@ _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_h
 @dataclass(frozen=True)
 class RopeScaling:
     """HF `rope_scaling`: 'linear' divides positions by factor; 'llama3' rescales low
-    frequencies."""
+    frequencies; 'longrope' (Phi-3) divides each frequency by its short or long factor and
+    scales cos and sin by attention_factor."""
 
     kind: str
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class ModelConfig:
     # embeddings times sqrt(hidden)
     query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power (None: head_dim)
     final_logit_softcap: float | None = None
+    rotary_dim: int | None = None  # leading dims of each head that RoPE turns (None: all)
 
     def window(self, layer: int) -> int:
         """The layer's sliding window in tokens, 0 for a global layer."""
@@ -142,7 +148,7 @@ class ModelConfig:
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
                 attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
-                rope_scaling=_rope_scaling(cfg.get("rope_scaling") or rope),
+                rope_scaling=_rope_scaling(cfg.get("rope_scaling") or rope, cfg),
                 qk_norm=arch in ("qwen3", "gemma3_text"),
                 rope_layers=_rope_layers(cfg) if arch == "smollm3" else None,
                 layer_windows=_layer_windows(cfg),
@@ -152,6 +158,7 @@ class ModelConfig:
                 query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256))
                 if gemma else None,
                 final_logit_softcap=cfg.get("final_logit_softcapping") if gemma else None,
+                rotary_dim=_rotary_dim(cfg, rope, int(head_dim)),
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks the field {e}") from None
@@ -209,7 +216,14 @@ class ModelConfig:
         )
 
 
-def _rope_scaling(spec: dict[str, Any] | None) -> RopeScaling | None:
+def _rotary_dim(cfg: dict[str, Any], rope: dict[str, Any], head_dim: int) -> int | None:
+    """Phi-4-mini's partial_rotary_factor (0.75): RoPE turns only the first dims of a head."""
+    factor = float(cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0)
+    return None if factor == 1.0 else int(head_dim * factor)
+
+
+def _rope_scaling(spec: dict[str, Any] | None, cfg: dict[str, Any] | None = None
+                  ) -> RopeScaling | None:
     if not spec:
         return None
     kind = spec.get("rope_type") or spec.get("type")
@@ -225,7 +239,18 @@ def _rope_scaling(spec: dict[str, Any] | None) -> RopeScaling | None:
             float(spec.get("high_freq_factor", 4.0)),
             int(spec.get("original_max_position_embeddings", 8192)),
         )
-    raise ModelLoadError(f"unsupported rope_scaling type '{kind}' (supported: linear, llama3)")
+    if kind == "longrope":
+        original = int(spec.get("original_max_position_embeddings")
+                       or (cfg or {}).get("original_max_position_embeddings"))
+        factor = spec.get("factor") or int((cfg or {})["max_position_embeddings"]) / original
+        attention = spec.get("attention_factor") or (
+            math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0)
+        return RopeScaling("longrope", float(factor), original_max_position=original,
+                           short_factor=tuple(map(float, spec["short_factor"])),
+                           long_factor=tuple(map(float, spec["long_factor"])),
+                           attention_factor=float(attention))
+    raise ModelLoadError(f"unsupported rope_scaling type '{kind}' "
+                         "(supported: linear, llama3, longrope)")
 
 
 def _rope_layers(cfg: dict[str, Any]) -> tuple[bool, ...]:

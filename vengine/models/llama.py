@@ -1,4 +1,5 @@
-"""One forward for the Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2/3).
+"""One forward for the Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2/3,
+Gemma 3, Phi-3 / Phi-4-mini).
 
 Tokens of a step are flattened to [T]; what the attention needs about the step (which sequences,
 where their KV lives) travels in `ctx`, and `attention(layer, q, k, v, ctx)` attends (the engine's
@@ -22,16 +23,21 @@ from vengine.models.config import ModelConfig
 Attend = Callable[..., torch.Tensor]  # (layer, q, k, v, ctx) -> attention output [T, Hq, D]
 
 
-def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2] with linear or llama3 scaling applied (local: the
-    sliding-window layers' base, unscaled, as transformers' Gemma 3)."""
+def rope_inv_freq(cfg: ModelConfig, local: bool = False, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies [rotary_dim / 2] with linear, llama3 or longrope scaling applied
+    (local: the sliding-window layers' base, unscaled, as transformers' Gemma 3; long:
+    LongRoPE's long factors, for a context past its original length)."""
     theta = cfg.local_rope_theta if local else cfg.rope_theta
-    inv_freq = 1.0 / theta ** (torch.arange(0, cfg.head_dim, 2).double() / cfg.head_dim)
+    dim = cfg.rotary_dim or cfg.head_dim
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2).double() / dim)
     s = None if local else cfg.rope_scaling
     if s is None:
         return inv_freq.float()
     if s.kind == "linear":
         return (inv_freq / s.factor).float()
+    if s.kind == "longrope":
+        factors = torch.tensor(s.long_factor if long else s.short_factor, dtype=torch.float32)
+        return 1.0 / (factors * theta ** (torch.arange(0, dim, 2).float() / dim))
     low_wavelen = s.original_max_position / s.low_freq_factor
     high_wavelen = s.original_max_position / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -45,7 +51,11 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]; cos, sin: [T, 1, D] in x's dtype (rotate-half layout, as in HF)."""
+    """x: [T, H, D]; cos, sin: [T, 1, R] in x's dtype (rotate-half layout, as in HF): the first
+    R dims turn, the rest pass (Phi-4-mini's partial rotary)."""
+    R = cos.shape[-1]
+    if R < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :R], cos, sin), x[..., R:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -170,10 +180,11 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.register_buffer("local_inv_freq", local, persistent=False)
 
-    def init_rope(self, device: torch.device) -> None:
+    def init_rope(self, device: torch.device, long: bool = False) -> None:
         """RoPE frequencies in fp32 on device (after a meta-device build): global, and the
-        window layers' own when they have a base of their own."""
-        self.inv_freq = rope_inv_freq(self.config).to(device)
+        window layers' own when they have a base of their own. long: LongRoPE's long factors
+        (the engine asks for them when its context can pass the original length)."""
+        self.inv_freq = rope_inv_freq(self.config, long=long).to(device)
         if self.local_inv_freq is not None:
             self.local_inv_freq = rope_inv_freq(self.config, local=True).to(device)
 
@@ -187,7 +198,9 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.config.gemma:  # the scale rounded to the embedding's dtype, as transformers
             x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
-        rope = {False: self._cos_sin(positions, self.inv_freq, x.dtype)}
+        s = self.config.rope_scaling  # LongRoPE scales cos and sin too
+        scale = s.attention_factor if s is not None else 1.0
+        rope = {False: self._cos_sin(positions, self.inv_freq, x.dtype, scale)}
         rope[True] = (rope[False] if self.local_inv_freq is None
                       else self._cos_sin(positions, self.local_inv_freq, x.dtype))
         for layer in self.layers:
@@ -195,10 +208,10 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     @staticmethod
-    def _cos_sin(positions, inv_freq, dtype):
+    def _cos_sin(positions, inv_freq, dtype, scale: float = 1.0):
         freqs = positions[:, None].float() * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden).float()
@@ -228,8 +241,9 @@ class LlamaForCausalLM(nn.Module):
             if target not in params:
                 continue  # e.g. rotary_emb.inv_freq in old checkpoints
             param = params[target]
-            if shard is None:
+            if shard is None:  # whole (Phi-3 ships qkv_proj and gate_up_proj fused)
                 dest = param
+                seen.update((target, i) for i in self._shards(target, shard_rows))
             else:
                 rows = shard_rows[parts[-2]]
                 dest = param.narrow(0, sum(rows[:shard]), rows[shard])
