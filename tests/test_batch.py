@@ -54,7 +54,9 @@ def test_generate_jsonl_and_resume(tmp_path, llm, cli):
     assert rows[1]["completion_tokens"] == 6 and rows[1]["finish_reason"] == "length"
     assert set(rows["chat"]) == {"id", "text", "prompt_tokens", "completion_tokens",
                                  "finish_reason", "seconds", "time_to_first_token_s",
-                                 "decode_tokens_per_s", "density", "certificate_violation_rate"}
+                                 "prefill_tokens_per_s", "decode_tokens_per_s", "kv_bytes",
+                                 "density", "certificate_violation_rate"}
+    assert rows[1]["kv_bytes"] > 0 and rows[1]["prefill_tokens_per_s"] > 0
     # the greedy row equals what the library gives for the same prompt
     assert rows[1]["text"] == llm.generate("The capital of France is", max_new_tokens=6)[0].text
     before = out.read_text()

@@ -135,7 +135,9 @@ def run_batch(llm, input_path: Path, out: OutputFile, resume: bool,
                             "finish_reason": c.finish_reason,
                             "seconds": round(c.stats["seconds"], 3),
                             "time_to_first_token_s": round(c.stats["time_to_first_token_s"], 3),
+                            "prefill_tokens_per_s": round(c.stats["prefill_tokens_per_s"], 1),
                             "decode_tokens_per_s": round(c.stats["decode_tokens_per_s"], 2),
+                            "kv_bytes": c.stats["kv_bytes"],
                             "density": round(c.stats.get("density", 1.0), 4),
                             "certificate_violation_rate": round(
                                 c.stats.get("certificate_violation_rate", 0.0), 4)})
