@@ -354,6 +354,10 @@ def test_gemma3_sliding_window_chunked_prefill_and_decode(hf_tok, tiny_ids, tmp_
         llm = vengine.LLM(model=str(path), device="cpu", dtype="float32", attention=attention)
         out = llm.generate(prompt, max_new_tokens=24, ignore_eos=True)[0].token_ids
         assert out == hf, attention
+    from vengine.eval.activations import capture
+
+    layers = capture(chunked.model, tiny_ids)  # the eval's calibration input: global layers only
+    assert len(layers) == 1 and layers[0].k.shape[0] == len(tiny_ids)
 
 
 def test_window_attention_matches_a_masked_reference():

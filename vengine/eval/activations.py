@@ -13,6 +13,7 @@ import torch
 
 from vengine.attention.context import StepContext
 from vengine.attention.full import causal_attention
+from vengine.attention.window import window_causal_attention
 from vengine.kernels.common import encode_pages, paged_rows
 
 _DOC_MODULES = ("argparse", "collections", "json", "email", "typing", "logging", "asyncio",
@@ -50,18 +51,25 @@ class LayerActivations:
 
 
 class _Capture:
-    def __init__(self, keep_queries: int) -> None:
-        self.keep, self.layers = keep_queries, []
+    """The model's attention, exact; records the global layers (a sliding-window layer attends
+    its window and is never sparse, so it has nothing to calibrate)."""
 
-    def __call__(self, layer, q, k, v, ctx):  # the model's attention: exact, and recorded
+    def __init__(self, keep_queries: int, model_config) -> None:
+        self.keep, self.layers, self.config = keep_queries, [], model_config
+
+    def __call__(self, layer, q, k, v, ctx):
+        window = self.config.window(layer)
+        if window:
+            return window_causal_attention(q, k, v, window, 0)
         self.layers.append(LayerActivations(q[-self.keep :].float(), k.float(), v.float()))
         return causal_attention(q, k, v, 0)
 
 
 @torch.inference_mode()
 def capture(model, token_ids: list[int], keep_queries: int = 16) -> list[LayerActivations]:
-    """Run one exact prefill of token_ids and keep every layer's K, V and last queries."""
-    cap = _Capture(keep_queries)
+    """Run one exact prefill of token_ids and keep every global layer's K, V and last
+    queries."""
+    cap = _Capture(keep_queries, model.config)
     dev = next(model.parameters()).device
     ids = torch.tensor(token_ids, device=dev)
     ctx = StepContext(True, ids, ids[None], ids[-1:], (0,))
