@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import LLAMA_8B  # benchmarks/common.py: the shapes the GPU benchmarks share
 from safetensors.torch import save_file
 
 SHARD_BYTES = 4 << 30
@@ -69,12 +70,12 @@ def write_tokenizer(path: Path, vocab_size: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--intermediate", type=int, default=14336)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--layers", type=int, default=LLAMA_8B.num_layers)
+    p.add_argument("--hidden", type=int, default=LLAMA_8B.hidden_size)
+    p.add_argument("--intermediate", type=int, default=LLAMA_8B.intermediate_size)
+    p.add_argument("--heads", type=int, default=LLAMA_8B.num_heads)
+    p.add_argument("--kv-heads", type=int, default=LLAMA_8B.num_kv_heads)
+    p.add_argument("--vocab", type=int, default=LLAMA_8B.vocab_size)
     p.add_argument("--tokenizer-vocab", type=int, default=8000)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

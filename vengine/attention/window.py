@@ -67,6 +67,7 @@ class WindowAttention:
         self.slot_of: dict[int, int] = {}
         self.free_slots = list(range(slots - 1, -1, -1))
         self.step_slots = torch.zeros(slots, dtype=torch.long, device=device)  # decode's rows
+        self.ring_rows = torch.arange(self.capacity, device=device)
 
     @staticmethod
     def ring_bytes(num_layers: int, window: int, num_kv_heads: int, head_dim: int,
@@ -106,7 +107,7 @@ class WindowAttention:
         slots, pos = self.step_slots[:B], ctx.context_lens - 1
         self.k[layer, slots, :, pos % self.capacity] = k
         self.v[layer, slots, :, pos % self.capacity] = v
-        age = (pos[:, None] - torch.arange(self.capacity, device=q.device)) % self.capacity
+        age = (pos[:, None] - self.ring_rows) % self.capacity
         valid = (age < self.window) & (age <= pos[:, None])  # [B, capacity]
         kr, vr = self.k[layer, slots], self.v[layer, slots]  # [B, Hkv, capacity, D]
         Hkv = kr.shape[1]

@@ -130,6 +130,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from vengine.cli.options import as_flag_error
     from vengine.engine.config import resolve_device
+    from vengine.engine.memory import available_memory
     from vengine.kernels import get_kernels
     from vengine.models.loader import load_model, resolve_model
 
@@ -156,7 +157,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                          + (" (global layers; the window layers' rings are per sequence)"
                             if c.layer_windows else "")),
         ("sparse kernels", get_kernels(device, dtype).__name__),
-        ("host memory available", f"{_avail_host() / 2**30:.1f} GiB"),
+        ("host memory available", f"{available_memory(torch.device('cpu')) / 2**30:.1f} GiB"),
     ]
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
@@ -165,12 +166,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
-
-
-def _avail_host() -> int:
-    import os
-
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from vengine.attention.registry import make_layer_backends
 from vengine.attention.window import WindowAttention
 from vengine.engine.config import EngineConfig
 from vengine.engine.core import EngineCore, Event
-from vengine.engine.memory import gpu_state, plan_memory, runtime_config
+from vengine.engine.memory import available_memory, gpu_state, plan_memory, runtime_config
 from vengine.engine.model_runner import ModelRunner
 from vengine.engine.sampling import SamplingParams
 from vengine.engine.sequence import Completion, Sequence
@@ -37,19 +37,6 @@ def _checked(params: Any) -> SamplingParams:
         raise ConfigError(f"params: expected vengine.SamplingParams, got {type(params).__name__}",
                           field="params")
     return params
-
-
-def _available_memory(device: torch.device) -> int:
-    """Free GPU memory, or the RAM the kernel says is available (MemAvailable: free memory and
-    the page cache it can drop)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-        return kib * 1024
-    except (OSError, StopIteration, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class LLM:
@@ -78,7 +65,7 @@ class LLM:
         )
         set_threads(cfg.threads)  # before the load: dequantising runs on these threads too
         before = torch.cuda.memory_allocated(cfg.device) if cfg.device.type == "cuda" else 0
-        self._gpu_budget = cfg.gpu_mem or _available_memory(cfg.device)  # free at start
+        self._gpu_budget = cfg.gpu_mem or available_memory(cfg.device)  # free at start
         self.model, self.tokenizer = load_model(resolve_model(model), cfg.device, cfg.dtype)
         scaling = self.model.config.rope_scaling
         if scaling is not None and scaling.kind == "longrope":  # fixed by the context, as vLLM
@@ -104,7 +91,7 @@ class LLM:
         self.memory = plan_memory(
             mc, dtype_bytes=dtype_bytes, page_size=cfg.page_size, max_context=cfg.max_context,
             max_batch=cfg.max_batch, host_mem=cfg.host_mem,
-            host_available=_available_memory(torch.device("cpu")),
+            host_available=available_memory(torch.device("cpu")),
             prefill_chunk=cfg.prefill_chunk, kv_on_host=cfg.offloaded,
             gpu_mem=self._gpu_budget if on_gpu else None, weights_bytes=self._weights_bytes,
             state=gpu_state(mc, cfg.attention, dtype_bytes, cfg.page_size, cfg.offloaded, ring)

@@ -12,7 +12,10 @@ and the decode step's.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
+
+import torch
 
 from vengine.attention.config import VAttention
 from vengine.attention.vattention import RESIDENT_SEQUENCES
@@ -43,6 +46,19 @@ class MemoryPlan:
     @property
     def gpu_total(self) -> int:
         return sum(self.gpu.values())
+
+
+def available_memory(device: torch.device) -> int:
+    """Free GPU memory, or the RAM the kernel says is available (MemAvailable: free memory and
+    the page cache it can drop)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kib * 1024
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def gib(n: int) -> str:
