@@ -149,7 +149,7 @@ def load_model(
         except ModelLoadError as e:
             raise ModelLoadError(f"{config_path}: {e}") from None
         tokenizer = Tokenizer.from_dir(source.path)
-        weights = _safetensors(source.path)
+        weights = _safetensors(source.path, device)
     with torch.device("meta"):  # no random init: every parameter is overwritten below
         model = LlamaForCausalLM(cfg).to(dtype)
     model.to_empty(device=device)
@@ -176,7 +176,10 @@ def _read_json(path: Path) -> dict:
         raise ModelLoadError(f"{path}: unreadable JSON ({e})") from None
 
 
-def _safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors(directory: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of the directory's shards, on `device`. The non-finite check runs there, read
+    once per shard (so the copies do not wait on it): on a CPU, torch.isfinite reads bf16 at
+    ~0.4 GB/s per core, and an 8B load took 17-22 s against a 2 s read of its shards."""
     from safetensors import SafetensorError, safe_open
 
     index = directory / "model.safetensors.index.json"
@@ -187,12 +190,17 @@ def _safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if not files:
         raise ModelLoadError(f"{directory}: no *.safetensors files")
     for file in files:
+        names, finite = [], []
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
-                    tensor = f.get_tensor(name)
-                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                        raise ModelLoadError(f"{file}: tensor {name} {NON_FINITE}")
+                    tensor = f.get_tensor(name).to(device)
+                    if tensor.is_floating_point():
+                        names.append(name)
+                        finite.append(torch.isfinite(tensor).all())
                     yield name, tensor
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{file}: truncated or corrupt safetensors file ({e})") from None
+        if finite and not bool(torch.stack(finite).all()):  # the load fails before it returns
+            bad = next(n for n, ok in zip(names, finite) if not bool(ok))
+            raise ModelLoadError(f"{file}: tensor {bad} {NON_FINITE}")
