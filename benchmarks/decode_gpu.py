@@ -337,7 +337,7 @@ def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: floa
 
 def prefill_rate(model, pool, backend, tokens: int) -> dict:
     runner = ModelRunner(model, pool, LayerBackends([backend] * model.config.num_layers), DEV,
-                         prefill_chunk=32768)
+                         prefill_chunk=tokens, prefill_piece=8192)
     seq = Sequence(10**6, torch.randint(0, 1000, (tokens,)).tolist(), SamplingParams())
     torch.cuda.synchronize()
     t = time.perf_counter()

@@ -9,7 +9,7 @@ set -euo pipefail
 export VENGINE_CACHE=${VENGINE_CACHE:-/tmp/vc} PYTHONPATH=/tmp/site:$PWD
 mkdir -p "$VENGINE_CACHE/models"
 [ -d /tmp/site/gguf ] || pip install -q --no-deps --target /tmp/site .whl/gguf-*.whl
-for pair in c05:qwen2.5-coder-0.5b c15:qwen2.5-coder-1.5b; do
+for pair in c05:qwen2.5-coder-0.5b c15:qwen2.5-coder-1.5b g3:gemma3-270m; do
   dir=/tmp/scratch/${pair%%:*} name=${pair#*:}
   out=$VENGINE_CACHE/models/$name.gguf
   if [ -d "$dir" ] && [ ! -f "$out" ]; then

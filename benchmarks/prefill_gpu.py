@@ -87,6 +87,38 @@ def attention_kernels(prompt: int, chunks: list[int], repeats: int) -> list[dict
     return rows
 
 
+def pinning(nbytes: int = 4 << 30, slab: int = 1 << 30) -> dict:
+    """cudaHostRegister GB/s over fresh anonymous memory in slabs, as KVPool pins it: as is,
+    with transparent huge pages asked for (madvise), and after the pages were touched."""
+    import mmap
+
+    from vengine.offload.uva import pin_range, unpin_range
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    result = {"thp": thp.read_text().strip() if thp.exists() else "?"}
+    for variant in ("plain", "hugepage", "touched", "hugepage+touched"):
+        buf = mmap.mmap(-1, nbytes)
+        if "hugepage" in variant:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        t = torch.frombuffer(buf, dtype=torch.uint8)
+        t0 = time.perf_counter()
+        if "touched" in variant:
+            t.fill_(0)
+        t1 = time.perf_counter()
+        for off in range(0, nbytes, slab):
+            pin_range(t.data_ptr() + off, slab)
+        t2 = time.perf_counter()
+        for off in range(0, nbytes, slab):
+            unpin_range(t.data_ptr() + off)
+        result[variant] = {"touch_gb_per_s": nbytes / 1e9 / max(t1 - t0, 1e-9),
+                           "pin_gb_per_s": nbytes / 1e9 / (t2 - t1),
+                           "both_gb_per_s": nbytes / 1e9 / (t2 - t0)}
+        print(variant, result[variant], flush=True)
+        del t
+        buf.close()
+    return result
+
+
 def profile_prefill(args) -> dict:
     from vengine import LLM
     from vengine.attention.config import VAttention
@@ -101,7 +133,7 @@ def profile_prefill(args) -> dict:
     torch.cuda.synchronize()
     load_s = time.perf_counter() - t0
     weights = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
-    ids = torch.randint(0, llm.model.config.vocab_size, (args.prompt_tokens,)).tolist()
+    ids = torch.randint(0, llm.tokenizer.vocab_size, (args.prompt_tokens,)).tolist()
     t0 = time.perf_counter()
     llm.generate([ids], max_new_tokens=1)  # cold: compiles kernels, pins pages as handed out
     cold = time.perf_counter() - t0
@@ -116,7 +148,8 @@ def profile_prefill(args) -> dict:
     cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
     print(cuda_table, cpu_table, sep="\n", flush=True)
     return {"load_s": load_s, "weights_gb_per_s": weights / 1e9 / load_s,
-            "prefill_chunk": llm.memory.prefill_chunk, "prompt_tokens": len(ids),
+            "prefill_chunk": llm.memory.prefill_chunk, "prefill_piece": llm.memory.prefill_piece,
+            "plan_gib": {k: v / 2**30 for k, v in llm.memory.gpu.items()}, "prompt_tokens": len(ids),
             "cold_prefill_s": cold, "warm_prefill_s": wall, "stats": out.stats,
             "cuda_table": cuda_table, "cpu_table": cpu_table}
 
@@ -135,8 +168,10 @@ def main() -> None:
     result = {"commit": git_commit(), "device": torch.cuda.get_device_name(),
               "command": " ".join(sys.argv),
               "kernels": attention_kernels(args.prompt_tokens,
-                                           [int(c) for c in args.chunks.split(",")], args.repeats)}
+                                           [int(c) for c in args.chunks.split(",")], args.repeats)
+              if args.chunks else []}
     torch.cuda.empty_cache()
+    result["pinning"] = pinning()
     if args.model:
         result["prefill"] = profile_prefill(args)
     save(result, args.out)

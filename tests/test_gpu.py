@@ -156,8 +156,9 @@ def test_guarantee_on_gpu_captured(captured, epsilon, delta):
 
 def test_pinned_pool_pins_slabs_as_pages_are_handed_out(monkeypatch):
     """The host pool pins nothing but its first slab up front; pages handed out later are pinned
-    slab by slab, and the GPU writes and reads them through the UVA views (rows written by the
-    Triton store land in host memory, exactly)."""
+    slab by slab, each layer before its first write (or all before a decode step), and the GPU
+    writes and reads them through the UVA views (rows written by the Triton store land in host
+    memory, exactly)."""
     from vengine.kernels import get_kernels
     from vengine.offload import kv_pool
 
@@ -168,14 +169,17 @@ def test_pinned_pool_pins_slabs_as_pages_are_handed_out(monkeypatch):
                           pin=True)
     assert pool.pinned_pages == 4 and pool.num_pages == 40
     table: list[int] = []
-    pool.allocator.grow(table, 10 * P)  # pages 0..9: three slabs
-    assert pool.pinned_pages == 12
+    pool.allocator.grow(table, 10 * P)  # pages 0..9: three slabs, pinned as layers write
+    assert pool.pinned_pages == 4
     slots = torch.tensor([9 * P + 3, 5 * P], device="cuda")
     k = torch.randn(2, H, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     kernels = get_kernels(torch.device("cuda"), torch.bfloat16)
     for layer in range(L):
-        kernels.store_rows(k, v, slots, pool.k_view[layer], pool.v_view[layer])
+        with pool.writing(layer, slots, k, v):
+            kernels.store_rows(k, v, slots, pool.k_view[layer], pool.v_view[layer])
+        assert pool.layer_pinned[: layer + 1] == [12] * (layer + 1)
+    assert pool.pinned_pages == 12
     torch.cuda.synchronize()
     assert torch.equal(pool.k[1, 9, :, 3], k[0].cpu()) and torch.equal(pool.v[0, 5, :, 0], v[1].cpu())
     pool.allocator.free(table)

@@ -24,7 +24,8 @@ CTX = 131072 + 1024
 def plan(attention, kv_on_host: bool, gpu_mem=24 * GiB, host_available=120 * GiB, **kw):
     return plan_memory(LLAMA_8B, dtype_bytes=2, page_size=64, max_context=CTX, max_batch=8,
                        host_mem=kw.pop("host_mem", None), host_available=host_available,
-                       prefill_chunk=32768, kv_on_host=kv_on_host, gpu_mem=gpu_mem,
+                       prefill_chunk=CTX, prefill_piece=8192, kv_on_host=kv_on_host,
+                       gpu_mem=gpu_mem,
                        weights_bytes=WEIGHTS_8B,
                        state=gpu_state(LLAMA_8B, attention, 2, 64, kv_on_host), **kw)
 
@@ -35,7 +36,8 @@ def test_8b_at_128k_fits_24gib_with_vattention():
     assert p.gpu_total <= 24 * GiB
     assert p.num_pages >= one, "one full context must fit"
     assert p.gpu["kv pages"] == p.num_pages * code_page_bytes(LLAMA_8B, 64, 3)
-    assert 4096 <= p.prefill_chunk <= 32768
+    assert p.prefill_chunk == CTX, "the whole prompt in one forward: no prefix re-read"
+    assert 2048 <= p.prefill_piece <= 8192
     # the host cap: 8 full contexts (128 GiB) are more than 3/4 of 120 GiB
     assert p.num_pages * 64 * LLAMA_8B.kv_bytes_per_token(2) <= HOST_FRACTION * 120 * GiB
 
@@ -64,11 +66,14 @@ def test_weights_alone_over_budget_and_small_ram_are_one_line_errors():
         64 * LLAMA_8B.kv_bytes_per_token(2))
 
 
-def test_prefill_chunk_halves_to_fit():
+def test_prefill_piece_then_chunk_halve_to_fit():
     roomy = plan(VAttention(), kv_on_host=True, gpu_mem=80 * GiB)
-    tight = plan(VAttention(), kv_on_host=True, gpu_mem=20 * GiB)
-    assert roomy.prefill_chunk == 32768 and tight.prefill_chunk < roomy.prefill_chunk
-    assert tight.gpu_total <= 20 * GiB
+    assert (roomy.prefill_chunk, roomy.prefill_piece) == (CTX, 8192)
+    snug = plan(VAttention(), kv_on_host=True, gpu_mem=23 * GiB)  # the piece gives way first
+    assert snug.prefill_chunk == CTX and snug.prefill_piece < 8192
+    tight = plan(VAttention(), kv_on_host=True, gpu_mem=20 * GiB)  # then the chunk
+    assert tight.prefill_piece == 2048 and tight.prefill_chunk < CTX
+    assert snug.gpu_total <= 23 * GiB and tight.gpu_total <= 20 * GiB
 
 
 def test_allocator_hands_out_lowest_pages_first_and_reports_growth():

@@ -93,7 +93,7 @@ class FullAttention:
         self.kernels = get_kernels(pool.k_view.device, pool.dtype)
 
     def store(self, layer: int, k, v, ctx: StepContext) -> None:
-        with self.pool.writing(ctx.slots, k, v):
+        with self.pool.writing(layer, ctx.slots, k, v):
             self.kernels.store_rows(k, v, ctx.slots, self.pool.k_view[layer],
                                     self.pool.v_view[layer])
 

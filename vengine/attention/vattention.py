@@ -233,7 +233,7 @@ class VAttentionBackend:
     def store(self, layer: int, k, v, ctx: StepContext) -> None:
         """K/V rows to the pool (and the pages' GPU copies), the codes of the pages they fill
         beside: the one write path of prefill and decode."""
-        with self.pool.writing(ctx.slots, k, v):
+        with self.pool.writing(layer, ctx.slots, k, v):
             self.kernels.store_rows(k, v, ctx.slots, self.pool.k_view[layer],
                                     self.pool.v_view[layer], self.codes.layer(layer),
                                     self.resident_layer(layer))

@@ -82,8 +82,9 @@ class EngineConfig:
     kv: str = "auto"  # where the KV lives: auto (host for sparse attention), host or device
     max_batch: int = 8
     page_size: int = 64
-    prefill_chunk: int | None = None  # tokens per prefill chunk at most; None: 2048 on CPU,
-    # 32768 on GPU (the memory plan halves it until it fits the GPU budget)
+    prefill_chunk: int | None = None  # prompt tokens per prefill forward; None: the whole
+    # context (each layer attends over the prompt in one call; a later chunk re-reads the
+    # cached prefix). The memory plan halves it until the prefill fits the GPU budget
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (GPU only)
     threads: int | None = None  # torch and numba CPU threads; None: the cores this process may use
 
@@ -94,8 +95,7 @@ class EngineConfig:
         object.__setattr__(self, "max_context", parse_context(self.max_context, "max_context"))
         object.__setattr__(self, "attention", resolve_attention(self.attention))
         if self.prefill_chunk is None:
-            # Bigger chunks on a GPU: each chunk re-reads the cached prefix over PCIe
-            object.__setattr__(self, "prefill_chunk", 32768 if device.type == "cuda" else 2048)
+            object.__setattr__(self, "prefill_chunk", self.max_context)
         for name in ("host_mem", "gpu_mem"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, parse_bytes(getattr(self, name), name))

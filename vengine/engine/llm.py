@@ -19,7 +19,8 @@ from vengine.attention.registry import make_layer_backends
 from vengine.attention.window import WindowAttention
 from vengine.engine.config import EngineConfig
 from vengine.engine.core import EngineCore, Event
-from vengine.engine.memory import available_memory, gpu_state, plan_memory, runtime_config
+from vengine.engine.memory import (PREFILL_PIECE, available_memory, gpu_state, plan_memory,
+                                   runtime_config)
 from vengine.engine.model_runner import ModelRunner
 from vengine.engine.sampling import SamplingParams
 from vengine.engine.sequence import Completion, Sequence
@@ -92,7 +93,8 @@ class LLM:
             mc, dtype_bytes=dtype_bytes, page_size=cfg.page_size, max_context=cfg.max_context,
             max_batch=cfg.max_batch, host_mem=cfg.host_mem,
             host_available=available_memory(torch.device("cpu")),
-            prefill_chunk=cfg.prefill_chunk, kv_on_host=cfg.offloaded,
+            prefill_chunk=cfg.prefill_chunk, prefill_piece=PREFILL_PIECE[cfg.device.type],
+            kv_on_host=cfg.offloaded,
             gpu_mem=self._gpu_budget if on_gpu else None, weights_bytes=self._weights_bytes,
             state=gpu_state(mc, cfg.attention, dtype_bytes, cfg.page_size, cfg.offloaded, ring)
             if on_gpu else None)
@@ -103,7 +105,8 @@ class LLM:
                                  cfg.dtype, cfg.device) if windows else None
         self.backends = make_layer_backends(cfg.attention, self.pool, mc, cfg.device, window)
         self.runner = ModelRunner(self.model, self.pool, self.backends, cfg.device,
-                                  self.memory.prefill_chunk, cfg.cuda_graphs)
+                                  self.memory.prefill_chunk, self.memory.prefill_piece,
+                                  cfg.cuda_graphs)
         self._next_id = 0
 
     def with_attention(self, attention: Any) -> LLM:

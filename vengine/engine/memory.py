@@ -5,8 +5,8 @@ to change, instead of an out-of-memory error halfway through a 128K prefill.
 On a GPU the plan holds the weights (measured after the load), and per KV page what stays on the
 GPU: the whole page with the KV there, the page's key codes with vAttention's KV in host memory,
 nothing for exact attention over host KV. Beside them: the resident sink and window pages, the
-workspace of one prefill chunk (its activations and the cached prefix gathered for attention),
-and the decode step's.
+prefill's workspace (one layer's activations over the whole prompt, and the MLP's over one
+chunk of it) and the decode step's.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ HOST_FRACTION = 0.75  # the default host KV cap: this share of the RAM available
 GPU_MARGIN = 1 << 30  # CUDA graphs, the caching allocator's slack, sampling buffers (at most
 # an eighth of the budget)
 MIN_PREFILL_CHUNK = 256
+PREFILL_PIECE = {"cuda": 8192, "cpu": 2048}  # tokens the MLP runs over at once (GPU GEMMs are
+# at full speed from a few thousand rows); the plan halves it to PIECE_FLOOR before the chunk
+PIECE_FLOOR = 2048
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,8 @@ class GpuState:
 @dataclass(frozen=True)
 class MemoryPlan:
     num_pages: int
-    prefill_chunk: int
+    prefill_chunk: int  # prompt tokens per prefill forward
+    prefill_piece: int  # tokens the token-wise work of a forward runs over at once
     gpu: dict[str, int]  # planned GPU bytes by part; empty on CPU
 
     @property
@@ -71,13 +75,18 @@ def code_page_bytes(mc: ModelConfig, page_size: int, bits: int) -> int:
                                               + 2 * mc.head_dim * 2)
 
 
-def prefill_bytes(mc: ModelConfig, dtype_bytes: int, chunk: int, context: int) -> int:
-    """GPU workspace of one prefill chunk at a layer: fused q/k/v and gate/up outputs, the
-    activation product, residual and norm copies, and the prefix's K/V gathered for attention."""
-    per_token = (4 * mc.intermediate_size + 6 * mc.hidden_size
-                 + 3 * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim)
-    prefix = 2 * mc.num_kv_heads * context * mc.head_dim
-    return dtype_bytes * (chunk * per_token + prefix) + 8 * mc.vocab_size
+def prefill_bytes(mc: ModelConfig, dtype_bytes: int, chunk: int, piece: int,
+                  context: int) -> int:
+    """GPU workspace of a prefill forward (ModelRunner.prefill): per token of the `chunk`, the
+    hidden state, q, k, v and the attention output of the layer being run (sliding-window
+    layers pad copies of q, k, v and their output besides); per token of a `piece`, the fused
+    q/k/v and gate/up outputs, the activation product, residual and norm copies; and the cached
+    prefix's K/V gathered when the chunk follows one (a later chunk, or a chat turn)."""
+    q, kv = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
+    per_chunk_token = mc.hidden_size + 2 * q + 2 * kv + (2 * q + 2 * kv if mc.layer_windows else 0)
+    per_piece_token = 4 * mc.intermediate_size + 6 * mc.hidden_size + 3 * (q + 2 * kv)
+    return dtype_bytes * (chunk * per_chunk_token + piece * per_piece_token
+                          + context * 2 * kv) + 8 * mc.vocab_size
 
 
 def runtime_config(mc: ModelConfig, max_context: int) -> ModelConfig:
@@ -119,11 +128,13 @@ def gpu_state(mc: ModelConfig, attention, dtype_bytes: int, page_size: int,
 
 def plan_memory(mc: ModelConfig, *, dtype_bytes: int, page_size: int, max_context: int,
                 max_batch: int, host_mem: int | None, host_available: int, prefill_chunk: int,
-                kv_on_host: bool = True, gpu_mem: int | None = None, weights_bytes: int = 0,
+                prefill_piece: int, kv_on_host: bool = True, gpu_mem: int | None = None,
+                weights_bytes: int = 0,
                 state: GpuState | None = None) -> MemoryPlan:
     """Pages for max_batch full contexts, capped by --host-mem (default HOST_FRACTION of the
     available RAM) and, on a GPU (gpu_mem given), by what each page keeps there; the prefill
-    chunk halves until one context's pages, the chunk's workspace and the decode step's fit.
+    piece halves to PIECE_FLOOR, then the chunk (one forward's prompt tokens), until one
+    context's pages, the prefill's workspace and the decode step's fit.
     Without --host-mem, a RAM that cannot hold one full context is an error at start; a cap the
     user set may be smaller (requests that outgrow it fail alone, HostMemoryError)."""
     kv_page = page_size * mc.kv_bytes_per_token(dtype_bytes)
@@ -141,8 +152,10 @@ def plan_memory(mc: ModelConfig, *, dtype_bytes: int, page_size: int, max_contex
         raise ConfigError(
             f"{cap} holds {pages * page_size} tokens of KV; one {max_context}-token context "
             f"needs {gib(one * kv_page)}: raise --host-mem or lower --ctx", field="host_mem")
+    chunk = min(prefill_chunk, max_context)
+    piece = min(prefill_piece, chunk)
     if gpu_mem is None or state is None:
-        return MemoryPlan(pages, prefill_chunk, {})
+        return MemoryPlan(pages, chunk, piece, {})
 
     margin = min(GPU_MARGIN, gpu_mem // 8)
     room = gpu_mem - weights_bytes - margin - state.resident_bytes
@@ -152,30 +165,36 @@ def plan_memory(mc: ModelConfig, *, dtype_bytes: int, page_size: int, max_contex
                           "--gpu-mem or use a smaller model", field="gpu_mem")
     rows = min(max_batch * max_context, pages * page_size)
 
-    def fixed(chunk: int, num_pages: int) -> int:
-        return (prefill_bytes(mc, dtype_bytes, chunk, max_context) + state.decode_bytes_per_row
+    def prefill(chunk: int, piece: int) -> int:
+        return prefill_bytes(mc, dtype_bytes, chunk, piece, max_context)
+
+    def fixed(chunk: int, piece: int, num_pages: int) -> int:
+        return (prefill(chunk, piece) + state.decode_bytes_per_row
                 * min(rows, num_pages * page_size) + state.page_bytes * num_pages)
 
     one = min(one, pages)
-    chunk = min(prefill_chunk, max_context)
-    while chunk > MIN_PREFILL_CHUNK and fixed(chunk, one) > room:
-        chunk //= 2
-    if fixed(chunk, one) > room:
+    while fixed(chunk, piece, one) > room:
+        if piece > PIECE_FLOOR:
+            piece //= 2
+        elif chunk > MIN_PREFILL_CHUNK:
+            chunk //= 2
+            piece = min(piece, chunk)
+        else:
+            break
+    if fixed(chunk, piece, one) > room:
         what = ("its KV" if state.page_bytes == kv_page else "its key codes"
                 if state.page_bytes else "the workspace of its attention")
         hint = ("use --attention vattention (KV in host memory) or lower --ctx"
                 if state.page_bytes == kv_page else "raise --gpu-mem or lower --ctx")
         raise ConfigError(
             f"{where}: one {max_context}-token context does not fit, {what} and a "
-            f"{chunk}-token prefill need {gib(fixed(chunk, one))} and {gib(room)} is left: "
-            f"{hint}", field="gpu_mem")
+            f"{chunk}-token prefill need {gib(fixed(chunk, piece, one))} and {gib(room)} is "
+            f"left: {hint}", field="gpu_mem")
     if state.page_bytes:
         per_page = state.page_bytes + state.decode_bytes_per_row * page_size
-        spare = room - prefill_bytes(mc, dtype_bytes, chunk, max_context)
-        pages = min(pages, spare // per_page)
+        pages = min(pages, (room - prefill(chunk, piece)) // per_page)
     gpu = {"weights": weights_bytes, "kv pages": state.page_bytes * pages,
-           "resident pages": state.resident_bytes,
-           "prefill chunk": prefill_bytes(mc, dtype_bytes, chunk, max_context),
+           "resident pages": state.resident_bytes, "prefill": prefill(chunk, piece),
            "decode step": state.decode_bytes_per_row * min(rows, pages * page_size),
            "margin": margin}
-    return MemoryPlan(pages, chunk, gpu)
+    return MemoryPlan(pages, chunk, piece, gpu)

@@ -43,10 +43,11 @@ class ModelRunner:
         backends: LayerBackends,
         device: torch.device,
         prefill_chunk: int = 2048,
+        prefill_piece: int = 2048,
         cuda_graphs: bool = True,
     ) -> None:
         self.model, self.pool, self.backends, self.device = model, pool, backends, device
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.prefill_piece = prefill_chunk, min(prefill_piece, prefill_chunk)
         self.page_size = pool.page_size
         self.use_graphs = cuda_graphs and device.type == "cuda" and backends.graphable
         self.graphs: dict[tuple[int, int], _Graph] = {}
@@ -61,8 +62,11 @@ class ModelRunner:
     def prefill(self, seq: Sequence, all_logits: bool = False) -> torch.Tensor:
         """Cache every not-yet-cached token of seq; logits of the last one [V] (or all: [T, V]).
 
-        Layer by layer within a chunk: the model runs each layer over the whole chunk, so only one
-        layer's K/V of the chunk is on the GPU at a time; the pool streams it to the host.
+        A forward per chunk of prefill_chunk tokens (by default the whole prompt), layer by
+        layer: each layer attends over the chunk and its cached prefix in one causal call and
+        streams the chunk's K/V to the pool once; norms, projections and MLP run in pieces of
+        prefill_piece tokens. Small chunks made every chunk re-read the cached prefix over PCIe
+        and attend with a slower kernel than one causal square (docs/user_path.md).
         """
         ids = seq.all_ids
         self.pool.allocator.grow(seq.block_table, len(ids))
@@ -81,16 +85,19 @@ class ModelRunner:
                 cached_len=start,
             )
             input_ids = torch.tensor(ids[start:end], device=self.device)
-            hidden = self.model(input_ids, positions, ctx, self.backends)
-            outputs.append(self.model.compute_logits(hidden if all_logits else hidden[-1:]))
+            hidden = self.model(input_ids, positions, ctx, self.backends, self.prefill_piece)
+            if all_logits:
+                outputs += [self.model.compute_logits(hidden[i:i + self.prefill_piece])
+                            for i in range(0, len(hidden), self.prefill_piece)]
             seq.num_cached = end
-        return torch.cat(outputs) if all_logits else outputs[-1][0]
+        return torch.cat(outputs) if all_logits else self.model.compute_logits(hidden[-1:])[0]
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One token for each sequence: feeds each one's last token; logits [B, V]."""
         for seq in seqs:
             self.pool.allocator.grow(seq.block_table, seq.num_tokens)
+        self.pool.pin_all()  # a graph replay's stores pass no host code that could pin
         width = max(len(s.block_table) for s in seqs)
         if self.use_graphs:
             width = width_bucket(width)

@@ -108,8 +108,9 @@ class Attention(nn.Module):
         scalar = cfg.query_pre_attn_scalar or cfg.head_dim
         self.q_scale = math.sqrt(cfg.head_dim / scalar)
 
-    def forward(self, x: torch.Tensor, rope: dict[bool, tuple[torch.Tensor, torch.Tensor]],
-                ctx: Any, attention: Attend):
+    def project(self, x: torch.Tensor, rope: dict[bool, tuple[torch.Tensor, torch.Tensor]]):
+        """x [T, hidden] -> q [T, Hq, D], k, v [T, Hkv, D]: normed, turned and scaled as the
+        backends take them."""
         T = x.shape[0]
         cos, sin = rope[self.local]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -120,9 +121,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.q_scale != 1.0:
             q = q * self.q_scale
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        o = attention(self.layer_idx, q, k, v, ctx)  # [T, Hq, D]
-        return self.o_proj(o.reshape(T, q_size))
+        return q, k, v.view(T, self.num_kv_heads, self.head_dim)
 
 
 class MLP(nn.Module):
@@ -153,13 +152,33 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = make_norm(cfg, cfg.hidden_size)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, ctx, attention: Attend):
-        if self.gemma:
-            a = self.self_attn(self.input_layernorm(x), rope, ctx, attention)
-            x = x + self.post_attention_layernorm(a)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + self.self_attn(self.input_layernorm(x), rope, ctx, attention)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, rope, ctx, attention: Attend, piece: int) -> None:
+        """x [T, hidden], updated in place. The token-wise parts (norms, projections, MLP) run
+        over at most `piece` tokens at a time, attention once over all T: a long prompt's layer
+        attends in one causal call (the fastest kernel, no cached prefix re-read per chunk),
+        while the MLP's workspace stays that of `piece` tokens."""
+        T, attn = x.shape[0], self.self_attn
+        spans = [slice(s, min(s + piece, T)) for s in range(0, T, piece)]
+        if len(spans) == 1:
+            q, k, v = attn.project(self.input_layernorm(x), rope)
+        else:
+            q = x.new_empty(T, attn.num_heads, attn.head_dim)
+            k = x.new_empty(T, attn.num_kv_heads, attn.head_dim)
+            v = torch.empty_like(k)
+            for s in spans:
+                q[s], k[s], v[s] = attn.project(self.input_layernorm(x[s]),
+                                                {w: (c[s], n[s]) for w, (c, n) in rope.items()})
+        o = attention(attn.layer_idx, q, k, v, ctx).reshape(T, -1)  # [T, Hq * D]
+        del q, k, v
+        for s in spans:
+            a = attn.o_proj(o[s])
+            if self.gemma:
+                x[s] += self.post_attention_layernorm(a)
+                m = self.mlp(self.pre_feedforward_layernorm(x[s]))
+                x[s] += self.post_feedforward_layernorm(m)
+            else:
+                x[s] += a
+                x[s] += self.mlp(self.post_attention_layernorm(x[s]))
 
 
 # HF parameter names -> (our parameter, shard index or None) for the fused projections.
@@ -193,8 +212,11 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Any,
-                attention: Attend) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, hidden]."""
+                attention: Attend, piece: int | None = None) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, hidden]. Layer by layer over all
+        T tokens, the token-wise work in pieces of at most `piece` tokens (DecoderLayer)."""
+        T = input_ids.shape[0]
+        piece = piece or T
         x = self.embed_tokens(input_ids)
         if self.config.gemma:  # the scale rounded to the embedding's dtype, as transformers
             x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
@@ -204,8 +226,10 @@ class LlamaForCausalLM(nn.Module):
         rope[True] = (rope[False] if self.local_inv_freq is None
                       else self._cos_sin(positions, self.local_inv_freq, x.dtype))
         for layer in self.layers:
-            x = layer(x, rope, ctx, attention)
-        return self.norm(x)
+            layer(x, rope, ctx, attention, piece)
+        for start in range(0, T, piece):  # in place: no [T, hidden] fp32 copy at once
+            x[start:start + piece] = self.norm(x[start:start + piece])
+        return x
 
     @staticmethod
     def _cos_sin(positions, inv_freq, dtype, scale: float = 1.0):

@@ -6,8 +6,11 @@ when a GPU will read it, in ordinary memory on CPU-only boxes, or on the GPU for
 full-attention baseline. Page bookkeeping is plain Python (PageAllocator).
 
 A pinned pool is an anonymous mmap whose slabs (SLAB_BYTES of K + V) are page-locked with
-cudaHostRegister as the allocator first hands their pages out, so host memory tracks the KV in
-use, not the budget. Each slab of each layer is its own registration: a DMA copy of the host
+cudaHostRegister once the allocator hands their pages out, so host memory tracks the KV in use,
+not the budget. Each slab of each layer is its own registration, made just before that layer's
+first write (`writing`), or for every layer before a decode step (`pin_all`): a 128K prefill's
+16 GiB are pinned layer by layer while the GPU runs the layers before, instead of ~10 s at
+its start (cudaHostRegister faults the pages in at 1.3-1.9 GB/s). A DMA copy of the host
 tensors (k[...].copy_) must stay inside one slab; kernels reading through the views need not.
 The GPU addresses the pool through UVA views (k_view, v_view): kernels read the rows
 they need straight over PCIe, and new rows are written by GPU stores, so no step waits for the
@@ -102,12 +105,15 @@ class PageAllocator:
         self.shrink(block_table, 0)
 
 
-def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, huge: bool = False) -> torch.Tensor:
     """Zeroed CPU memory committed only as it is written: an anonymous mmap. (torch.zeros
     commits the whole budget at once; torch.empty may hand back freed heap memory, NaNs
-    included, which made padded decode rows NaN.)"""
+    included, which made padded decode rows NaN.) huge: ask for transparent 2 MiB pages, which
+    cudaHostRegister faults in and pins 1.4x faster (1.85 against 1.34 GB/s on the H200 box)."""
     count = math.prod(shape)
     buffer = mmap.mmap(-1, max(count * dtype.itemsize, 1))
+    if huge and hasattr(mmap, "MADV_HUGEPAGE"):
+        buffer.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(buffer, dtype=dtype, count=count).view(shape)  # keeps buffer alive
 
 
@@ -142,43 +148,63 @@ class KVPool:
             self.k = torch.zeros(shape, dtype=dtype, device=device)
             self.v = torch.zeros(shape, dtype=dtype, device=device)
         else:
-            self.k, self.v = lazy_zeros(shape, dtype), lazy_zeros(shape, dtype)
+            self.k, self.v = lazy_zeros(shape, dtype, pin), lazy_zeros(shape, dtype, pin)
         self.num_pages = num_pages
-        self.pinned_pages = 0  # pages [0, pinned_pages) are page-locked and mapped for the GPU
+        self.layer_pinned = [0] * num_layers  # pages [0, n) of each layer are page-locked
+        self._pin_goal = 0  # pages [0, goal) are handed out: pinned before they are touched
         self._pinned: list[tuple[int, int]] = []  # (address, bytes) of each registered range
         self.slab_pages = max(1, SLAB_BYTES // page_bytes)
         self.allocator = PageAllocator(num_pages, page_size, num_pages * page_bytes,
-                                       on_grow=self._pin_upto if pin else None)
+                                       on_grow=self._want if pin else None)
         if pin:
             weakref.finalize(self, _unpin_all, self._pinned)
-            self._pin_upto(1)  # the views' base address must be registered memory
+            self._want(1)
+            self.pin_all()  # the views' base address must be registered memory
             self.k_view, self.v_view = uva_view(self.k), uva_view(self.v)
         else:
             self.k_view, self.v_view = self.k, self.v
         self.side_stream = torch.cuda.Stream() if pin else None
 
     @property
-    def pinned_bytes(self) -> int:
-        return self.pinned_pages * self.allocator.page_bytes
+    def pinned_pages(self) -> int:
+        """Pages [0, n) page-locked and mapped for the GPU in every layer."""
+        return min(self.layer_pinned)
 
-    def _pin_upto(self, pages: int) -> None:
-        """Page-lock pages [0, pages), rounded up to whole slabs: each layer's K and V range of
-        the new slab is registered with CUDA (cudaHostRegister), so that kernels read it through
-        the UVA views. Called on the host before the step that first uses those pages."""
-        if pages <= self.pinned_pages:
-            return
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(self.layer_pinned) * self.allocator.page_bytes // len(self.layer_pinned)
+
+    def _want(self, pages: int) -> None:
+        """Pages [0, pages) are handed out (PageAllocator.on_grow): each layer pins them, rounded
+        up to whole slabs, before its first write (pin_layer) or before a decode step (pin_all)."""
         end = min(self.num_pages, -(-pages // self.slab_pages) * self.slab_pages)
+        self._pin_goal = max(self._pin_goal, end)
+
+    def pin_layer(self, layer: int) -> None:
+        """Page-lock this layer's K and V up to the pages handed out (cudaHostRegister, on the
+        host): kernels then read and write them through the UVA views."""
+        start, end = self.layer_pinned[layer], self._pin_goal
+        if start >= end:
+            return
         for t in (self.k, self.v):
-            for layer in range(t.shape[0]):
-                rows = t[layer, self.pinned_pages:end]
-                self._pinned.append(pin_range(rows.data_ptr(), rows.nbytes))
-        self.pinned_pages = end
+            rows = t[layer, start:end]
+            self._pinned.append(pin_range(rows.data_ptr(), rows.nbytes))
+        self.layer_pinned[layer] = end
+
+    def pin_all(self) -> None:
+        """Every layer pinned up to the pages handed out: before a step whose kernels touch any
+        layer without passing `writing` on the host (a CUDA graph replay)."""
+        for layer in range(len(self.layer_pinned)):
+            self.pin_layer(layer)
 
     @contextlib.contextmanager
-    def writing(self, *tensors: torch.Tensor) -> Iterator[None]:
-        """Run the write of these tensors' rows ([T, ...], the row count first) on the side stream
-        when it is long (a prefill chunk) and the pool is pinned host memory, so that the next
-        layer's compute overlaps it; on the current stream otherwise."""
+    def writing(self, layer: int, *tensors: torch.Tensor) -> Iterator[None]:
+        """Run a write of these tensors' rows ([T, ...], the row count first) into `layer` (its
+        pages pinned first) on the side stream when it is long (a prefill) and the pool is
+        pinned host memory, so that the next layer's compute overlaps it; on the current stream
+        otherwise."""
+        if self.side_stream is not None:
+            self.pin_layer(layer)
         if self.side_stream is None or tensors[0].shape[0] < _SIDE_STREAM_ROWS:
             yield
             return
