@@ -3,8 +3,9 @@ attention mode and prompt length, in a fresh process each (what a user pays: imp
 load, pool setup, prefill, decode), with an optional GPU memory cap (a 24 GiB card on a bigger
 one: torch.cuda.set_per_process_memory_fraction).
 
-Per run: load seconds (process start to the request's arrival, i.e. the wall time not spent on
-the request), time to first token, prefill and decode tokens/s, density and certificate (from
+Per run: load seconds (process start until the engine is built and ready for the request:
+import, CUDA start, the input checked, weights, memory plan, pool), exit seconds (the process's
+teardown after the output is written), time to first token, prefill and decode tokens/s, density and certificate (from
 the output row), peak host RSS and peak GPU memory (torch's reserved bytes, which is what a
 smaller card must hold). A run that fails (out of memory, a refused configuration) is kept with
 its one-line error: that is a result too.
@@ -33,17 +34,28 @@ def child(argv: list[str], gpu_cap_gib: float | None) -> None:
     import torch
 
     from vengine.cli.main import main
+    from vengine.engine.llm import LLM
 
+    ready = []
+    init = LLM.__init__
+
+    def timed_init(self, *args, **kwargs):  # when the engine is ready for the first request
+        init(self, *args, **kwargs)
+        ready.append(time.time())
+
+    LLM.__init__ = timed_init
     if gpu_cap_gib and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_cap_gib * 2**30 / total))
     rc = main(argv)
+    done = time.time()
     gpu = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0
     # VmHWM: this process's own peak (ru_maxrss would carry the forking parent's over exec)
     status = Path("/proc/self/status")
     hwm = re.search(r"VmHWM:\s+(\d+) kB", status.read_text()) if status.exists() else None
     rss = (int(hwm.group(1)) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-    print(json.dumps({"rc": rc, "peak_rss_bytes": rss, "peak_gpu_bytes": gpu}))
+    print(json.dumps({"rc": rc, "peak_rss_bytes": rss, "peak_gpu_bytes": gpu,
+                      "ready_wall": ready[0] if ready else None, "done_wall": done}))
 
 
 def prompt_of(model: str | None, tokens: int) -> str:
@@ -88,9 +100,9 @@ def run_one(args, mode: str, tokens: int, work: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", json.dumps(argv)]
     if args.gpu_cap_gib:
         cmd += ["--gpu-cap-gib", str(args.gpu_cap_gib)]
-    t0 = time.perf_counter()
+    t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t0
+    wall = time.time() - t0
     result = {"mode": mode, "prompt_tokens_asked": tokens, "wall_s": wall}
     last = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
     try:
@@ -104,8 +116,11 @@ def run_one(args, mode: str, tokens: int, work: Path) -> dict:
     decode_s = row["completion_tokens"] / max(row["decode_tokens_per_s"], 1e-9)
     return result | {
         "prompt_tokens": row["prompt_tokens"], "completion_tokens": row["completion_tokens"],
-        "load_s": wall - row["seconds"], "weights_gb_per_s": weight_bytes(args.model) / 1e9
-        / max(wall - row["seconds"], 1e-9), "kv_bytes": row.get("kv_bytes"),
+        "load_s": result["ready_wall"] - t0,  # process start to the engine ready: import,
+        # CUDA start, the input checked, weights, memory plan, pool
+        "exit_s": t0 + wall - result["done_wall"],  # process teardown (pinned memory released)
+        "weights_gb_per_s": weight_bytes(args.model) / 1e9 / (result["ready_wall"] - t0),
+        "kv_bytes": row.get("kv_bytes"),
         "time_to_first_token_s": row["time_to_first_token_s"],
         "prefill_tokens_per_s": row["prompt_tokens"] / max(row["time_to_first_token_s"], 1e-9),
         "decode_tokens_per_s": row["decode_tokens_per_s"], "decode_s": decode_s,

@@ -58,3 +58,28 @@ def test_baseline_and_oracle_backends_in_the_engine_match_full_attention_when_ex
     oracle_va, stats = tokens(OracleVAttention(every_row))
     assert oracle_va == full and stats[0]["density"] == 1.0
 
+
+
+class _WordTokenizer:
+    """Whitespace tokens: enough for the tasks' length budgets."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[str]:
+        return text.split()
+
+
+@pytest.mark.parametrize("task", ["niah_single", "niah_multikey", "niah_multivalue",
+                                  "niah_multiquery", "vt"])
+def test_completion_prompts_begin_the_answer_for_base_models(task):
+    """--prompt completion: the question, then RULER's answer prefix naming what was asked,
+    never the answer itself (a base model continues it; Gemma 3 270M answers nothing through
+    a chat wrapper)."""
+    from vengine.eval.tasks import make_cases
+
+    for case in make_cases(task, _WordTokenizer(), 600, 3, seed=1):
+        question = case.prompt.rsplit("\n", 1)[-1]
+        assert case.completion == f"{case.prompt}\nAnswer: {case.answer_prefix}"
+        assert case.answer_prefix.rstrip(":").split()[-1] in ("is", "are", "they")
+        if task.startswith("niah"):
+            key = question.split(" for ", 1)[1].split(" mentioned")[0]
+            assert f" for {key} mentioned" in case.answer_prefix
+            assert not any(a in case.answer_prefix for a in case.answers)

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--guarantees", default="denominator",
                     help="comma-separated: denominator (the paper's) and/or output")
     ev.add_argument("--haystack", choices=("essay", "noise"), default="essay")
+    ev.add_argument("--prompt", choices=("chat", "completion"), default="chat",
+                    help="chat: through the model's chat template; completion: for base models, "
+                         "the question then the answer begun (RULER's answer prefix)")
     ev.add_argument("--baselines", default="",
                     help="comma-separated epsilons at whose vAttention density the oracle top-k, "
                          "predictor top-k and uniform baselines run (default: none)")
@@ -203,7 +206,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(tasks=tasks, context=context, cases=args.cases, seed=args.seed,
                             epsilons=epsilons, delta=args.delta, guarantees=guarantees,
                             haystack=args.haystack, baselines=baselines, predictors=predictors,
-                            top_k=args.top_k, pilot=args.pilot)
+                            top_k=args.top_k, pilot=args.pilot, prompt=args.prompt)
     for eps in epsilons:  # bad values fail before the model loads
         from vengine.eval.run import vattention_settings
 

@@ -44,6 +44,8 @@ class EvalSettings:
     baselines: tuple[float, ...] = ()  # the epsilons whose density the baselines run at
     predictors: tuple[str, ...] = ("codes",)  # "codes" (shipped) and/or "oracle" (exact scores)
     calibration_epsilons: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3)
+    prompt: str = "chat"  # "chat" (the model's template) or "completion" (base models: RULER's
+    # answer prefix after the question, no template)
 
 
 def vattention_settings(s: EvalSettings, epsilon: float, guarantee: str = "denominator"
@@ -53,7 +55,9 @@ def vattention_settings(s: EvalSettings, epsilon: float, guarantee: str = "denom
                       guarantee=guarantee, seed=s.seed, exact_below=0)  # always sparse
 
 
-def _prompt_ids(llm, case) -> list[int]:
+def _prompt_ids(llm, case, style: str = "chat") -> list[int]:
+    if style == "completion":
+        return llm.tokenizer.encode(case.completion)
     messages = getattr(case, "messages", None)
     if messages:
         return llm.chat_ids(list(messages))
@@ -67,7 +71,7 @@ def run_mode(llm, attention: Any, cases: list, s: EvalSettings) -> dict[str, Any
 
     engine = llm.with_attention(attention)
     params = SamplingParams(max_new_tokens=s.max_new_tokens)
-    requests = [(i, _prompt_ids(llm, c), params) for i, c in enumerate(cases)]
+    requests = [(i, _prompt_ids(llm, c, s.prompt), params) for i, c in enumerate(cases)]
     per_case = [0.0] * len(cases)
     sums = {"density": 0.0, "certificate_violation_rate": 0.0, "predictor_miss_rate": 0.0}
     steps = 0
@@ -108,7 +112,7 @@ def calibration(llm, s: EvalSettings, cases: list) -> dict[str, Any]:
     from vengine.eval.baselines import relative_errors
     from vengine.kernels import reference
 
-    acts = capture(llm.model, _prompt_ids(llm, cases[0]), keep_queries=8)
+    acts = capture(llm.model, _prompt_ids(llm, cases[0], s.prompt), keep_queries=8)
     problems = [decode_problem(a) for a in acts]
     exact = [p.exact() for p in problems]
     dev = acts[0].k.device

@@ -35,10 +35,16 @@ class Case:
     answers: tuple[str, ...]
     context_tokens: int
     depth: float | None = None
+    answer_prefix: str = ""  # how the answer starts, for a base model to continue (RULER's)
 
     @property
     def prompt(self) -> str:
         return self.messages[-1]["content"]
+
+    @property
+    def completion(self) -> str:
+        """The prompt as a base model reads it (no chat template): the answer begun."""
+        return f"{self.prompt}\nAnswer: {self.answer_prefix}" if self.answer_prefix else self.prompt
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class _Spec:
     intro: str
     question: str
     answers: tuple[str, ...]
+    answer_prefix: str
 
 
 def score(case: Case, text: str) -> float:
@@ -121,7 +128,7 @@ def _niah_single(rng: random.Random, depth: float) -> _Spec:
     before = sorted(rng.uniform(0.75 * depth, depth) for _ in others)
     return _Spec(tuple(items), (depth, *before), _NIAH_INTRO,
                  f"What is the special magic number for {key} mentioned in the provided text?",
-                 (value,))
+                 (value,), f"The special magic number for {key} mentioned in the provided text is")
 
 
 def _niah_multikey(rng: random.Random, depth: float, n: int = 6) -> _Spec:
@@ -129,14 +136,16 @@ def _niah_multikey(rng: random.Random, depth: float, n: int = 6) -> _Spec:
     items = tuple(_needle(k, v) for k, v in zip(keys, values))
     return _Spec(items, (depth, *_other_depths(rng, n - 1)), _NIAH_INTRO,
                  f"What is the special magic number for {keys[0]} mentioned in the provided text?",
-                 (values[0],))
+                 (values[0],),
+                 f"The special magic number for {keys[0]} mentioned in the provided text is")
 
 
 def _niah_multivalue(rng: random.Random, depth: float, n: int = 4) -> _Spec:
     key, values = _keys(rng, 1)[0], [_number(rng) for _ in range(n)]
     return _Spec(tuple(_needle(key, v) for v in values), (depth, *_other_depths(rng, n - 1)),
                  _NIAH_INTRO, f"What are all the special magic numbers for {key} mentioned in the "
-                 "provided text?", tuple(values))
+                 "provided text?", tuple(values),
+                 f"The special magic numbers for {key} mentioned in the provided text are")
 
 
 def _niah_multiquery(rng: random.Random, depth: float, n: int = 4) -> _Spec:
@@ -144,7 +153,8 @@ def _niah_multiquery(rng: random.Random, depth: float, n: int = 4) -> _Spec:
     items = tuple(_needle(k, v) for k, v in zip(keys, values))
     return _Spec(items, (depth, *_other_depths(rng, n - 1)), _NIAH_INTRO,
                  f"What are the special magic numbers for {keys[0]} and {keys[1]} mentioned in "
-                 "the provided text?", tuple(values[:2]))
+                 "the provided text?", tuple(values[:2]), f"The special magic numbers for "
+                 f"{keys[0]} and {keys[1]} mentioned in the provided text are")
 
 
 def _vt(rng: random.Random, depth: float, hops: int = 4) -> _Spec:
@@ -160,7 +170,9 @@ def _vt(rng: random.Random, depth: float, hops: int = 4) -> _Spec:
     intro = "Memorize and track the chain(s) of variable assignment hidden in the following text."
     q = (f"Find all variables that are assigned the value {values[0]} in the text above. Answer "
          "with the variable names only.")
-    return _Spec(tuple(items), tuple(depths), intro, q, tuple(names[: hops + 1]))
+    prefix = (f"According to the chain(s) of variable assignment in the text above, {hops + 1} "
+              f"variables are assigned the value {values[0]}, they are:")
+    return _Spec(tuple(items), tuple(depths), intro, q, tuple(names[: hops + 1]), prefix)
 
 
 _SPECS: dict[str, Callable[[random.Random, float], _Spec]] = {
@@ -210,7 +222,7 @@ def _haystack_case(task: str, spec: _Spec, filler: list[str], tokenizer) -> Case
     text = _render(spec, body)
     return Case(task, ({"role": "user", "content": text},), spec.answers,
                 len(tokenizer.encode(text, add_special_tokens=False)) + _TEMPLATE_MARGIN,
-                spec.depths[0])
+                spec.depths[0], spec.answer_prefix)
 
 
 # -- word-frequency tasks ----------------------------------------------------------------------
