@@ -177,7 +177,7 @@ def plan_memory(mc: ModelConfig, *, dtype_bytes: int, page_size: int, max_contex
         if piece > PIECE_FLOOR:
             piece //= 2
         elif chunk > MIN_PREFILL_CHUNK:
-            chunk //= 2
+            chunk = max(chunk // 2, MIN_PREFILL_CHUNK)
             piece = min(piece, chunk)
         else:
             break
