@@ -368,6 +368,20 @@ def test_random_bytes_in_gguf_tensor_data_are_caught(tmp_path, default_gguf, cli
     assert " tensor " in line and "non-finite" in line, line
 
 
+@needs_model
+@pytest.mark.parametrize("keep", [4096, 0.6])
+def test_truncated_gguf_is_one_line_naming_the_file(tmp_path, default_gguf, cli, keep):
+    """Cut inside the metadata (4 KiB kept) or inside the tensor data (60% kept): vengine's own
+    header reader says so in one line."""
+    data = default_gguf.read_bytes()
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(data[: keep if isinstance(keep, int) else int(keep * len(data))])
+    line = one_line_error(cli("generate", "--prompt", "hi", "--model", str(bad)), str(bad))
+    assert "not a readable GGUF file" in line, line
+    if not isinstance(keep, int):
+        assert "past the end of the file" in line, line
+
+
 # -- 8: chat: Ctrl-C, line editing, signs of life, cut replies, bad bytes, framing ----------------
 
 
