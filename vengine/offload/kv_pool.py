@@ -10,7 +10,7 @@ cudaHostRegister once the allocator hands their pages out, so host memory tracks
 not the budget. Each slab of each layer is its own registration, made just before that layer's
 first write (`writing`), or for every layer before a decode step (`pin_all`): a 128K prefill's
 16 GiB are pinned layer by layer while the GPU runs the layers before, instead of ~10 s at
-its start (cudaHostRegister faults the pages in at 1.3-1.9 GB/s). A DMA copy of the host
+its start (cudaHostRegister faults fresh pages in at 1.3-2.7 GB/s). A DMA copy of the host
 tensors (k[...].copy_) must stay inside one slab; kernels reading through the views need not.
 The GPU addresses the pool through UVA views (k_view, v_view): kernels read the rows
 they need straight over PCIe, and new rows are written by GPU stores, so no step waits for the
