@@ -725,3 +725,18 @@ def test_threads_are_set_from_available_cores_by_llm(work):
     finally:
         torch.set_num_threads(before)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_loaders_finite_check_agrees_with_isfinite(dtype):
+    """The exponent-bit test the HF loader runs on the host: NaN, +-inf and finite extremes."""
+    from vengine.models.loader import all_finite
+
+    info = torch.finfo(dtype)
+    finite = torch.tensor([0.0, -0.0, 1.5, info.max, -info.max, info.tiny, info.tiny / 4],
+                          dtype=dtype)
+    assert bool(all_finite(finite)) and bool(all_finite(finite[2:3].expand(4, 3)))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = finite.clone()
+        t[3] = bad
+        assert not bool(all_finite(t)) and bool(all_finite(t)) == bool(torch.isfinite(t).all())

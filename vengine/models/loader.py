@@ -176,9 +176,23 @@ def _read_json(path: Path) -> dict:
         raise ModelLoadError(f"{path}: unreadable JSON ({e})") from None
 
 
+# A 16-bit float is NaN or inf exactly when its exponent bits are all ones.
+_EXPONENT_BITS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00)}
+
+
+def all_finite(t: torch.Tensor) -> torch.Tensor:
+    """torch.isfinite(t).all() as a 0-dim bool tensor on t's device. For 16-bit floats on a CPU,
+    by the exponent bits: torch's CPU isfinite read bf16 at 0.2-0.6 GB/s on two cores here, the
+    bit test at 1.1-1.2 GB/s (for float32 isfinite is the faster)."""
+    if t.device.type != "cpu" or t.dtype not in _EXPONENT_BITS:
+        return torch.isfinite(t).all()
+    itype, mask = _EXPONENT_BITS[t.dtype]
+    return ((t.contiguous().view(itype) & mask) != mask).all()
+
+
 def _safetensors(directory: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     """Each tensor of the directory's shards, on `device`. The non-finite check runs there, read
-    once per shard (so the copies do not wait on it): on a CPU, torch.isfinite reads bf16 at
+    once per shard (so the copies do not wait on it): on the host, torch.isfinite read bf16 at
     ~0.4 GB/s per core, and an 8B load took 17-22 s against a 2 s read of its shards."""
     from safetensors import SafetensorError, safe_open
 
@@ -197,7 +211,7 @@ def _safetensors(directory: Path, device: torch.device) -> Iterator[tuple[str, t
                     tensor = f.get_tensor(name).to(device)
                     if tensor.is_floating_point():
                         names.append(name)
-                        finite.append(torch.isfinite(tensor).all())
+                        finite.append(all_finite(tensor))
                     yield name, tensor
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{file}: truncated or corrupt safetensors file ({e})") from None
