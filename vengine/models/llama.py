@@ -29,15 +29,17 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False, long: bool = False) -> 
     LongRoPE's long factors, for a context past its original length)."""
     theta = cfg.local_rope_theta if local else cfg.rope_theta
     dim = cfg.rotary_dim or cfg.head_dim
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2).double() / dim)
+    # on the CPU even under a meta-device build: meta arithmetic imports torch._dynamo (1.9 s)
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device="cpu").double() / dim)
     s = None if local else cfg.rope_scaling
     if s is None:
         return inv_freq.float()
     if s.kind == "linear":
         return (inv_freq / s.factor).float()
     if s.kind == "longrope":
-        factors = torch.tensor(s.long_factor if long else s.short_factor, dtype=torch.float32)
-        return 1.0 / (factors * theta ** (torch.arange(0, dim, 2).float() / dim))
+        factors = torch.tensor(s.long_factor if long else s.short_factor, dtype=torch.float32,
+                               device="cpu")
+        return 1.0 / (factors * theta ** (torch.arange(0, dim, 2, device="cpu").float() / dim))
     low_wavelen = s.original_max_position / s.low_freq_factor
     high_wavelen = s.original_max_position / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -190,7 +192,10 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # zeros, not Embedding's normal_ init: on the meta device (the loader's build) normal_ runs
+        # a Python decomposition that imports torch._dynamo, 1.9 s of every start
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.zeros(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg, cfg.hidden_size)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
