@@ -152,3 +152,15 @@ def test_error_prompt_longer_than_context(cli):
 ])
 def test_eval_rejects_bad_flags_before_loading(cli, args, needle):
     assert_cli_error(cli("eval", *args), needle)
+
+
+@needs_model
+def test_starting_an_engine_does_not_import_torch_dynamo():
+    """torch._dynamo costs ~2 s of every start (it came in through torch.nn.attention.bias and
+    meta-device init ops); a generate on the default model must not need it."""
+    code = ("import sys, vengine; llm = vengine.LLM(device='cpu', max_context=256); "
+            "llm.generate('hi', max_new_tokens=2); print('torch._dynamo' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"
