@@ -195,6 +195,8 @@ class KVPool:
     def pin_all(self) -> None:
         """Every layer pinned up to the pages handed out: before a step whose kernels touch any
         layer without passing `writing` on the host (a CUDA graph replay)."""
+        if self.pinned_pages >= self._pin_goal:  # the usual decode step: nothing new
+            return
         for layer in range(len(self.layer_pinned)):
             self.pin_layer(layer)
 
