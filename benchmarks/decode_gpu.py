@@ -422,9 +422,8 @@ def main() -> None:
     bulk = bulk_copy_gbs()
     print(f"bulk pinned->GPU copy: {bulk:.1f} GB/s", flush=True)
     pages = max(B * (c // PAGE + 1) for c, B in configs)
-    budget = pages * PAGE * cfg.kv_bytes_per_token(DTYPE.itemsize)
     t = time.perf_counter()
-    pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, PAGE, budget, DTYPE,
+    pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, PAGE, pages, DTYPE,
                   torch.device("cpu"), pin=True)
     backends = {"fixed (unverified)": VAttentionBackend(fixed_budget(), pool, cfg, DEV)}
     codes = backends["fixed (unverified)"].codes  # the same keys: one copy of their codes

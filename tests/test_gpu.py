@@ -165,7 +165,7 @@ def test_pinned_pool_pins_slabs_as_pages_are_handed_out(monkeypatch):
     L, H, P, D = 2, 2, 16, 64
     page_bytes = 2 * L * H * P * D * 2
     monkeypatch.setattr(kv_pool, "SLAB_BYTES", 4 * page_bytes)  # 4 pages a slab
-    pool = kv_pool.KVPool(L, H, D, P, 40 * page_bytes, torch.bfloat16, torch.device("cpu"),
+    pool = kv_pool.KVPool(L, H, D, P, 40, torch.bfloat16, torch.device("cpu"),
                           pin=True)
     assert pool.pinned_pages == 4 and pool.num_pages == 40
     table: list[int] = []
@@ -198,3 +198,24 @@ def test_memory_plan_fits_the_gpu_budget_it_is_given():
     out = llm.generate(ids, max_new_tokens=16, ignore_eos=True)[0]
     assert len(out.token_ids) == 16
     assert torch.cuda.max_memory_allocated() - before <= 2**30, llm.memory
+
+
+@pytest.mark.parametrize("case, pooled", [("gemma3", 1), ("mistral", 0)])
+def test_sliding_window_models_on_gpu_as_transformers(hf_tok, tmp_path, case, pooled):
+    """Window layers' rings on the device, graph-captured decode past the window, and (Mistral)
+    a model that pools no layer at all: greedy tokens as transformers' on the CPU."""
+    from test_models import TEXTS, TINY_CASES, _save, _tiny_model
+
+    arch, extra, _ = TINY_CASES[case]
+    model = _tiny_model(arch, len(hf_tok), **extra)
+    path = _save(model, hf_tok, tmp_path / case)
+    prompt = hf_tok(TEXTS["prose"])["input_ids"][:40]
+    with torch.inference_mode():
+        hf = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                            min_new_tokens=24)[0, 40:].tolist()
+    for attention in ("full", "vattention"):
+        llm = vengine.LLM(model=str(path), device="cuda", dtype="float32", attention=attention)
+        assert llm.pool.k.shape[0] == pooled
+        out = llm.generate(prompt, max_new_tokens=24, ignore_eos=True)[0].token_ids
+        assert llm.runner.graph_error is None and llm.runner.graphs, attention
+        assert out == hf, f"{case} {attention} on cuda"

@@ -192,7 +192,8 @@ def _tiny_model(arch: str, vocab: int, seed: int = 0, **extra):
                           "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
                           "smollm3": (tf.SmolLM3Config, tf.SmolLM3ForCausalLM),
                           "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
-                          "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM)}[arch]
+                          "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
+                          "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[arch]
     config = cfg_cls(vocab_size=vocab, **{**TINY, **extra})
     torch.manual_seed(seed)
     model = model_cls(config).float().eval()
@@ -268,6 +269,9 @@ TINY_CASES = {
                                           "short_factor": [1.0 + 0.1 * i for i in range(6)],
                                           "long_factor": [2.0 + 0.5 * i for i in range(6)]}},
              None),
+    # Mistral with its sliding window on every layer (16 tokens, well inside the prompt): no
+    # layer attends over the whole context, so no KV goes to the pool
+    "mistral": ("mistral", {"sliding_window": 16}, None),
     # Llama 3.2: llama3 RoPE with factor 32, tied embeddings
     "llama3.2": ("llama", {"rope_parameters": {**LLAMA3_ROPE, "factor": 32.0,
                                                "rope_theta": 500000.0},
@@ -336,16 +340,34 @@ def test_info_shows_layer_kinds_and_kv_per_token(hf_tok, tmp_path, capsys):
     assert "1.0 KiB in torch.float32" in out
 
 
-def test_gemma3_sliding_window_chunked_prefill_and_decode(hf_tok, tiny_ids, tmp_path):
+@pytest.mark.parametrize("case, expect", [
+    # Gemma 3 tiny: 1 global layer of 6; window 16 (+ ring slack) on the other 5
+    ("gemma3", "in the 1 global layers (host pool); the 5 sliding-window layers"),
+    ("mistral", "none pooled (every layer keeps a window; torch.float32); the 2 sliding-window"),
+])
+def test_info_counts_kv_per_layer_kind(hf_tok, tmp_path, capsys, case, expect):
+    from vengine.cli.main import main
+
+    arch, extra, _ = TINY_CASES[case]
+    path = _save(_tiny_model(arch, len(hf_tok), **extra), hf_tok, tmp_path / case)
+    assert main(["info", "--model", str(path), "--device", "cpu"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert expect in out, out
+    assert "ring per sequence on the device" in out
+
+
+@pytest.mark.parametrize("case, pooled", [("gemma3", 1), ("mistral", 0)])
+def test_sliding_window_chunked_prefill_and_decode(hf_tok, tiny_ids, tmp_path, case, pooled):
     """The window layers' rings across prefill chunks shorter than the window, and decode past
     the window: logits and greedy tokens as transformers'. The host pool holds only the
-    global layer (1 of 6)."""
-    model = _tiny_model("gemma3", len(hf_tok), **TINY_CASES["gemma3"][1])
-    path = _save(model, hf_tok, tmp_path / "gemma3")
+    global layers (Gemma 3: 1 of 6; Mistral's window on every layer: none)."""
+    arch, extra, _ = TINY_CASES[case]
+    model = _tiny_model(arch, len(hf_tok), **extra)
+    path = _save(model, hf_tok, tmp_path / case)
     ref = _reference(model, tiny_ids)
     chunked = vengine.LLM(model=str(path), device="cpu", dtype="float32", prefill_chunk=5)
-    assert chunked.pool.k.shape[0] == 1, "only the global layer's KV is pooled"
-    assert_logits_close(chunked.logits(tiny_ids), ref, "gemma3 chunked")
+    assert chunked.pool.k.shape[0] == pooled, "only the global layers' KV is pooled"
+    assert_logits_close(chunked.logits(tiny_ids), ref, f"{case} chunked")
     prompt = tiny_ids[:40]
     with torch.inference_mode():
         hf = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
@@ -357,7 +379,7 @@ def test_gemma3_sliding_window_chunked_prefill_and_decode(hf_tok, tiny_ids, tmp_
     from vengine.eval.activations import capture
 
     layers = capture(chunked.model, tiny_ids)  # the eval's calibration input: global layers only
-    assert len(layers) == 1 and layers[0].k.shape[0] == len(tiny_ids)
+    assert len(layers) == pooled and all(x.k.shape[0] == len(tiny_ids) for x in layers)
 
 
 def test_window_attention_matches_a_masked_reference():

@@ -37,7 +37,7 @@ def test_allocator_grows_frees_and_refuses_beyond_budget():
 
 
 def test_pool_store_and_gather_round_trip():
-    pool = KVPool(2, 3, 8, page_size=4, budget_bytes=10**6, dtype=torch.float32,
+    pool = KVPool(2, 3, 8, page_size=4, num_pages=16, dtype=torch.float32,
                   device=torch.device("cpu"))
     table = [5, 2, 7]
     slots = torch.tensor([table[t // 4] * 4 + t % 4 for t in range(10)])
@@ -111,14 +111,14 @@ def test_cpu_pool_is_zero_where_nothing_was_written():
     for _ in range(4):
         junk = torch.full((64 * page_bytes // 4,), float("nan"))
         del junk
-        pool = KVPool(2, 3, 16, 64, 64 * 2 * page_bytes, torch.float32, torch.device("cpu"))
+        pool = KVPool(2, 3, 16, 64, 64, torch.float32, torch.device("cpu"))
         assert torch.count_nonzero(pool.k) == 0 and torch.count_nonzero(pool.v) == 0
 
 
 def test_resident_pages_follow_what_is_wanted():
     """GPU copies of pages (here on the CPU: the bookkeeping is the same): made when wanted, gone
     when not, made again when a freed page comes back for another sequence, none without slots."""
-    pool = KVPool(2, 2, 8, 4, 10 * 2 * 2 * 2 * 4 * 8 * 4, torch.float32, torch.device("cpu"))
+    pool = KVPool(2, 2, 8, 4, 10, torch.float32, torch.device("cpu"))
     pool.k.copy_(torch.randn(pool.k.shape))
     res = ResidentPages(pool, 2, torch.device("cpu"))
     res.keep([(3, 0), (7, 0)])

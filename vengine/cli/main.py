@@ -156,9 +156,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("layers", c.layer_kinds()),
         ("parameters", f"{params / 1e6:.1f} M"),
         ("context (trained)", str(c.max_position_embeddings)),
-        ("KV per token", f"{c.kv_bytes_per_token(dtype.itemsize) / 1024:.1f} KiB in {dtype}"
-                         + (" (global layers; the window layers' rings are per sequence)"
-                            if c.layer_windows else "")),
+        ("KV per token", kv_per_token(c, dtype)),
         ("sparse kernels", get_kernels(device, dtype).__name__),
         ("host memory available", f"{available_memory(torch.device('cpu')) / 2**30:.1f} GiB"),
     ]
@@ -169,6 +167,25 @@ def cmd_info(args: argparse.Namespace) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def kv_per_token(c, dtype) -> str:
+    """Per layer kind: the global layers' KV per token (the pool's), and the sliding-window
+    layers' per token of their window, with the ring each sequence keeps on the device."""
+    from vengine.attention.window import WindowAttention
+
+    text = f"{c.kv_bytes_per_token(dtype.itemsize) / 1024:.1f} KiB in {dtype}"
+    windowed = c.num_layers - len(c.global_layers)
+    if not windowed:
+        return text
+    row = 2 * windowed * c.num_kv_heads * c.head_dim * dtype.itemsize
+    ring = WindowAttention.ring_bytes(windowed, max(c.layer_windows), c.num_kv_heads,
+                                      c.head_dim, dtype.itemsize)
+    ring_text = f"{ring / 2**20:.1f} MiB" if ring >= 2**20 else f"{ring / 1024:.1f} KiB"
+    pooled = (f"{text} in the {len(c.global_layers)} global layers (host pool)"
+              if c.global_layers else f"none pooled (every layer keeps a window; {dtype})")
+    return (f"{pooled}; the {windowed} sliding-window layers {row / 1024:.1f} KiB per token of "
+            f"the window, a {ring_text} ring per sequence on the device")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -82,7 +82,7 @@ class LLM:
         cfg = self.config
         mc = runtime_config(self.model.config, cfg.max_context)
         kv_device = torch.device("cpu") if cfg.offloaded else cfg.device
-        pin = cfg.offloaded and cfg.device.type == "cuda"
+        pin = cfg.offloaded and cfg.device.type == "cuda" and bool(mc.global_layers)
         dtype_bytes = cfg.dtype.itemsize
         on_gpu = cfg.device.type == "cuda"
         windows = [mc.window(i) for i in range(mc.num_layers) if mc.window(i)]
@@ -98,9 +98,8 @@ class LLM:
             gpu_mem=self._gpu_budget if on_gpu else None, weights_bytes=self._weights_bytes,
             state=gpu_state(mc, cfg.attention, dtype_bytes, cfg.page_size, cfg.offloaded, ring)
             if on_gpu else None)
-        page_bytes = cfg.page_size * mc.kv_bytes_per_token(dtype_bytes)
         self.pool = KVPool(len(mc.global_layers), mc.num_kv_heads, mc.head_dim, cfg.page_size,
-                           self.memory.num_pages * page_bytes, cfg.dtype, kv_device, pin)
+                           self.memory.num_pages, cfg.dtype, kv_device, pin)
         window = WindowAttention(len(windows), windows[0], mc.num_kv_heads, mc.head_dim, slots,
                                  cfg.dtype, cfg.device) if windows else None
         self.backends = make_layer_backends(cfg.attention, self.pool, mc, cfg.device, window)

@@ -91,15 +91,11 @@ def prefill_bytes(mc: ModelConfig, dtype_bytes: int, chunk: int, piece: int,
 
 def runtime_config(mc: ModelConfig, max_context: int) -> ModelConfig:
     """The model's config as the engine sizes it: a sliding window at least as long as the
-    context never binds, so such layers are global (their KV in the pool); a model whose every
-    layer keeps a binding window has no pool to run on (not supported yet)."""
+    context never binds, so such layers are global (their KV in the pool). A model whose every
+    layer keeps a binding window (Mistral's sliding_window) pools nothing: all its KV is rings."""
     if not mc.layer_windows:
         return mc
     windows = tuple(w if w < max_context else 0 for w in mc.layer_windows)
-    if all(windows):
-        raise ConfigError(f"max_context: every layer of this model attends to a "
-                          f"{windows[0]}-token sliding window, which vengine does not run yet "
-                          f"beyond the window: use --ctx {windows[0]} or less", field="max_context")
     if len(set(windows) - {0}) > 1:
         raise ConfigError("max_context: sliding-window layers of different windows are not "
                           "supported yet", field="max_context")
@@ -141,7 +137,7 @@ def plan_memory(mc: ModelConfig, *, dtype_bytes: int, page_size: int, max_contex
     one = -(-(max_context + page_size) // page_size)  # pages of one full context
     if host_mem is not None:
         pages, cap = host_mem // kv_page, f"host_mem {gib(host_mem)}"
-    elif not kv_on_host:
+    elif not kv_on_host or not kv_page:  # KV on the device, or none pooled (all windows)
         pages, cap = max_batch * one, ""
     else:
         limit = int(HOST_FRACTION * host_available)

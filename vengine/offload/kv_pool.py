@@ -112,7 +112,9 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, huge: bool = False) -
     cudaHostRegister faults in and pins 1.25-1.4x faster (2.69 against 2.14, 1.85 against 1.34
     GB/s in two runs on the H200 box)."""
     count = math.prod(shape)
-    buffer = mmap.mmap(-1, max(count * dtype.itemsize, 1))
+    if not count:  # no pooled layers (a model whose every layer keeps a sliding window)
+        return torch.zeros(shape, dtype=dtype)
+    buffer = mmap.mmap(-1, count * dtype.itemsize)
     if huge and hasattr(mmap, "MADV_HUGEPAGE"):
         buffer.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(buffer, dtype=dtype, count=count).view(shape)  # keeps buffer alive
@@ -129,18 +131,15 @@ class KVPool:
         num_kv_heads: int,
         head_dim: int,
         page_size: int,
-        budget_bytes: int,
+        num_pages: int,
         dtype: torch.dtype,
         device: torch.device,
         pin: bool = False,
     ) -> None:
         self.page_size, self.device, self.dtype = page_size, device, dtype
         page_bytes = 2 * num_layers * num_kv_heads * page_size * head_dim * dtype.itemsize
-        num_pages = budget_bytes // page_bytes
         if num_pages < 1:
-            raise ConfigError(
-                f"host_mem: {budget_bytes} bytes is less than one KV page ({page_bytes} bytes)"
-            )
+            raise ConfigError(f"host_mem: holds no KV page ({page_bytes} bytes)", field="host_mem")
         shape = (num_layers, num_pages, num_kv_heads, page_size, head_dim)
         # Unwritten slots are read (and masked) by padded gathers, so they must hold finite values
         # (a masked row still enters attention as 0 * value): zeros everywhere. Host memory is an
@@ -154,7 +153,7 @@ class KVPool:
         self.layer_pinned = [0] * num_layers  # pages [0, n) of each layer are page-locked
         self._pin_goal = 0  # pages [0, goal) are handed out: pinned before they are touched
         self._pinned: list[tuple[int, int]] = []  # (address, bytes) of each registered range
-        self.slab_pages = max(1, SLAB_BYTES // page_bytes)
+        self.slab_pages = max(1, SLAB_BYTES // page_bytes) if page_bytes else num_pages
         self.allocator = PageAllocator(num_pages, page_size, num_pages * page_bytes,
                                        on_grow=self._want if pin else None)
         if pin:
@@ -169,11 +168,11 @@ class KVPool:
     @property
     def pinned_pages(self) -> int:
         """Pages [0, n) page-locked and mapped for the GPU in every layer."""
-        return min(self.layer_pinned)
+        return min(self.layer_pinned, default=self._pin_goal)
 
     @property
     def pinned_bytes(self) -> int:
-        return sum(self.layer_pinned) * self.allocator.page_bytes // len(self.layer_pinned)
+        return sum(self.layer_pinned) * self.allocator.page_bytes // max(1, len(self.layer_pinned))
 
     def _want(self, pages: int) -> None:
         """Pages [0, pages) are handed out (PageAllocator.on_grow): each layer pins them, rounded
@@ -218,8 +217,10 @@ class KVPool:
             t.record_stream(self.side_stream)
 
     def wait_writes(self) -> None:
-        """Make the current stream wait for side-stream writes (a device-side wait, no sync)."""
-        if self.side_stream is not None:
+        """Make the current stream wait for side-stream writes (a device-side wait, no sync).
+        Not while a CUDA graph is captured: the capture may not wait on a stream outside it, and
+        the runner waits before every replay (a decode step's own writes are on its stream)."""
+        if self.side_stream is not None and not torch.cuda.is_current_stream_capturing():
             torch.cuda.current_stream().wait_stream(self.side_stream)
 
     def gather_pages(self, layer: int, block_tables: torch.Tensor):
