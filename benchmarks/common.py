@@ -47,6 +47,7 @@ def build_model(cfg: ModelConfig) -> LlamaForCausalLM:
     with DEV:
         model = LlamaForCausalLM(cfg)
     torch.set_default_dtype(torch.float32)
+    model.init_rope(DEV)  # RoPE frequencies are computed on the CPU (llama.rope_inv_freq)
     for p in model.parameters():
         if p.dim() == 2:
             p.data.normal_(0.0, 0.02)

@@ -70,7 +70,8 @@ def fill_pool(pool: KVPool, backend: VAttentionBackend, pages: int) -> None:
     """Random K/V rows in the first `pages` pages of every layer, and their key codes."""
     g = torch.Generator(DEV).manual_seed(0)
     L, _, H, P, D = pool.k.shape
-    pool.allocator.grow([], pages * P)  # hands the pages out, so the pool pins them
+    pool.allocator.grow([], pages * P)  # hands the pages out
+    pool.pin_all()  # and page-locks them: the kernels read them through the UVA views
     step = pool.slab_pages  # one pinned slab at a time: a copy may not span two registrations
     for layer in range(L):
         codes, scales = backend.codes.layer(layer)
@@ -145,7 +146,7 @@ def flex_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
 
 
 RESIDENT_ATTENTION = {  # (a)'s candidates; one that cannot run here is kept with its error
-    "sdpa enable_gqa": sdpa_gqa_decode, "sdpa group rows": gqa_decode,
+    "sdpa group rows": gqa_decode, "sdpa enable_gqa": sdpa_gqa_decode,
     "sdpa flash enable_gqa": sdpa_backend("FLASH_ATTENTION"),
     "sdpa cudnn enable_gqa": sdpa_backend("CUDNN_ATTENTION"),
     "sdpa mem-efficient enable_gqa": sdpa_backend("EFFICIENT_ATTENTION"),
@@ -190,7 +191,7 @@ class Streamed:
         vv = vb.view(self.B, per_seq, H, P, D).transpose(1, 2).reshape(self.B, H, -1, D)
         kk, vv = kk[:, :, : self.context + 1], vv[:, :, : self.context + 1]
         kk[:, :, self.context], vv[:, :, self.context] = k, v
-        return gqa_decode(q, kk, vv)
+        return sdpa_gqa_decode(q, kk, vv)  # (a)'s fastest; the group-rows call failed in cuDNN
 
 
 class RecordingKernels:
@@ -290,16 +291,22 @@ def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: floa
         res = Resident(cfg, B, context, gqa_decode)
         kv_bytes = torch.cuda.memory_allocated() - before
         ctx = step_context(B, context)
-        for name, attend in RESIDENT_ATTENTION.items():
+        for name in args.resident.split(","):
+            attend = RESIDENT_ATTENTION[name]
             res.attend = attend
             try:
                 q = torch.randn(B, cfg.num_heads, cfg.head_dim, device=DEV, dtype=DTYPE)
                 ref = gqa_decode(q, res.k[0], res.v[0]).float()
                 diff = ((attend(q, res.k[0], res.v[0]).float() - ref).abs().max()
                         / ref.abs().max()).item()  # the same attention, or not a candidate
-                step = graphed(lambda: model.compute_logits(model(ids, positions, ctx, res)))
+                forward = lambda: model.compute_logits(model(ids, positions, ctx, res))  # noqa: E731
+                try:  # a CUDA graph, as vengine's decode runs; eager where capture fails
+                    step, how = graphed(forward), "graph"
+                except Exception as e:
+                    torch.cuda.synchronize()
+                    step, how = forward, f"eager (capture: {type(e).__name__})"
                 rows.append({**base, "mode": f"a resident ({name})", "ms_per_step":
-                             median_ms(step, args.repeats),
+                             median_ms(step, args.repeats), "run": how,
                              "gpu_kv_bytes_per_token": kv_bytes / (B * (context + 1)),
                              "max_rel_diff_vs_group_rows": diff})
                 del step
@@ -307,11 +314,12 @@ def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: floa
                 rows.append({**base, "mode": f"a resident ({name})", "ms_per_step": None,
                              "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
                 torch.cuda.synchronize()
-        best = min((r for r in rows if r["mode"].startswith("a resident")
-                    and r["ms_per_step"] is not None
-                    and r["max_rel_diff_vs_group_rows"] < 0.02),
-                   key=lambda r: r["ms_per_step"])
-        rows.append({**best, "mode": "a resident (fastest)", "attention": best["mode"]})
+            print(f"  {context}x{B} {rows[-1]['mode']}: {rows[-1].get('ms_per_step')} ms "
+                  f"{rows[-1].get('run', rows[-1].get('error'))}", flush=True)
+        ok = [r for r in rows if r["mode"].startswith("a resident") and r["ms_per_step"]
+              is not None and r["max_rel_diff_vs_group_rows"] < 0.02]
+        best = min(ok, key=lambda r: r["ms_per_step"]) if ok else {**base, "ms_per_step": None}
+        rows.append({**best, "mode": "a resident (fastest)", "attention": best.get("mode")})
         del res, ctx
     else:
         rows.append({**base, "mode": "a resident (fastest)", "ms_per_step": None,
@@ -401,6 +409,8 @@ def main() -> None:
     p.add_argument("--configs", default="8192x1,8192x4,8192x16,32768x1,32768x4,131072x1,"
                    "131072x2", help="context x batch, comma separated (the lent H100 "
                    "pins at most ~32 GiB: 32K x 16 and 128K x 4 do not fit)")
+    p.add_argument("--resident", default=",".join(RESIDENT_ATTENTION),
+                   help="(a)'s attention candidates, comma-separated")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--stream-repeats", type=int, default=3)
     p.add_argument("--prefill", default="32768,131072", help="prompt lengths to prefill ('' none)")
@@ -435,7 +445,7 @@ def main() -> None:
         backends[name] = VAttentionBackend(fixed_budget(k), pool, cfg, DEV)
         backends[name].codes = codes
     fill_pool(pool, backends["fixed (unverified)"], pages)
-    print(f"pinned pool {budget / 2**30:.1f} GiB allocated and filled in "
+    print(f"pinned pool {pool.k.nbytes * 2 / 2**30:.1f} GiB allocated and filled in "
           f"{time.perf_counter() - t:.1f} s", flush=True)
 
     rows = []

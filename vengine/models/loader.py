@@ -152,11 +152,25 @@ def load_model(
         weights = _safetensors(source.path, device)
     with torch.device("meta"):  # no random init: every parameter is overwritten below
         model = LlamaForCausalLM(cfg).to(dtype)
-    model.to_empty(device=device)
+    _materialize(model, device)
     model.tie_weights()
     model.init_rope(device)  # RoPE frequencies stay fp32
     model.load_weights(weights)
     return model.eval(), tokenizer
+
+
+def _materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Module.to_empty without its empty_like, which on meta tensors runs torch._refs and so
+    imports torch.fx's symbolic shapes and sympy (~1 s of every start): uninitialised storage
+    on `device` for each parameter and buffer, overwritten by load_weights."""
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                data = torch.empty(p.shape, dtype=p.dtype, device=device)
+                module._parameters[name] = torch.nn.Parameter(data, p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None and b.is_meta:
+                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
 
 
 def _hf_name(gguf_name: str, arch: str = "llama") -> str:
