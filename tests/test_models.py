@@ -434,3 +434,21 @@ def test_phi3_longrope_factors_follow_the_context(hf_tok, tiny_ids, tmp_path):
     assert_logits_close(ours.logits(ids), _reference(model, ids), "phi3 short")
     long = vengine.LLM(model=str(path), device="cpu", dtype="float32", max_context=256)
     assert not torch.allclose(long.logits(ids), ours.logits(ids)), "long factors differ"
+
+
+def test_attention_soft_capping_is_refused_in_one_line(hf_tok, tmp_path):
+    """Gemma 2's attn_logit_softcapping changes every score; served without it the model would
+    be silently wrong, so the load refuses, naming the file and the field."""
+    import transformers as tf
+
+    from vengine.errors import ModelLoadError
+    from vengine.models.config import ModelConfig
+
+    cfg = tf.Gemma3TextConfig(vocab_size=len(hf_tok), **{**TINY, "num_hidden_layers": 1},
+                              attn_logit_softcapping=50.0).to_dict()
+    ModelConfig.from_hf({**cfg, "attn_logit_softcapping": None})  # the same config without it
+    path = tmp_path / "capped"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"config.json: attn_logit_softcapping is set"):
+        vengine.LLM(model=str(path), device="cpu")

@@ -124,6 +124,9 @@ class ModelConfig:
             raise ModelLoadError(
                 f"unsupported architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHS)})"
             )
+        if cfg.get("attn_logit_softcapping"):  # Gemma 2's tanh cap on attention scores
+            raise ModelLoadError("attn_logit_softcapping is set: attention soft-capping is not "
+                                 "supported (its kernels would have to cap every score)")
         rope = cfg.get("rope_parameters") or {}  # transformers 5 keeps theta and scaling here
         gemma = arch == "gemma3_text"
         local: dict[str, Any] = {}
