@@ -191,7 +191,7 @@ class Streamed:
         vv = vb.view(self.B, per_seq, H, P, D).transpose(1, 2).reshape(self.B, H, -1, D)
         kk, vv = kk[:, :, : self.context + 1], vv[:, :, : self.context + 1]
         kk[:, :, self.context], vv[:, :, self.context] = k, v
-        return sdpa_gqa_decode(q, kk, vv)  # (a)'s fastest; the group-rows call failed in cuDNN
+        return sdpa_gqa_decode(q, kk, vv)  # (a)'s fastest call, so (b) is not slowed by layout
 
 
 class RecordingKernels:

@@ -380,6 +380,8 @@ def test_sliding_window_chunked_prefill_and_decode(hf_tok, tiny_ids, tmp_path, c
 
     layers = capture(chunked.model, tiny_ids)  # the eval's calibration input: global layers only
     assert len(layers) == pooled and all(x.k.shape[0] == len(tiny_ids) for x in layers)
+    capped = vengine.LLM(model=str(path), device="cpu", dtype="float32", host_mem="1GiB")
+    assert capped.generate(prompt, max_new_tokens=24, ignore_eos=True)[0].token_ids == hf
 
 
 def test_window_attention_matches_a_masked_reference():

@@ -135,7 +135,7 @@ def plan_memory(mc: ModelConfig, *, dtype_bytes: int, page_size: int, max_contex
     user set may be smaller (requests that outgrow it fail alone, HostMemoryError)."""
     kv_page = page_size * mc.kv_bytes_per_token(dtype_bytes)
     one = -(-(max_context + page_size) // page_size)  # pages of one full context
-    if host_mem is not None:
+    if host_mem is not None and kv_page:
         pages, cap = host_mem // kv_page, f"host_mem {gib(host_mem)}"
     elif not kv_on_host or not kv_page:  # KV on the device, or none pooled (all windows)
         pages, cap = max_batch * one, ""
