@@ -417,8 +417,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=32, help="fewer layers for a quick look")
     p.add_argument("--sweep-top-k", default="0.01,0.005", help="more fixed budgets (top_k per "
                    "KV head) at --sweep-context, batch 1: how the step scales with density")
-    p.add_argument("--profile", action="store_true", help="also write torch.profiler's kernel "
-                   "table of one fixed-budget layer at --sweep-context (next to --out, .txt)")
+    p.add_argument("--profile", default="", help="also write torch.profiler's kernel table of "
+                   "one layer of this backend (e.g. eps0.1) at --sweep-context (next to --out)")
     p.add_argument("--sweep-context", type=int, default=131072)
     p.add_argument("--epsilons", default="0.05,0.1,0.25", help="verified modes, epsilon = delta")
     p.add_argument("--out", default="docs/decode_gpu.json")
@@ -455,7 +455,7 @@ def main() -> None:
             print(json.dumps(r), flush=True)
     if args.profile:
         tables = torch.arange(args.sweep_context // PAGE + 1, device=DEV)[None]
-        table = profile_layer(cfg, backends["fixed (unverified)"], tables, args.sweep_context)
+        table = profile_layer(cfg, backends[args.profile], tables, args.sweep_context)
         Path(args.out).with_suffix(".profile.txt").write_text(table)
         print(table, flush=True)
     for n in (int(x) for x in args.prefill.split(",") if x):

@@ -86,10 +86,11 @@ def row_lists(p: DecodeProblem, frac: float, width: int | None = None, seed: int
 
 def decode(p: DecodeProblem, cfg: VAttention, seed: int,
            kernels: KernelBackend = reference) -> DecodeResult:
-    """One vAttention decode step of p, its draws from a generator on p's device seeded seed."""
+    """One vAttention decode step of p (its scores capped as p.softcap says), its draws from a
+    generator on p's device seeded seed."""
     g = torch.Generator(p.q.device).manual_seed(seed)
     return vattention_decode(p.q, p.k_pool, p.v_pool, p.block_tables, p.context_lens, p.codes,
-                             cfg, g, kernels)
+                             cfg, g, kernels, softcap=p.softcap)
 
 
 class Violations(NamedTuple):

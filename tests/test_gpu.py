@@ -121,7 +121,8 @@ def on_gpu(p: DecodeProblem) -> tuple[DecodeProblem, DecodeProblem]:
 
     k16, v16 = p.k_pool.bfloat16().pin_memory(), p.v_pool.bfloat16().pin_memory()
     exact = dataclasses.replace(p, k_pool=k16.float(), v_pool=v16.float())
-    exact = DecodeProblem(*(tuple(t.cuda() for t in x) if isinstance(x, tuple) else x.cuda()
+    exact = DecodeProblem(*(tuple(t.cuda() for t in x) if isinstance(x, tuple)
+                            else x.cuda() if isinstance(x, torch.Tensor) else x
                             for x in (getattr(exact, f.name) for f in dataclasses.fields(exact))))
     host = dataclasses.replace(exact, k_pool=uva_view(k16), v_pool=uva_view(v16))
     return exact, host
@@ -200,10 +201,11 @@ def test_memory_plan_fits_the_gpu_budget_it_is_given():
     assert torch.cuda.max_memory_allocated() - before <= 2**30, llm.memory
 
 
-@pytest.mark.parametrize("case, pooled", [("gemma3", 1), ("mistral", 0)])
+@pytest.mark.parametrize("case, pooled", [("gemma3", 1), ("mistral", 0), ("gemma2", 2)])
 def test_sliding_window_models_on_gpu_as_transformers(hf_tok, tmp_path, case, pooled):
-    """Window layers' rings on the device, graph-captured decode past the window, and (Mistral)
-    a model that pools no layer at all: greedy tokens as transformers' on the CPU."""
+    """Window layers' rings on the device, graph-captured decode past the window, (Mistral) a
+    model that pools no layer at all and (Gemma 2) soft-capped scores: greedy tokens as
+    transformers' on the CPU."""
     from test_models import TEXTS, TINY_CASES, _save, _tiny_model
 
     arch, extra, _ = TINY_CASES[case]

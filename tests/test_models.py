@@ -191,10 +191,13 @@ def _tiny_model(arch: str, vocab: int, seed: int = 0, **extra):
                           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
                           "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
                           "smollm3": (tf.SmolLM3Config, tf.SmolLM3ForCausalLM),
+                          "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
                           "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
                           "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
                           "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[arch]
     config = cfg_cls(vocab_size=vocab, **{**TINY, **extra})
+    if arch == "gemma2":  # transformers' SDPA path drops Gemma 2's soft-capping (5.17 chose it)
+        config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = model_cls(config).float().eval()
     with torch.no_grad():  # biases and norms start at 0 / 1: make them matter
@@ -260,6 +263,13 @@ TINY_CASES = {
     "gemma3": ("gemma3", {"num_hidden_layers": 6, "sliding_window": 16, "head_dim": 32,
                           "query_pre_attn_scalar": 24, "tie_word_embeddings": True,
                           "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}, None),
+    # Gemma 2: sliding-window (16) and global layers alternating, one RoPE base, attention
+    # scores soft-capped (5, low enough to bind at this init), final logits capped, the Gemma
+    # norms, tanh-GELU, scaled embeddings, query_pre_attn_scalar, tied; no q/k norms
+    "gemma2": ("gemma2", {"num_hidden_layers": 4, "sliding_window": 16, "head_dim": 32,
+                          "query_pre_attn_scalar": 24, "attn_logit_softcapping": 5.0,
+                          "final_logit_softcapping": 3.0, "tie_word_embeddings": True,
+                          "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}, None),
     # Phi-4-mini-like: fused qkv_proj / gate_up_proj tensors, partial rotary 0.75, LongRoPE
     # (short factors at this length), tied embeddings
     "phi3": ("phi3", {"pad_token_id": None, "tie_word_embeddings": True,
@@ -300,6 +310,8 @@ def test_tiny_safetensors_logit_parity(hf_tok, tiny_ids, tmp_path, case):
         assert model.model.layers[0].self_attn.q_norm.weight.shape == (24,)
     if arch == "gemma3":
         assert model.config.layer_types == ["sliding_attention"] * 5 + ["full_attention"]
+    if arch == "gemma2":
+        assert model.config.layer_types == ["sliding_attention", "full_attention"] * 2
     path = _save(model, hf_tok, tmp_path / case)
     if legacy is not None:
         _to_legacy_rope_config(path, *legacy)
@@ -356,7 +368,7 @@ def test_info_counts_kv_per_layer_kind(hf_tok, tmp_path, capsys, case, expect):
     assert "ring per sequence on the device" in out
 
 
-@pytest.mark.parametrize("case, pooled", [("gemma3", 1), ("mistral", 0)])
+@pytest.mark.parametrize("case, pooled", [("gemma3", 1), ("mistral", 0), ("gemma2", 2)])
 def test_sliding_window_chunked_prefill_and_decode(hf_tok, tiny_ids, tmp_path, case, pooled):
     """The window layers' rings across prefill chunks shorter than the window, and decode past
     the window: logits and greedy tokens as transformers'. The host pool holds only the
@@ -438,19 +450,13 @@ def test_phi3_longrope_factors_follow_the_context(hf_tok, tiny_ids, tmp_path):
     assert not torch.allclose(long.logits(ids), ours.logits(ids)), "long factors differ"
 
 
-def test_attention_soft_capping_is_refused_in_one_line(hf_tok, tmp_path):
-    """Gemma 2's attn_logit_softcapping changes every score; served without it the model would
-    be silently wrong, so the load refuses, naming the file and the field."""
-    import transformers as tf
-
-    from vengine.errors import ModelLoadError
-    from vengine.models.config import ModelConfig
-
-    cfg = tf.Gemma3TextConfig(vocab_size=len(hf_tok), **{**TINY, "num_hidden_layers": 1},
-                              attn_logit_softcapping=50.0).to_dict()
-    ModelConfig.from_hf({**cfg, "attn_logit_softcapping": None})  # the same config without it
-    path = tmp_path / "capped"
-    path.mkdir()
-    (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match=r"config.json: attn_logit_softcapping is set"):
-        vengine.LLM(model=str(path), device="cpu")
+def test_gemma2_soft_capping_binds(hf_tok, tiny_ids, tmp_path):
+    """The tiny Gemma 2's attention cap changes its logits (so the parity above tests it): the
+    same weights with the cap lifted from config.json give other logits."""
+    model = _tiny_model("gemma2", len(hf_tok), **TINY_CASES["gemma2"][1])
+    path = _save(model, hf_tok, tmp_path / "gemma2")
+    capped = vengine.LLM(model=str(path), device="cpu", dtype="float32").logits(tiny_ids)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "attn_logit_softcapping": None}))
+    free = vengine.LLM(model=str(path), device="cpu", dtype="float32").logits(tiny_ids)
+    assert (capped.log_softmax(-1) - free.log_softmax(-1)).abs().max() > 0.05

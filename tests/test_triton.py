@@ -104,6 +104,38 @@ def test_key_scores_match_reference(P, D, Hkv, G, bits):
         check(f"key_scores {dtype}", tri, ref, atol=1e-4)
 
 
+def test_soft_capped_kernels_match_reference():
+    """Gemma 2's cap on every score, in the three kernels that compute scores: row_scores,
+    partial_attention (from K, and from the capped scores) and key_scores, against the
+    reference's with the same cap; q scaled so that scores reach well past it."""
+    cap, D = 3.0, 64
+    p = shuffled_problem(Hkv=2, G=4, D=D, P=16)
+    q = (p.q * 4.0).to(DEV)
+    kp, vp, bt = p.k_pool.to(DEV), p.v_pool.to(DEV), p.block_tables.to(DEV)
+    rows, counts = row_lists(p, 0.5, width=199)
+    rd, cd, scale = rows.to(DEV), counts.to(DEV), 1 / math.sqrt(D)
+    logw = torch.rand(rows.shape, generator=torch.Generator().manual_seed(2)) * 3 - 1
+    ref_s = reference.row_scores(p.q * 4.0, p.k_pool, p.block_tables, rows, counts, scale,
+                                 softcap=cap)
+    assert ref_s[ref_s.isfinite()].abs().max() > 0.9 * cap, "the cap must bind"
+    s = triton_gpu.row_scores(q, kp, bt, rd, cd, scale, softcap=cap)
+    check("capped row_scores", s, ref_s)
+    ref_p = reference.partial_attention(p.q * 4.0, p.k_pool, p.v_pool, p.block_tables, rows,
+                                        counts, logw, scale, softcap=cap)
+    for name, got in (("from K", triton_gpu.partial_attention(q, kp, vp, bt, rd, cd, logw.to(DEV),
+                                                              scale, softcap=cap, chunk=128)),
+                      ("from scores", triton_gpu.partial_attention(
+                          q, torch.full_like(kp, math.nan), vp, bt, rd, cd, logw.to(DEV), scale,
+                          scores=s, softcap=cap, chunk=128))):
+        for i, (t, r) in enumerate(zip(got, ref_p)):
+            check(f"capped partial_attention {name} [{i}]", t, r, rtol=1e-4)
+    hi = p.context_lens - 5
+    ref_h = reference.key_scores(p.q * 4.0, p.codes, p.block_tables, 3, hi, scale, cap)
+    tri_h = triton_gpu.key_scores(q, tuple(c.to(DEV) for c in p.codes), bt, 3, hi.to(DEV), scale,
+                                  cap)
+    check("capped key_scores", tri_h, ref_h, atol=1e-4)
+
+
 def selection_problem(S: int):
     """Predicted log weights (-inf off the candidates), picks, context lengths and draws."""
     g = torch.Generator().manual_seed(S)
@@ -328,8 +360,8 @@ def test_decode_matches_reference_kernels(guarantee):
     cfg = VAttention(epsilon=0.1, delta=0.1, sink=8, window=8, top_k=0.05, pilot=16,
                      guarantee=guarantee)
     fields = (getattr(p, f.name) for f in dataclasses.fields(p))
-    p = DecodeProblem(*(tuple(t.to(DEV) for t in x) if isinstance(x, tuple) else x.to(DEV)
-                        for x in fields))
+    p = DecodeProblem(*(tuple(t.to(DEV) for t in x) if isinstance(x, tuple)
+                        else x.to(DEV) if isinstance(x, torch.Tensor) else x for x in fields))
     a, b = decode(p, cfg, 3, reference), decode(p, cfg, 3, triton_gpu)  # the same draws
     for name in ("density", "over_eps", "missed"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name

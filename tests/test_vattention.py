@@ -56,6 +56,60 @@ def test_numba_kernels_match_reference(Hkv, G, D, P, n):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_soft_capped_kernels_match_an_explicit_capped_softmax():
+    """Gemma 2's cap (cap * tanh(s / cap) on every score): the reference's partials over all
+    rows against softmax(cap * tanh(q . k / sqrt(D) / cap)) v written out here, and numba's
+    scores, predicted scores and partials against the reference's, with scores well past the
+    cap (q scaled up) so that capping changes them."""
+    cap = 3.0
+    p = random_problem(Hkv=2, G=4, D=32, P=16, n=333, q_scale=4.0)
+    B, Hq, D = p.q.shape
+    S = p.block_tables.shape[1] * p.k_pool.shape[2]
+    rows, counts = compact(torch.arange(S).expand(B, 2, S) < p.context_lens[:, None, None], S)
+    scale = 1 / math.sqrt(D)
+    part = reference.partial_attention(p.q, p.k_pool, p.v_pool, p.block_tables, rows, counts,
+                                       None, scale, softcap=cap)
+    out = merge_partials([part])
+    for b in range(B):
+        n = int(p.context_lens[b])
+        k = p.k_pool[p.block_tables[b]].transpose(0, 1).reshape(2, -1, D)[:, :n]
+        v = p.v_pool[p.block_tables[b]].transpose(0, 1).reshape(2, -1, D)[:, :n]
+        raw = torch.einsum("hgd,hnd->hgn", p.q[b].view(2, 4, D), k) * scale
+        assert raw.abs().max() > 3 * cap, "scores must reach past the cap"
+        ref = torch.einsum("hgn,hnd->hgd", (cap * torch.tanh(raw / cap)).softmax(-1), v)
+        torch.testing.assert_close(out[b], ref.reshape(Hq, D), rtol=1e-4, atol=1e-5)
+    uncapped = merge_partials([reference.partial_attention(
+        p.q, p.k_pool, p.v_pool, p.block_tables, rows, counts, None, scale)])
+    assert (uncapped - out).abs().max() > 0.1, "the cap must change the output"
+    some, n_some = row_lists(p, 0.3)
+    logw = torch.rand(some.shape) * 3
+    args = (p.q, p.codes, p.block_tables, 3, p.context_lens - 5, scale, cap)
+    torch.testing.assert_close(numba_cpu.key_scores(*args), reference.key_scores(*args),
+                               rtol=1e-5, atol=1e-4)
+    scored = (p.q, p.k_pool, p.block_tables, some, n_some, scale, None, cap)
+    torch.testing.assert_close(numba_cpu.row_scores(*scored), reference.row_scores(*scored),
+                               rtol=1e-5, atol=1e-5)
+    for w in (None, logw):
+        parts = (p.q, p.k_pool, p.v_pool, p.block_tables, some, n_some, w, scale)
+        for a, r in zip(numba_cpu.partial_attention(*parts, softcap=cap),
+                        reference.partial_attention(*parts, softcap=cap)):
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_soft_capped_decode_keeps_the_guarantee():
+    """vAttention told the cap meets epsilon against capped exact attention; told nothing (the
+    uncapped scores of the same problems) it misses on most heads: the cap reaches every score
+    the estimate is built from."""
+    problems = [dataclasses.replace(random_problem(B=4, n=1500, seed=s, q_scale=4.0), softcap=3.0)
+                for s in range(2)]
+    cfg = VAttention(epsilon=0.1, delta=0.1, **CFG)
+    rate, n, _, density = violation_rate(problems, cfg, seeds=2)
+    assert rate <= 0.1 + slack(0.1, n) and density < 1.0  # sampled, not all read
+    blind = violation_rate(problems, cfg, seeds=1,
+                           place=lambda p: (p, dataclasses.replace(p, softcap=0.0)))
+    assert blind.rate > 0.5, blind
+
+
 def test_reference_attention_over_all_rows_is_sdpa():
     p = random_problem(Hkv=2, G=4, D=32, P=16, n=333)
     B, Hq, D = p.q.shape

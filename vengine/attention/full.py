@@ -1,7 +1,8 @@
 """Exact attention over every cached row (torch SDPA): the reference every sparse path must match.
 
 `prefill_attention` is the one prefill of every backend: exact and causal, over the chunk alone or
-over the cached prefix gathered from the pool.
+over the cached prefix gathered from the pool. A model that soft-caps its scores (Gemma 2's
+`attn_softcap`) attends through `sdpa`'s explicit path instead: SDPA has no score hook.
 """
 
 from __future__ import annotations
@@ -14,15 +15,45 @@ import torch.nn.functional as F
 from vengine.attention.base import SequenceView
 from vengine.attention.context import StepContext
 from vengine.kernels import get_kernels
+from vengine.kernels.common import soft_cap
 from vengine.offload.kv_pool import KVPool
 
+CAPPED_QUERY_BLOCK = 256  # queries per block of the explicit path: [block, S] scores per head
 
-def causal_attention(q, k, v, cached_len: int) -> torch.Tensor:
+
+def sdpa(qh, kh, vh, mask=None, softcap: float = 0.0, is_causal: bool = False) -> torch.Tensor:
+    """F.scaled_dot_product_attention with K/V heads shared by groups of query heads: qh
+    [N, Hq, T, D], kh, vh [N, Hkv, S, D], mask bool broadcastable to [N, 1, T, S] (True: attend)
+    or is_causal. With softcap, scores are capped (common.soft_cap) before the mask, computed
+    explicitly in float32, CAPPED_QUERY_BLOCK queries at a time so that no [T, S] block of
+    every head is held at once."""
+    if not softcap:
+        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=is_causal,
+                                              enable_gqa=kh.shape[1] != qh.shape[1])
+    N, Hq, T, D = qh.shape
+    Hkv, S = kh.shape[1], kh.shape[2]
+    if is_causal:
+        mask = torch.ones(T, S, dtype=torch.bool, device=qh.device).tril()
+    qg = qh.view(N, Hkv, Hq // Hkv, T, D)
+    kf, vf = kh.float()[:, :, None], vh.float()[:, :, None]  # [N, Hkv, 1, S, D]
+    m5 = None if mask is None else mask.expand(N, 1, T, S)[:, :, None]  # [N, 1, 1, T, S]
+    out = torch.empty_like(qg)
+    for t0 in range(0, T, CAPPED_QUERY_BLOCK):  # a prefill loop over query blocks
+        t1 = min(t0 + CAPPED_QUERY_BLOCK, T)
+        s = soft_cap(qg[:, :, :, t0:t1].float() @ kf.transpose(-1, -2) * D ** -0.5, softcap)
+        if m5 is not None:
+            s = s.masked_fill(~m5[..., t0:t1, :], float("-inf"))
+        out[:, :, :, t0:t1] = (torch.softmax(s, -1) @ vf).to(out.dtype)
+    return out.view(N, Hq, T, D)
+
+
+def causal_attention(q, k, v, cached_len: int, softcap: float = 0.0) -> torch.Tensor:
     """q: [T, Hq, D] new queries at positions cached_len..; k, v: [S, Hkv, D] -> [T, Hq, D]."""
-    return causal_attention_heads(q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], cached_len)
+    return causal_attention_heads(q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], cached_len,
+                                  softcap)
 
 
-def causal_attention_heads(q, kh, vh, cached_len: int) -> torch.Tensor:
+def causal_attention_heads(q, kh, vh, cached_len: int, softcap: float = 0.0) -> torch.Tensor:
     """q: [T, Hq, D]; kh, vh: [1, Hkv, S, D] (a gathered prefix, as it lies) -> [T, Hq, D].
 
     A chunk after a cached prefix uses a lower-right causal bias, which the memory-efficient
@@ -33,6 +64,9 @@ def causal_attention_heads(q, kh, vh, cached_len: int) -> torch.Tensor:
     T, Hq, D = q.shape
     Hkv, S = kh.shape[1], kh.shape[2]
     qh = q.transpose(0, 1)[None]
+    if softcap:  # lower-right causal: query t sees keys up to S - T + t
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        return sdpa(qh, kh, vh, mask, softcap)[0].transpose(0, 1)
     if cached_len == 0 and S == T:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
         return o[0].transpose(0, 1)
@@ -50,7 +84,7 @@ def causal_attention_heads(q, kh, vh, cached_len: int) -> torch.Tensor:
     return o.view(1, Hq, T, D)[0].transpose(0, 1)
 
 
-def decode_attention(q, k, v, context_lens) -> torch.Tensor:
+def decode_attention(q, k, v, context_lens, softcap: float = 0.0) -> torch.Tensor:
     """q: [B, Hq, D]; k, v: [B, Hkv, S, D] padded; context_lens: [B] -> [B, Hq, D].
 
     The query heads of a GQA group share their KV head, so q is viewed as [B, Hkv, group, D].
@@ -59,28 +93,30 @@ def decode_attention(q, k, v, context_lens) -> torch.Tensor:
     B, Hq, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     mask = (torch.arange(S, device=q.device)[None, :] < context_lens[:, None])[:, None, None, :]
-    o = F.scaled_dot_product_attention(q.view(B, Hkv, Hq // Hkv, D), k, v, attn_mask=mask)
+    o = sdpa(q.view(B, Hkv, Hq // Hkv, D), k, v, mask, softcap)
     return o.reshape(B, Hq, D)
 
 
-def pool_decode_attention(pool: KVPool, layer: int, q, ctx: StepContext) -> torch.Tensor:
+def pool_decode_attention(pool: KVPool, layer: int, q, ctx: StepContext,
+                          softcap: float = 0.0) -> torch.Tensor:
     """Exact decode of q [B, Hq, D] over every stored row of the step's sequences."""
     kc, vc = pool.gather_pages(layer, ctx.block_tables)
-    return decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), ctx.context_lens)
+    return decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), ctx.context_lens, softcap)
 
 
-def prefill_attention(pool: KVPool, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
+def prefill_attention(pool: KVPool, layer: int, q, k, v, ctx: StepContext,
+                      softcap: float = 0.0) -> torch.Tensor:
     """Causal attention of a prompt chunk (its K/V already stored) over its sequence so far."""
     if ctx.cached_len == 0:  # the whole context is in this chunk: no gather needed
-        return causal_attention(q, k, v, 0)
+        return causal_attention(q, k, v, 0, softcap)
     kc, vc = pool.gather_pages(layer, ctx.block_tables)
     S = ctx.cached_len + q.shape[0]
     return causal_attention_heads(q, kc[:, :, :S].to(q.dtype), vc[:, :, :S].to(q.dtype),
-                                  ctx.cached_len)
+                                  ctx.cached_len, softcap)
 
 
 def make_full(settings, pool: KVPool, cfg, device) -> FullAttention:
-    return FullAttention(pool)
+    return FullAttention(pool, cfg.attn_softcap or 0.0)
 
 
 class FullAttention:
@@ -90,8 +126,8 @@ class FullAttention:
     graphable = True
     generator = None
 
-    def __init__(self, pool: KVPool) -> None:
-        self.pool = pool
+    def __init__(self, pool: KVPool, softcap: float = 0.0) -> None:
+        self.pool, self.softcap = pool, softcap
         self.kernels = get_kernels(pool.k_view.device, pool.dtype)
 
     def store(self, layer: int, k, v, ctx: StepContext) -> None:
@@ -101,11 +137,11 @@ class FullAttention:
 
     def prefill(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
         self.store(layer, k, v, ctx)
-        return prefill_attention(self.pool, layer, q, k, v, ctx)
+        return prefill_attention(self.pool, layer, q, k, v, ctx, self.softcap)
 
     def decode(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
         self.store(layer, k, v, ctx)
-        return pool_decode_attention(self.pool, layer, q, ctx)
+        return pool_decode_attention(self.pool, layer, q, ctx, self.softcap)
 
     def begin_step(self, seqs: Sequence[SequenceView], is_prefill: bool) -> None:
         """Nothing to prepare: every row is where decode reads it."""

@@ -93,6 +93,7 @@ def vattention_decode(
     generator: torch.Generator | None,
     kernels,
     resident: tuple | None = None,
+    softcap: float = 0.0,
 ) -> DecodeResult:
     """One layer of vAttention decode. q [B, Hq, D]; k/v_pool [pages, Hkv, P, D] (one layer, in
     GPU memory, CPU memory or a UVA view of pinned host memory); codes: the keys' codes
@@ -100,7 +101,9 @@ def vattention_decode(
     derived from S = max_pages * P, the padded width that bounds context_lens (the pilot's and a
     capped sample's by sample_width), and masked by per-row counts: nothing waits for the device,
     and a step of fixed S has fixed shapes (CUDA graphs). resident: GPU copies of some pages
-    (ResidentPages.layer: the sink and window), which the kernels read instead of the pool."""
+    (ResidentPages.layer: the sink and window), which the kernels read instead of the pool.
+    softcap: Gemma 2's cap on every score (common.soft_cap; 0: none), in the predicted scores
+    too, so that the proposal follows the capped weights."""
     B, Hq, D = q.shape
     dev, P = q.device, k_pool.shape[2]
     Hkv, S = k_pool.shape[1], block_tables.shape[1] * P
@@ -113,7 +116,7 @@ def vattention_decode(
     k_max = min(cfg.top_k_rows(S), max(S - cfg.sink - window, 0))
     # every coded row (all but the unfinished page) scored: sink and window rows normalise each
     # head's predicted softmax, so a head whose mass sits there ranks the rest by what is left
-    s_hat = kernels.key_scores(q, codes, block_tables, 0, context_lens // P * P, scale)
+    s_hat = kernels.key_scores(q, codes, block_tables, 0, context_lens // P * P, scale, softcap)
     scores = mask_range(group_log_weights(s_hat, Hkv), cfg.sink, context_lens - window)
     picked = kernels.pick_top(scores, k_max, cfg.top_k_rows(context_lens))
     width_f = min(S, cfg.sink + window + k_max)
@@ -131,9 +134,9 @@ def vattention_decode(
         rows_b, count_b, pa_b, pr_b = kernels.pilot_rows(picked, u, prop, size, context_lens,
                                                          cfg.sink, window, width_b)
         s_b = kernels.row_scores(q, k_pool, block_tables, rows_b, count_b, scale,
-                                 resident)  # [B, Hq, width_b]
+                                 resident, softcap)  # [B, Hq, width_b]
     part_f = kernels.partial_attention(q, k_pool, v_pool, block_tables, rows_f, count_f, None,
-                                       scale, resident)
+                                       scale, resident, softcap=softcap)
     join(dev)
 
     # 3. the second sample's size c per group (kernels.pilot_budget); with c at its cap every
@@ -156,7 +159,7 @@ def vattention_decode(
         rows_s, count_s, logw_s = kernels.second_rows(picked, u, prop, size, c, context_lens,
                                                       cfg.sink, window, width_s)
         part_s = kernels.partial_attention(q, k_pool, v_pool, block_tables, rows_s, count_s,
-                                           logw_s, scale, resident)
+                                           logw_s, scale, resident, softcap=softcap)
     part_b = kernels.partial_attention(q, k_pool, v_pool, block_tables, rows_b, count_b, logw_b,
                                        scale, resident, scores=s_b)  # reads V only
     join(dev)
@@ -197,6 +200,7 @@ class VAttentionBackend:
     def __init__(self, cfg: VAttention, pool: KVPool, mc: ModelConfig,
                  device: torch.device) -> None:
         self.cfg, self.pool, self.device = cfg, pool, device
+        self.softcap = mc.attn_softcap or 0.0
         self.layers_served = mc.num_layers  # layers a decode step runs here (step_stats counts)
         self.kernels = get_kernels(device, pool.dtype)
         self.codes = KeyCodePool(pool, cfg.key_bits, device)
@@ -240,14 +244,14 @@ class VAttentionBackend:
 
     def prefill(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
         self.store(layer, k, v, ctx)
-        return prefill_attention(self.pool, layer, q, k, v, ctx)
+        return prefill_attention(self.pool, layer, q, k, v, ctx, self.softcap)
 
     def decode(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
         """vAttention, or exact attention where the step's padded context is at most
         VAttention.exact_width rows (a host int per CUDA-graph bucket: no sync)."""
         self.store(layer, k, v, ctx)
         if ctx.block_tables.shape[1] * self.pool.page_size <= self.exact_width:
-            out = pool_decode_attention(self.pool, layer, q, ctx)
+            out = pool_decode_attention(self.pool, layer, q, ctx, self.softcap)
             B, Hq = q.shape[:2]
             zeros = q.new_zeros(B, Hq, dtype=torch.float32)
             self._layer_stats.append((q.new_ones(B, self.pool.k.shape[2], dtype=torch.float32),
@@ -270,6 +274,7 @@ class VAttentionBackend:
             self.generator,
             self.kernels,
             self.resident_layer(layer),
+            self.softcap,
         )
 
     def resident_layer(self, layer: int) -> tuple | None:

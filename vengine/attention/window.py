@@ -12,16 +12,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from vengine.attention.base import SequenceView
 from vengine.attention.context import StepContext
+from vengine.attention.full import sdpa
 from vengine.errors import HostMemoryError
 
 RING_SLACK = 64  # rows beyond the window: how far a chat turn may rewind and keep the ring
 
 
-def window_causal_attention(q, k, v, window: int, prev: int) -> torch.Tensor:
+def window_causal_attention(q, k, v, window: int, prev: int, softcap: float = 0.0
+                            ) -> torch.Tensor:
     """q [T, Hq, D] at positions prev.. of k, v [prev + T, Hkv, D] (the `prev` keys before the
     chunk, prev < window, then the chunk's own) -> [T, Hq, D], each query over its last `window`
     keys.
@@ -47,7 +48,7 @@ def window_causal_attention(q, k, v, window: int, prev: int) -> torch.Tensor:
     band = (t >= i) & (t < i + window)  # key t of a block is query i's if within its window
     real = (torch.arange(nb, device=q.device)[:, None] * B + t[0] >= front)  # not front padding
     mask = band[None] & real[:, None, :]
-    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], enable_gqa=True)
+    o = sdpa(qb, kb, vb, mask[:, None], softcap)
     return o.transpose(1, 2).reshape(nb * B, Hq, D)[:T]
 
 
@@ -59,8 +60,10 @@ class WindowAttention:
     generator = None
 
     def __init__(self, num_layers: int, window: int, num_kv_heads: int, head_dim: int,
-                 slots: int, dtype: torch.dtype, device: torch.device) -> None:
+                 slots: int, dtype: torch.dtype, device: torch.device, softcap: float = 0.0
+                 ) -> None:
         self.window, self.capacity, self.device = window, window + RING_SLACK, device
+        self.softcap = softcap
         shape = (num_layers, slots, num_kv_heads, self.capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
@@ -95,7 +98,7 @@ class WindowAttention:
         rows = torch.arange(start - prev, start, device=q.device) % self.capacity
         kc = torch.cat([self.k[layer, slot][:, rows].transpose(0, 1), k])
         vc = torch.cat([self.v[layer, slot][:, rows].transpose(0, 1), v])
-        out = window_causal_attention(q, kc, vc, self.window, prev)
+        out = window_causal_attention(q, kc, vc, self.window, prev, self.softcap)
         keep = min(T, self.capacity)  # the chunk's last rows go to the ring
         rows = torch.arange(start + T - keep, start + T, device=q.device) % self.capacity
         self.k[layer, slot][:, rows] = k[T - keep:].transpose(0, 1)
@@ -111,8 +114,7 @@ class WindowAttention:
         valid = (age < self.window) & (age <= pos[:, None])  # [B, capacity]
         kr, vr = self.k[layer, slots], self.v[layer, slots]  # [B, Hkv, capacity, D]
         Hkv = kr.shape[1]
-        o = F.scaled_dot_product_attention(q.view(B, Hkv, Hq // Hkv, D), kr, vr,
-                                           attn_mask=valid[:, None, None, :])
+        o = sdpa(q.view(B, Hkv, Hq // Hkv, D), kr, vr, valid[:, None, None, :], self.softcap)
         return o.reshape(B, Hq, D)
 
     def kept(self, seq_id: int, cached: int, keep: int) -> int:

@@ -101,7 +101,7 @@ class LLM:
         self.pool = KVPool(len(mc.global_layers), mc.num_kv_heads, mc.head_dim, cfg.page_size,
                            self.memory.num_pages, cfg.dtype, kv_device, pin)
         window = WindowAttention(len(windows), windows[0], mc.num_kv_heads, mc.head_dim, slots,
-                                 cfg.dtype, cfg.device) if windows else None
+                                 cfg.dtype, cfg.device, mc.attn_softcap or 0.0) if windows else None
         self.backends = make_layer_backends(cfg.attention, self.pool, mc, cfg.device, window)
         self.runner = ModelRunner(self.model, self.pool, self.backends, cfg.device,
                                   self.memory.prefill_chunk, self.memory.prefill_piece,

@@ -14,7 +14,7 @@ import torch
 from vengine.attention.context import StepContext
 from vengine.attention.full import causal_attention
 from vengine.attention.window import window_causal_attention
-from vengine.kernels.common import encode_pages, paged_rows
+from vengine.kernels.common import encode_pages, paged_rows, soft_cap
 
 _DOC_MODULES = ("argparse", "collections", "json", "email", "typing", "logging", "asyncio",
                 "functools", "itertools", "pathlib", "subprocess", "threading", "unittest",
@@ -58,11 +58,11 @@ class _Capture:
         self.keep, self.layers, self.config = keep_queries, [], model_config
 
     def __call__(self, layer, q, k, v, ctx):
-        window = self.config.window(layer)
+        window, cap = self.config.window(layer), self.config.attn_softcap or 0.0
         if window:
-            return window_causal_attention(q, k, v, window, 0)
+            return window_causal_attention(q, k, v, window, 0, cap)
         self.layers.append(LayerActivations(q[-self.keep :].float(), k.float(), v.float()))
-        return causal_attention(q, k, v, 0)
+        return causal_attention(q, k, v, 0, cap)
 
 
 @torch.inference_mode()
@@ -87,6 +87,7 @@ class DecodeProblem:
     block_tables: torch.Tensor  # [B, pages]
     context_lens: torch.Tensor  # [B]
     codes: tuple[torch.Tensor, torch.Tensor]  # the keys' codes (kernels.base.KeyCodes)
+    softcap: float = 0.0  # the model's cap on scores (common.soft_cap; Gemma 2)
 
     def rows(self, pool: torch.Tensor) -> torch.Tensor:
         """A pool's rows of each query's sequence: [B, Hkv, S, ...]."""
@@ -99,6 +100,7 @@ class DecodeProblem:
         Hkv, S = k.shape[1], k.shape[2]
         G = Hq // Hkv
         s = torch.einsum("bhgd,bhsd->bhgs", self.q.view(B, Hkv, G, D), k) / math.sqrt(D)
+        s = soft_cap(s, self.softcap)
         live = torch.arange(S, device=k.device) < self.context_lens[:, None]
         s = s.masked_fill(~live[:, None, None], float("-inf"))
         out = torch.einsum("bhgs,bhsd->bhgd", s.softmax(-1), v)
@@ -113,8 +115,8 @@ def to_pages(x: torch.Tensor, page_size: int = 64) -> torch.Tensor:
     return x.view(pages, page_size, Hkv, D).transpose(1, 2).contiguous()
 
 
-def decode_problem(act: LayerActivations, key_bits: int = 3, page_size: int = 64
-                   ) -> DecodeProblem:
+def decode_problem(act: LayerActivations, key_bits: int = 3, page_size: int = 64,
+                   softcap: float = 0.0) -> DecodeProblem:
     """Queries at the last B positions, each attending over the keys up to its own position."""
     T = act.k.shape[0]
     B = act.q.shape[0]
@@ -127,4 +129,5 @@ def decode_problem(act: LayerActivations, key_bits: int = 3, page_size: int = 64
         block_tables=torch.arange(pages, device=act.k.device)[None].expand(B, pages).contiguous(),
         context_lens=torch.arange(T - B + 1, T + 1, device=act.k.device),
         codes=encode_pages(k_pool, key_bits),
+        softcap=softcap,
     )

@@ -47,7 +47,7 @@ def predicted_group_scores(p: DecodeProblem) -> torch.Tensor:
     of its heads' scores against the decoded keys (every row of the context scored); -inf past
     each context."""
     Hkv, D = p.k_pool.shape[1], p.q.shape[-1]
-    s_hat = key_scores(p.q, p.codes, p.block_tables, 0, p.context_lens, D ** -0.5)
+    s_hat = key_scores(p.q, p.codes, p.block_tables, 0, p.context_lens, D ** -0.5, p.softcap)
     return group_log_weights(s_hat, Hkv)
 
 
@@ -64,7 +64,7 @@ class _OracleKernels:
         self.pilot_budget, self.finish = kernels.pilot_budget, kernels.finish
 
     def key_scores(self, q: torch.Tensor, codes, block_tables: torch.Tensor, lo: int,
-                   hi: torch.Tensor, scale: float) -> torch.Tensor:
+                   hi: torch.Tensor, scale: float, softcap: float = 0.0) -> torch.Tensor:
         return mask_range(self.s.clamp(min=-1e30), lo, hi)
 
 
@@ -159,7 +159,7 @@ def engine_problem(backend: VAttentionBackend, layer: int, q: torch.Tensor, ctx)
     tables = torch.arange(len(pages), device=bt.device).view(bt.shape)
     codes, scales = backend.codes.layer(layer)
     return DecodeProblem(q.float(), k, v, tables, ctx.context_lens,
-                         (codes[pages], scales[pages]))
+                         (codes[pages], scales[pages]), backend.softcap)
 
 
 class _BaselineBackend(VAttentionBackend):
@@ -209,5 +209,6 @@ class _OracleBackend(VAttentionBackend):
         p = engine_problem(self, layer, q, ctx)
         s, _ = p.exact()
         r = vattention_decode(p.q, p.k_pool, p.v_pool, p.block_tables, p.context_lens, p.codes,
-                              self.cfg, self.generator, oracle_kernels(self.kernels, s))
+                              self.cfg, self.generator, oracle_kernels(self.kernels, s),
+                              softcap=p.softcap)
         return replace(r, out=r.out.to(q.dtype))

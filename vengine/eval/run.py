@@ -113,7 +113,7 @@ def calibration(llm, s: EvalSettings, cases: list) -> dict[str, Any]:
     from vengine.kernels import reference
 
     acts = capture(llm.model, _prompt_ids(llm, cases[0], s.prompt), keep_queries=8)
-    problems = [decode_problem(a) for a in acts]
+    problems = [decode_problem(a, softcap=llm.model.config.attn_softcap or 0.0) for a in acts]
     exact = [p.exact() for p in problems]
     dev = acts[0].k.device
     result: dict[str, Any] = {}
@@ -124,7 +124,8 @@ def calibration(llm, s: EvalSettings, cases: list) -> dict[str, Any]:
             errs, dens = [], []
             for i, (p, (sc, out)) in enumerate(zip(problems, exact)):
                 r = vattention_decode(p.q, p.k_pool, p.v_pool, p.block_tables, p.context_lens,
-                                      p.codes, cfg, torch.Generator(dev).manual_seed(i), reference)
+                                      p.codes, cfg, torch.Generator(dev).manual_seed(i), reference,
+                                      softcap=p.softcap)
                 o_err, d_err = relative_errors(r.out, r.d_hat, out, sc, r.log_scale)
                 errs.append((d_err if guarantee == "denominator" else o_err).flatten())
                 dens.append(r.density.mean().item())

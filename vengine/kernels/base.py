@@ -41,9 +41,10 @@ class KernelBackend(Protocol):
         last row was written (none where codes is None: exact attention keeps none)."""
 
     def key_scores(self, q: Tensor, codes: KeyCodes, block_tables: Tensor, lo: int, hi: Tensor,
-                   scale: float) -> Tensor:
+                   scale: float, softcap: float = 0.0) -> Tensor:
         """Predicted scores [B, Hq, S] of positions lo <= s < hi[b] (-inf elsewhere): q . k_hat
-        * scale, k_hat decoded from the codes."""
+        * scale, k_hat decoded from the codes; softcap (here, in row_scores and
+        partial_attention): Gemma 2's cap, common.soft_cap of every score, 0 for none."""
 
     def pick_top(self, scores: Tensor, k_max: int, k_rows: Tensor) -> Tensor:
         """picked [B, Hkv, S + 1] int8 from scores [B, Hkv, S]: 1 at each (b, h)'s k_rows[b]
@@ -74,16 +75,17 @@ class KernelBackend(Protocol):
         row's log weight -log(1 - (1 - pa)(1 - pc)) [B, Hkv, width]."""
 
     def row_scores(self, q: Tensor, k_pool: Tensor, block_tables: Tensor, rows: Tensor,
-                   counts: Tensor, scale: float, resident: Resident | None = None) -> Tensor:
+                   counts: Tensor, scale: float, resident: Resident | None = None,
+                   softcap: float = 0.0) -> Tensor:
         """Exact scores q . k * scale of the listed rows: [B, Hq, R], -inf past counts."""
 
     def partial_attention(self, q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
                           rows: Tensor, counts: Tensor, logw: Tensor | None, scale: float,
-                          resident: Resident | None = None, scores: Tensor | None = None
-                          ) -> Partial:
+                          resident: Resident | None = None, scores: Tensor | None = None,
+                          softcap: float = 0.0) -> Partial:
         """Softmax attention over the listed rows with score bias logw, left unnormalised (see
-        Partial); scores: the rows' row_scores when known (K is then not read). An empty list
-        gives m = -inf, l = 0, acc = 0."""
+        Partial); scores: the rows' row_scores when known (K is then not read, and they are
+        capped already). An empty list gives m = -inf, l = 0, acc = 0."""
 
     def pilot_budget(self, s_b: Tensor, count_b: Tensor, pa_b: Tensor, pr_b: Tensor, m_f: Tensor,
                      l_f: Tensor, cap: Tensor, n_r: Tensor, epsilon: float, delta: float,

@@ -88,6 +88,12 @@ def gather_rows(pool: torch.Tensor, block_tables: torch.Tensor, rows: torch.Tens
     return pool[pages, heads, rows % P]
 
 
+def soft_cap(scores: torch.Tensor, cap: float) -> torch.Tensor:
+    """Gemma 2's attention soft-capping, cap * tanh(s / cap), or s where cap is 0. Applied to
+    finite scores before masking (tanh(-inf) would give -cap)."""
+    return scores if not cap else cap * torch.tanh(scores / cap)
+
+
 def mask_range(scores: torch.Tensor, lo: int, hi: torch.Tensor) -> torch.Tensor:
     """scores [B, H, S] with -inf outside positions lo <= s < hi[b]."""
     pos = torch.arange(scores.shape[-1], device=scores.device)

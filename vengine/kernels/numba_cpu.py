@@ -17,6 +17,7 @@ from torch import Tensor
 
 from vengine.kernels import reference
 from vengine.kernels.base import KeyCodes, Partial, Resident
+from vengine.kernels.common import soft_cap
 
 store_rows = reference.store_rows
 pick_top = reference.pick_top
@@ -66,8 +67,14 @@ def _key_scores(q, codes, scales, tables, lo, hi, out):
                     out[b, h * G + g, s] = acc
 
 
+@nb.njit(cache=True)
+def _capped(s, cap):
+    """common.soft_cap of one score."""
+    return cap * math.tanh(s / cap) if cap > 0 else s
+
+
 @nb.njit(parallel=True, cache=True)
-def _row_scores(q, k_pool, tables, rows, counts, scale, out):
+def _row_scores(q, k_pool, tables, rows, counts, scale, cap, out):
     B, Hq, D = q.shape
     Hkv, R = rows.shape[1], rows.shape[2]
     G, P = Hq // Hkv, k_pool.shape[2]
@@ -85,12 +92,12 @@ def _row_scores(q, k_pool, tables, rows, counts, scale, out):
                 acc = np.float32(0.0)
                 for d in range(D):
                     acc += q[b, h * G + g, d] * k_pool[page, h, off, d]
-                out[b, h * G + g, i] = acc * scale
+                out[b, h * G + g, i] = _capped(acc * scale, cap)
 
 
 @nb.njit(parallel=True, cache=True)
-def _partial_attention(q, k_pool, v_pool, tables, rows, counts, logw, has_w, scale, m_out, l_out,
-                       acc_out):
+def _partial_attention(q, k_pool, v_pool, tables, rows, counts, logw, has_w, scale, cap, m_out,
+                       l_out, acc_out):
     B, Hq, D = q.shape
     Hkv = rows.shape[1]
     G, P = Hq // Hkv, k_pool.shape[2]
@@ -106,7 +113,7 @@ def _partial_attention(q, k_pool, v_pool, tables, rows, counts, logw, has_w, sca
                 s = np.float32(0.0)
                 for d in range(D):
                     s += q[b, h * G + g, d] * k_pool[page, h, off, d]
-                s = s * scale
+                s = _capped(s * scale, cap)
                 if has_w:
                     s += logw[b, h, i]
                 if s > m[g]:
@@ -131,29 +138,31 @@ def _np(t: Tensor) -> np.ndarray:
 
 
 def key_scores(q: Tensor, codes: KeyCodes, block_tables: Tensor, lo: int, hi: Tensor,
-               scale: float) -> Tensor:
+               scale: float, softcap: float = 0.0) -> Tensor:
     B, Hq, D = q.shape
     Hkv = codes[0].shape[1]
     out = torch.empty(B, Hq, block_tables.shape[1] * codes[0].shape[2], dtype=torch.float32)
     qs = (q.float() * scale).view(B, Hkv, Hq // Hkv, D)
     scales = codes[1][block_tables].float()  # only the batch's pages leave float16
     _key_scores(_np(qs), _np(codes[0]), _np(scales), _np(block_tables), lo, _np(hi), out.numpy())
+    if softcap:  # the finite scores only: masked ones stay -inf
+        return torch.where(out > float("-inf"), soft_cap(out, softcap), out)
     return out
 
 
 def row_scores(q: Tensor, k_pool: Tensor, block_tables: Tensor, rows: Tensor, counts: Tensor,
-               scale: float, resident: Resident | None = None) -> Tensor:
+               scale: float, resident: Resident | None = None, softcap: float = 0.0) -> Tensor:
     B, Hq, _ = q.shape
     out = torch.empty(B, Hq, rows.shape[2], dtype=torch.float32)
     _row_scores(_np(q.float()), _np(k_pool), _np(block_tables), _np(rows), _np(counts),
-                np.float32(scale), out.numpy())
+                np.float32(scale), np.float32(softcap), out.numpy())
     return out
 
 
 def partial_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
                       rows: Tensor, counts: Tensor, logw: Tensor | None, scale: float,
-                      resident: Resident | None = None, scores: Tensor | None = None
-                      ) -> Partial:
+                      resident: Resident | None = None, scores: Tensor | None = None,
+                      softcap: float = 0.0) -> Partial:
     if scores is not None:  # the pilot: its scores are known, the reference reads V only
         return reference.partial_attention(q, k_pool, v_pool, block_tables, rows, counts, logw,
                                            scale, scores=scores)
@@ -161,6 +170,6 @@ def partial_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: T
     m, l, acc = torch.empty(B, Hq), torch.empty(B, Hq), torch.empty(B, Hq, D)
     w = _np(logw.float()) if logw is not None else np.zeros((1, 1, 1), np.float32)
     _partial_attention(_np(q.float()), _np(k_pool), _np(v_pool), _np(block_tables), _np(rows),
-                       _np(counts), w, logw is not None, np.float32(scale), m.numpy(), l.numpy(),
-                       acc.numpy())
+                       _np(counts), w, logw is not None, np.float32(scale), np.float32(softcap),
+                       m.numpy(), l.numpy(), acc.numpy())
     return m, l, acc

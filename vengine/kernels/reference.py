@@ -10,7 +10,7 @@ from torch import Tensor
 from vengine.kernels.base import KeyCodes, Partial, Proposal, Resident
 from vengine.kernels.common import (PROPOSAL_FLOOR, compact, decode_keys, encode_pages,
                                     gather_rows, mask_range, merge_partials, sample_z,
-                                    sigma_upper_factor)
+                                    sigma_upper_factor, soft_cap)
 
 
 def store_rows(k: Tensor, v: Tensor, slots: Tensor, k_pool: Tensor, v_pool: Tensor,
@@ -35,16 +35,17 @@ def store_rows(k: Tensor, v: Tensor, slots: Tensor, k_pool: Tensor, v_pool: Tens
 
 
 def key_scores(q: Tensor, codes: KeyCodes, block_tables: Tensor, lo: int, hi: Tensor,
-               scale: float) -> Tensor:
+               scale: float, softcap: float = 0.0) -> Tensor:
     """Predicted scores [B, Hq, S] of positions lo <= s < hi[b] (-inf elsewhere): q . k_hat *
-    scale, k_hat the keys decoded from their codes (common.decode_keys)."""
+    scale, k_hat the keys decoded from their codes (common.decode_keys); softcap (here and in
+    row_scores, partial_attention): common.soft_cap, 0 for none."""
     B, Hq, D = q.shape
     k_hat = decode_keys(codes[0][block_tables], codes[1][block_tables])  # [B, n, Hkv, P, D]
     Hkv = k_hat.shape[2]
     k_hat = k_hat.transpose(1, 2).flatten(2, 3)  # [B, Hkv, S, D]
     S = k_hat.shape[2]
     s = torch.einsum("bhgd,bhsd->bhgs", q.float().view(B, Hkv, Hq // Hkv, D), k_hat) * scale
-    return mask_range(s.reshape(B, Hq, S), lo, hi)
+    return mask_range(soft_cap(s, softcap).reshape(B, Hq, S), lo, hi)
 
 
 def pick_top(scores: Tensor, k_max: int, k_rows: Tensor) -> Tensor:
@@ -132,22 +133,23 @@ def second_rows(picked: Tensor, u: Tensor, prop: Proposal, size: Tensor, c: Tens
 
 
 def row_scores(q: Tensor, k_pool: Tensor, block_tables: Tensor, rows: Tensor, counts: Tensor,
-               scale: float, resident: Resident | None = None) -> Tensor:
+               scale: float, resident: Resident | None = None, softcap: float = 0.0) -> Tensor:
     """Exact scores q . k / sqrt(D) of the listed rows: [B, Hq, R], -inf past counts."""
     B, Hq, D = q.shape
     Hkv, R = rows.shape[1], rows.shape[2]
     k = gather_rows(k_pool, block_tables, rows).float()
-    s = torch.einsum("bhgd,bhrd->bhgr", q.float().view(B, Hkv, Hq // Hkv, D), k) * scale
+    s = soft_cap(torch.einsum("bhgd,bhrd->bhgr", q.float().view(B, Hkv, Hq // Hkv, D), k) * scale,
+                 softcap)
     live = torch.arange(R, device=q.device) < counts[..., None]  # [B, Hkv, R]
     return s.masked_fill(~live[:, :, None], float("-inf")).view(B, Hq, R)
 
 
 def partial_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
                       rows: Tensor, counts: Tensor, logw: Tensor | None, scale: float,
-                      resident: Resident | None = None, scores: Tensor | None = None
-                      ) -> Partial:
+                      resident: Resident | None = None, scores: Tensor | None = None,
+                      softcap: float = 0.0) -> Partial:
     """Softmax attention over the listed rows with score bias logw, left unnormalised; scores:
-    the rows' row_scores when known (the kernels then skip reading K).
+    the rows' row_scores when known (the kernels then skip reading K; softcap is in them).
 
     Returns m [B, Hq] (row max of biased scores), l [B, Hq] (sum of exp(s - m)) and
     acc [B, Hq, D] (sum of exp(s - m) v), all float32; an empty list gives m=-inf, l=0, acc=0.
@@ -155,7 +157,7 @@ def partial_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: T
     B, Hq, D = q.shape
     Hkv = rows.shape[1]
     if scores is None:
-        scores = row_scores(q, k_pool, block_tables, rows, counts, scale)
+        scores = row_scores(q, k_pool, block_tables, rows, counts, scale, softcap=softcap)
     s = scores.view(B, Hkv, Hq // Hkv, -1)
     if logw is not None:
         s = s + logw[:, :, None].float()

@@ -3,8 +3,9 @@
 Family quirks are features of the config (flags and per-layer lists) that the one decoder in
 llama.py reads, not a file per model: Qwen3's per-head q/k norms (`qk_norm`), SmolLM3's layers
 without RoPE (`rope_layers`), sliding-window layers (`layer_windows`, Gemma 3 and Mistral) with
-their own RoPE base (`local_rope_theta`), and Gemma's (1 + w) norms around attention and MLP,
-tanh-GELU, scaled embeddings and query scale (`gemma`)."""
+their own RoPE base (`local_rope_theta`), Gemma's (1 + w) norms around attention and MLP,
+tanh-GELU, scaled embeddings and query scale (`gemma`), and Gemma 2's tanh caps on attention
+scores and logits (`attn_softcap`, `final_logit_softcap`)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from typing import Any
 from vengine.checks import check_float, check_int
 from vengine.errors import ConfigError, ModelLoadError
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "phi3")
-GGUF_ARCHS = ("llama", "qwen2", "qwen3", "smollm3", "gemma3")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3_text",
+                   "phi3")
+GGUF_ARCHS = ("llama", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3", "phi3")
 GEMMA3_LOCAL_ROPE_THETA = 10_000.0  # transformers' Gemma3TextConfig default; GGUFs omit it
 GEMMA3_PATTERN = 6  # five sliding-window layers, then a global one (transformers' default)
+GEMMA2_PATTERN = 2  # a sliding-window layer, then a global one (transformers and llama.cpp)
 _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
           "num_kv_heads", "head_dim", "max_position_embeddings")
 
@@ -63,6 +66,7 @@ class ModelConfig:
     # embeddings times sqrt(hidden)
     query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power (None: head_dim)
     final_logit_softcap: float | None = None
+    attn_softcap: float | None = None  # Gemma 2: every score s becomes cap * tanh(s / cap)
     rotary_dim: int | None = None  # leading dims of each head that RoPE turns (None: all)
 
     def window(self, layer: int) -> int:
@@ -88,7 +92,9 @@ class ModelConfig:
                       f"({'/'.join(map(str, windows))} tokens, KV on the device)")
         if rope < self.num_layers:
             kinds += f" ({rope} with RoPE, {self.num_layers - rope} without)"
-        return kinds + (", RMSNorm on each head's q and k" if self.qk_norm else "")
+        kinds += ", RMSNorm on each head's q and k" if self.qk_norm else ""
+        return kinds + (f", scores soft-capped at {self.attn_softcap:g}" if self.attn_softcap
+                        else "")
 
     def __post_init__(self) -> None:
         if self.arch not in SUPPORTED_ARCHS:
@@ -124,13 +130,11 @@ class ModelConfig:
             raise ModelLoadError(
                 f"unsupported architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHS)})"
             )
-        if cfg.get("attn_logit_softcapping"):  # Gemma 2's tanh cap on attention scores
-            raise ModelLoadError("attn_logit_softcapping is set: attention soft-capping is not "
-                                 "supported (its kernels would have to cap every score)")
         rope = cfg.get("rope_parameters") or {}  # transformers 5 keeps theta and scaling here
-        gemma = arch == "gemma3_text"
+        gemma3 = arch == "gemma3_text"
+        gemma = gemma3 or arch == "gemma2"
         local: dict[str, Any] = {}
-        if gemma:  # transformers 5: rope_parameters per layer type
+        if gemma3:  # transformers 5: rope_parameters per layer type
             local = rope.get("sliding_attention") or {}
             rope = rope.get("full_attention", rope)
         try:
@@ -147,7 +151,7 @@ class ModelConfig:
                 head_dim=int(head_dim),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta",
-                                                              1e6 if gemma else 10000.0)),
+                                                              1e6 if gemma3 else 10000.0)),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
                 attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
@@ -156,18 +160,22 @@ class ModelConfig:
                 rope_layers=_rope_layers(cfg) if arch == "smollm3" else None,
                 layer_windows=_layer_windows(cfg),
                 local_rope_theta=float(local.get("rope_theta") or cfg.get(
-                    "rope_local_base_freq", GEMMA3_LOCAL_ROPE_THETA)) if gemma else None,
+                    "rope_local_base_freq", GEMMA3_LOCAL_ROPE_THETA)) if gemma3 else None,
                 gemma=gemma,
                 query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256))
                 if gemma else None,
                 final_logit_softcap=cfg.get("final_logit_softcapping") if gemma else None,
+                attn_softcap=cfg.get("attn_logit_softcapping") or None,
                 rotary_dim=_rotary_dim(cfg, rope, int(head_dim)),
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks the field {e}") from None
 
     @classmethod
-    def from_gguf(cls, meta: dict[str, Any], has_output_tensor: bool) -> ModelConfig:
+    def from_gguf(cls, meta: dict[str, Any], has_output_tensor: bool,
+                  rope_factors: dict[str, tuple[float, ...]] | None = None) -> ModelConfig:
+        """rope_factors: a Phi-3 GGUF's LongRoPE factors, which llama.cpp's converter writes as
+        the tensors rope_factors_short / rope_factors_long ("short", "long")."""
         arch = meta.get("general.architecture", "")
         if arch not in GGUF_ARCHS:
             raise ModelLoadError(
@@ -188,12 +196,27 @@ class ModelConfig:
             scaling = RopeScaling("linear", float(get("rope.scaling.factor")))
         n_layers = int(get("block_count"))
         head_dim = int(meta.get(f"{arch}.attention.key_length") or hidden // heads)
-        gemma, windows = arch == "gemma3", None
-        if gemma:  # llama.cpp's fixed pattern: five sliding-window layers, then a global one
+        rotary = int(meta.get(f"{arch}.rope.dimension_count") or head_dim)
+        if rope_factors:  # Phi-3 LongRoPE: the factor is the context over the original's
+            original = int(get("rope.scaling.original_context_length"))
+            scaling = RopeScaling("longrope", int(get("context_length")) / original,
+                                  original_max_position=original,
+                                  short_factor=rope_factors["short"],
+                                  long_factor=rope_factors["long"],
+                                  attention_factor=float(get("rope.scaling.attn_factor", 1.0)))
+        gemma3, gemma, windows = arch == "gemma3", arch in ("gemma2", "gemma3"), None
+        if gemma:  # llama.cpp's fixed patterns: five (Gemma 3) or one (Gemma 2) sliding-window
+            # layers, then a global one
+            every = GEMMA3_PATTERN if gemma3 else GEMMA2_PATTERN
             window = int(get("attention.sliding_window"))
-            windows = tuple(window if (i + 1) % GEMMA3_PATTERN else 0 for i in range(n_layers))
+            windows = tuple(window if (i + 1) % every else 0 for i in range(n_layers))
+        elif arch == "phi3" and meta.get(f"{arch}.attention.sliding_window"):  # Phi-3 mini 4K:
+            windows = (int(get("attention.sliding_window")),) * n_layers  # every layer (0: none)
+        # llama.cpp scales Gemma's scores by key_length ** -0.5 (query_pre_attn_scalar = head_dim)
+        # but for Gemma 2 27B (46 layers): hidden / heads, as transformers' config says
+        scalar = hidden / heads if arch == "gemma2" and n_layers == 46 else float(head_dim)
         return cls(
-            arch="gemma3_text" if gemma else arch,
+            arch="gemma3_text" if gemma3 else arch,
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(get("feed_forward_length")),
@@ -210,12 +233,13 @@ class ModelConfig:
             qk_norm=arch in ("qwen3", "gemma3"),
             rope_layers=_gguf_rope_layers(meta, arch, n_layers),
             layer_windows=windows,
-            # Not in the GGUF: transformers' local RoPE base; llama.cpp scales the scores by
-            # key_length ** -0.5 (query_pre_attn_scalar = head_dim, all but Gemma 3 27B)
-            local_rope_theta=GEMMA3_LOCAL_ROPE_THETA if gemma else None,
+            # Not in a Gemma 3 GGUF: transformers' local RoPE base
+            local_rope_theta=GEMMA3_LOCAL_ROPE_THETA if gemma3 else None,
             gemma=gemma,
-            query_pre_attn_scalar=float(head_dim) if gemma else None,
+            query_pre_attn_scalar=scalar if gemma else None,
             final_logit_softcap=meta.get(f"{arch}.final_logit_softcapping") if gemma else None,
+            attn_softcap=meta.get(f"{arch}.attn_logit_softcapping") or None,
+            rotary_dim=rotary if rotary != head_dim else None,
         )
 
 
@@ -284,8 +308,9 @@ def _layer_windows(cfg: dict[str, Any]) -> tuple[int, ...] | None:
         return None
     n = int(cfg["num_hidden_layers"])
     types = cfg.get("layer_types")
-    if types is None and cfg.get("model_type") == "gemma3_text":
-        every = int(cfg.get("sliding_window_pattern", GEMMA3_PATTERN))
+    if types is None and cfg.get("model_type") in ("gemma2", "gemma3_text"):
+        every = int(cfg.get("sliding_window_pattern", GEMMA3_PATTERN)
+                    if cfg["model_type"] == "gemma3_text" else GEMMA2_PATTERN)
         types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
     if types is None:
         types = ["sliding_attention"] * n

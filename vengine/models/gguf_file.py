@@ -143,6 +143,20 @@ def gguf_metadata(reader: GGUFFile) -> dict[str, Any]:
     return dict(reader.meta)
 
 
+def gguf_rope_factors(reader: GGUFFile) -> dict[str, tuple[float, ...]] | None:
+    """A Phi-3 GGUF's LongRoPE factors (tensors rope_factors_short / _long, float32), read into
+    the config: {"short": ..., "long": ...}, or None where the file has none."""
+    found = {t.name.split(".")[0].removeprefix("rope_factors_"): t for t in reader.tensors
+             if t.name.startswith("rope_factors_")}
+    if set(found) != {"short", "long"}:
+        return None
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    return {k: tuple(float(x) for x in dequantize(t.data, GGMLQuantizationType(t.tensor_type))
+                     .ravel()) for k, t in found.items()}
+
+
 # Architectures whose Q/K rows llama.cpp's converter permutes (its LlamaModel and subclasses;
 # Qwen2/Qwen3 are written as they are).
 _PERMUTED = ("llama", "smollm3")
@@ -160,6 +174,8 @@ def gguf_tensors(reader, path: str | Path, n_head: int, n_kv_head: int, arch: st
     from gguf.quants import dequantize
 
     for t in reader.tensors:
+        if t.name.startswith("rope_factors_"):  # config, not weights (gguf_rope_factors)
+            continue
         qtype = GGMLQuantizationType(t.tensor_type)
         if qtype.name not in supported_quants():
             raise ModelLoadError(
@@ -174,7 +190,7 @@ def gguf_tensors(reader, path: str | Path, n_head: int, n_kv_head: int, arch: st
             raise ModelLoadError(f"{path}: tensor {t.name} is truncated or corrupt ({e})") from None
         if not np.isfinite(w).all():
             raise ModelLoadError(f"{path}: tensor {t.name} {NON_FINITE}")
-        if arch == "gemma3" and t.name.endswith("norm.weight"):
+        if arch in ("gemma2", "gemma3") and t.name.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp's converter stores Gemma's (1 + w) norms as 1 + w
         if arch in _PERMUTED and t.name.endswith("attn_q.weight"):
             w = _unpermute(w, n_head)

@@ -45,11 +45,14 @@ _GGUF_NAMES = {
 
 # Gemma's four norms per layer: llama.cpp's ffn_norm is the MLP's input norm, as Llama's is, but
 # HF calls it pre_feedforward_layernorm (post_attention_layernorm follows attention there).
-_GEMMA3_NAMES = {
+_GEMMA_NAMES = {
     "post_attention_norm": "post_attention_layernorm",
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+# Phi-3 keeps HF's fused tensors: attn_qkv, and ffn_up holding gate and up (llama.cpp splits it)
+_ARCH_NAMES = {"gemma2": _GEMMA_NAMES, "gemma3": _GEMMA_NAMES,
+               "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}}
 
 
 @dataclass(frozen=True)
@@ -132,12 +135,13 @@ def load_model(
 ) -> tuple[LlamaForCausalLM, Tokenizer]:
     """Build the model on `device` in `dtype` and fill it; returns the model and its tokenizer."""
     if source.kind == "gguf":
-        from vengine.models.gguf_file import gguf_metadata, gguf_tensors, open_gguf
+        from vengine.models.gguf_file import (gguf_metadata, gguf_rope_factors, gguf_tensors,
+                                              open_gguf)
 
         reader = open_gguf(source.path)
         meta = gguf_metadata(reader)
         has_output = any(t.name == "output.weight" for t in reader.tensors)
-        cfg = ModelConfig.from_gguf(meta, has_output)
+        cfg = ModelConfig.from_gguf(meta, has_output, gguf_rope_factors(reader))
         tokenizer = Tokenizer.from_gguf(meta)
         arch = meta.get("general.architecture", "")
         numpy_weights = gguf_tensors(reader, source.path, cfg.num_heads, cfg.num_kv_heads, arch)
@@ -174,10 +178,10 @@ def _materialize(model: torch.nn.Module, device: torch.device) -> None:
 
 
 def _hf_name(gguf_name: str, arch: str = "llama") -> str:
-    names = _GGUF_NAMES | (_GEMMA3_NAMES if arch == "gemma3" else {})
+    names = _GGUF_NAMES | _ARCH_NAMES.get(arch, {})
     parts = gguf_name.split(".")
-    if parts[0] == "rope_freqs":
-        return "rope_freqs"
+    if parts[0] in ("rope_freqs", "rope_factors_short", "rope_factors_long"):
+        return parts[0]
     if parts[0] == "blk":
         return f"model.layers.{parts[1]}.{names.get(parts[2], parts[2])}.{parts[3]}"
     return f"{names.get(parts[0], parts[0])}.{parts[1]}"

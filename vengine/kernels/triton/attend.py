@@ -14,24 +14,24 @@ import triton
 import triton.language as tl
 
 from vengine.kernels.triton.common import (_INTERPRET, _check, _load_q, _load_rows, _mma, _p2,
-                                           _resident)
+                                           _resident, _soft_cap)
 
 CHUNK = 256  # rows per partial_attention program (one flash-decoding split)
 BLOCK_R = 64  # rows per inner step
 
 
 @triton.jit
-def _row_kernel(q, k_pool, k_hot, slot_of, tables, rows, counts, out, scale, R, st0, sr0, sr1,
-                sk0, sk1, sk2, HKV: tl.constexpr, G: tl.constexpr, P: tl.constexpr,
+def _row_kernel(q, k_pool, k_hot, slot_of, tables, rows, counts, out, scale, cap, R, st0, sr0,
+                sr1, sk0, sk1, sk2, HKV: tl.constexpr, G: tl.constexpr, P: tl.constexpr,
                 D: tl.constexpr, GP: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
-                HOT: tl.constexpr, INTERPRET: tl.constexpr):
+                HOT: tl.constexpr, CAP: tl.constexpr, INTERPRET: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // HKV, bh % HKV
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = i < tl.load(counts + bh)
     k = _load_rows(k_pool, k_hot, slot_of, tables, rows + b * sr0 + h * sr1 + i, live, b, h, st0,
                    sk0, sk1, sk2, P, D, DP, HOT)
-    s = _mma(_load_q(q, bh, G, D, GP, DP), tl.trans(k), INTERPRET) * scale
+    s = _soft_cap(_mma(_load_q(q, bh, G, D, GP, DP), tl.trans(k), INTERPRET) * scale, cap, CAP)
     s = tl.where(live[None, :], s, float("-inf"))  # [GP, BLOCK]
     g = tl.arange(0, GP)
     tl.store(out + (bh * G + g[:, None]) * R + i[None, :], s,
@@ -40,11 +40,11 @@ def _row_kernel(q, k_pool, k_hot, slot_of, tables, rows, counts, out, scale, R, 
 
 @triton.jit
 def _attn_kernel(q, k_pool, v_pool, k_hot, v_hot, slot_of, tables, rows, counts, logw, scores,
-                 m_out, l_out, acc_out, scale, R, st0, sr0, sr1, sw0, sw1, sw2, sk0, sk1, sk2, sv0,
-                 sv1, sv2, HKV: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
-                 GP: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, CHUNK_: tl.constexpr,
-                 HAS_W: tl.constexpr, HAS_S: tl.constexpr, HOT: tl.constexpr,
-                 INTERPRET: tl.constexpr):
+                 m_out, l_out, acc_out, scale, cap, R, st0, sr0, sr1, sw0, sw1, sw2, sk0, sk1, sk2,
+                 sv0, sv1, sv2, HKV: tl.constexpr, G: tl.constexpr, P: tl.constexpr,
+                 D: tl.constexpr, GP: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
+                 CHUNK_: tl.constexpr, HAS_W: tl.constexpr, HAS_S: tl.constexpr, HOT: tl.constexpr,
+                 CAP: tl.constexpr, INTERPRET: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     split, n_splits = tl.program_id(1), tl.num_programs(1)
     b, h = bh // HKV, bh % HKV
@@ -65,7 +65,7 @@ def _attn_kernel(q, k_pool, v_pool, k_hot, v_hot, slot_of, tables, rows, counts,
         else:
             k = _load_rows(k_pool, k_hot, slot_of, tables, row_ptr, live, b, h, st0, sk0, sk1,
                            sk2, P, D, DP, HOT)
-            s = _mma(qt, tl.trans(k), INTERPRET) * scale  # [GP, BLOCK]
+            s = _soft_cap(_mma(qt, tl.trans(k), INTERPRET) * scale, cap, CAP)  # [GP, BLOCK]
         if HAS_W:
             w = tl.load(logw + b * sw0 + h * sw1 + i * sw2, mask=live, other=0.0)
             s += w.to(tl.float32)[None, :]
@@ -105,9 +105,10 @@ def _combine_kernel(m, l, acc, m_out, l_out, acc_out, NS, D: tl.constexpr, NSP: 
 
 def row_scores(q: torch.Tensor, k_pool: torch.Tensor, block_tables: torch.Tensor,
                rows: torch.Tensor, counts: torch.Tensor, scale: float,
-               resident: tuple | None = None) -> torch.Tensor:
-    """Scores q . k * scale of the listed rows: [B, Hq, R] f32, -inf past counts [B, Hkv].
-    resident (ResidentPages.layer): rows of pages with a GPU copy are read from the copy."""
+               resident: tuple | None = None, softcap: float = 0.0) -> torch.Tensor:
+    """Scores q . k * scale of the listed rows (soft-capped where softcap is set): [B, Hq, R]
+    f32, -inf past counts [B, Hkv]. resident (ResidentPages.layer): rows of pages with a GPU
+    copy are read from the copy."""
     _check(q, k_pool, block_tables, rows, counts)
     B, Hq, D = q.shape
     Hkv, R = rows.shape[1:]
@@ -117,16 +118,17 @@ def row_scores(q: torch.Tensor, k_pool: torch.Tensor, block_tables: torch.Tensor
     G, P = Hq // Hkv, k_pool.shape[2]
     slot_of, k_hot, _ = _resident(resident, k_pool, k_pool)
     _row_kernel[(B * Hkv, triton.cdiv(R, BLOCK_R))](
-        q.contiguous(), k_pool, k_hot, slot_of, block_tables, rows, counts, out, scale, R,
-        block_tables.stride(0), rows.stride(0), rows.stride(1), *k_pool.stride()[:3], Hkv, G, P,
-        D, _p2(G), _p2(D), BLOCK_R, resident is not None, _INTERPRET)
+        q.contiguous(), k_pool, k_hot, slot_of, block_tables, rows, counts, out, scale,
+        softcap or 1.0, R, block_tables.stride(0), rows.stride(0), rows.stride(1),
+        *k_pool.stride()[:3], Hkv, G, P, D, _p2(G), _p2(D), BLOCK_R, resident is not None,
+        bool(softcap), _INTERPRET)
     return out
 
 
 def partial_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                       block_tables: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor,
                       logw: torch.Tensor | None, scale: float, resident: tuple | None = None,
-                      scores: torch.Tensor | None = None,
+                      scores: torch.Tensor | None = None, softcap: float = 0.0,
                       chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unnormalised softmax attention over the listed rows, scores biased by logw [B, Hkv, R];
     rows of pages with a GPU copy (resident: ResidentPages.layer) are read from the copy; given
@@ -151,10 +153,10 @@ def partial_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     slot_of, k_hot, v_hot = _resident(resident, k_pool, v_pool)
     _attn_kernel[(B * Hkv, n_splits)](
         q.contiguous(), k_pool, v_pool, k_hot, v_hot, slot_of, block_tables, rows, counts, w,
-        scores if scores is not None else m, m, l, acc, scale, R,
+        scores if scores is not None else m, m, l, acc, scale, softcap or 1.0, R,
         block_tables.stride(0), rows.stride(0), rows.stride(1), *sw, *k_pool.stride()[:3],
         *v_pool.stride()[:3], Hkv, G, P, D, _p2(G), _p2(D), min(BLOCK_R, chunk), chunk,
-        logw is not None, scores is not None, resident is not None, _INTERPRET)
+        logw is not None, scores is not None, resident is not None, bool(softcap), _INTERPRET)
     if n_splits == 1:
         return m[..., 0], l[..., 0], acc[..., 0, :]
     m_all, l_all = torch.empty(B, Hq, dtype=torch.float32, device=dev), torch.empty_like(m[..., 0])

@@ -30,6 +30,17 @@ def _mma(a, b, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _soft_cap(s, cap, CAP: tl.constexpr):
+    """common.soft_cap: cap * tanh(s / cap) where CAP, by exp (tl has no tanh in the interpreter:
+    libdevice's is CUDA's); apply before masking."""
+    if CAP:
+        t = tl.exp(-2.0 * tl.abs(s) / cap)
+        mag = cap * (1.0 - t) / (1.0 + t)
+        s = tl.where(s < 0, -mag, mag)
+    return s
+
+
+@triton.jit
 def _load_q(q, bh, G: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, DP: tl.constexpr):
     """The group's queries [GP, DP] (zero padded); q is [B*Hkv*G, D] contiguous."""
     g, d = tl.arange(0, GP), tl.arange(0, DP)

@@ -7,16 +7,16 @@ import torch
 import triton
 import triton.language as tl
 
-from vengine.kernels.triton.common import _DTYPES, _INTERPRET, _load_q, _mma, _p2
+from vengine.kernels.triton.common import _DTYPES, _INTERPRET, _load_q, _mma, _p2, _soft_cap
 
 BLOCK_S = 64  # positions per key_scores program
 
 
 @triton.jit
-def _key_kernel(q, codes, scales, tables, hi, out, lo, S, scale, st0, c0, c1, c2, s0, s1, s2,
-                HKV: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
+def _key_kernel(q, codes, scales, tables, hi, out, lo, S, scale, cap, st0, c0, c1, c2, s0, s1,
+                s2, HKV: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
                 GP: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
-                INTERPRET: tl.constexpr):
+                CAP: tl.constexpr, INTERPRET: tl.constexpr):
     """BLOCK positions of one (sequence, KV head): each position's key decoded from its page's
     codes (bit plane j: byte j * D / 8 + c // 8, bit c % 8) and scales, scored against the
     group's G queries at once. q [B*Hkv*G, D] contiguous, out [B*Hkv, G, S] f32."""
@@ -37,6 +37,7 @@ def _key_kernel(q, codes, scales, tables, hi, out, lo, S, scale, st0, c0, c1, c2
     k_step = tl.load(sc + s2, mask=ok, other=0.0).to(tl.float32)
     k_hat = k_lo + k_step * level.to(tl.float32)  # [BLOCK, DP]
     x = _mma(_load_q(q, bh, G, D, GP, DP), tl.trans(k_hat), INTERPRET) * scale  # [GP, BLOCK]
+    x = _soft_cap(x, cap, CAP)
     g = tl.arange(0, GP)
     tl.store(out + (bh * G + g[:, None]) * S + s[None, :],
              tl.where(scored[None, :], x, float("-inf")), mask=(g[:, None] < G) & (s < S)[None, :])
@@ -73,7 +74,7 @@ def _top_kernel(values, indices, k_rows, picked, K, sp, HKV: tl.constexpr, KP: t
 
 
 def key_scores(q: torch.Tensor, codes: tuple, block_tables: torch.Tensor, lo: int,
-               hi: torch.Tensor, scale: float) -> torch.Tensor:
+               hi: torch.Tensor, scale: float, softcap: float = 0.0) -> torch.Tensor:
     """q [B, Hq, D] and codes (base.KeyCodes) read through block_tables -> [B, Hq, S] f32:
     q . k_hat * scale, -inf outside lo <= s < hi[b] (reference.key_scores). Each program reads
     its BLOCK_S positions' codes once for the G query heads of the group."""
@@ -87,8 +88,8 @@ def key_scores(q: torch.Tensor, codes: tuple, block_tables: torch.Tensor, lo: in
     G = Hq // Hkv
     _key_kernel[(B * Hkv, triton.cdiv(S, BLOCK_S))](
         q.contiguous(), packed, scales, block_tables, hi.contiguous(), out, lo, S, scale,
-        block_tables.stride(0), *packed.stride()[:3], *scales.stride()[:3], Hkv, G, P, D, _p2(G),
-        _p2(D), nbytes * 8 // D, BLOCK_S, _INTERPRET)
+        softcap or 1.0, block_tables.stride(0), *packed.stride()[:3], *scales.stride()[:3], Hkv,
+        G, P, D, _p2(G), _p2(D), nbytes * 8 // D, BLOCK_S, bool(softcap), _INTERPRET)
     return out
 
 
