@@ -9,7 +9,8 @@ import triton.language as tl
 
 from vengine.kernels.triton.common import _DTYPES, _INTERPRET, _load_q, _mma, _p2, _soft_cap
 
-BLOCK_S = 64  # positions per key_scores program
+BLOCK_S = 64  # positions per key_scores program (with 4 warps the fastest measured at 128K on
+# the H200: benchmarks/selection_gpu.py, docs/selection_gpu.json)
 
 
 @triton.jit
@@ -74,7 +75,8 @@ def _top_kernel(values, indices, k_rows, picked, K, sp, HKV: tl.constexpr, KP: t
 
 
 def key_scores(q: torch.Tensor, codes: tuple, block_tables: torch.Tensor, lo: int,
-               hi: torch.Tensor, scale: float, softcap: float = 0.0) -> torch.Tensor:
+               hi: torch.Tensor, scale: float, softcap: float = 0.0, block: int = BLOCK_S,
+               num_warps: int = 4) -> torch.Tensor:
     """q [B, Hq, D] and codes (base.KeyCodes) read through block_tables -> [B, Hq, S] f32:
     q . k_hat * scale, -inf outside lo <= s < hi[b] (reference.key_scores). Each program reads
     its BLOCK_S positions' codes once for the G query heads of the group."""
@@ -86,10 +88,11 @@ def key_scores(q: torch.Tensor, codes: tuple, block_tables: torch.Tensor, lo: in
     assert block_tables.stride(1) == 1 and q.dtype in _DTYPES and D % 8 == 0
     out = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
     G = Hq // Hkv
-    _key_kernel[(B * Hkv, triton.cdiv(S, BLOCK_S))](
+    _key_kernel[(B * Hkv, triton.cdiv(S, block))](
         q.contiguous(), packed, scales, block_tables, hi.contiguous(), out, lo, S, scale,
         softcap or 1.0, block_tables.stride(0), *packed.stride()[:3], *scales.stride()[:3], Hkv,
-        G, P, D, _p2(G), _p2(D), nbytes * 8 // D, BLOCK_S, bool(softcap), _INTERPRET)
+        G, P, D, _p2(G), _p2(D), nbytes * 8 // D, block, bool(softcap), _INTERPRET,
+        num_warps=num_warps)
     return out
 
 
