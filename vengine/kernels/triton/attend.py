@@ -18,6 +18,7 @@ from vengine.kernels.triton.common import (_INTERPRET, _check, _load_q, _load_ro
 
 CHUNK = 256  # rows per partial_attention program (one flash-decoding split)
 BLOCK_R = 64  # rows per inner step
+COMBINE_SPLITS = 16  # splits per step of the combine
 
 
 @triton.jit
@@ -88,19 +89,33 @@ def _attn_kernel(q, k_pool, v_pool, k_hot, v_hot, slot_of, tables, rows, counts,
 
 
 @triton.jit
-def _combine_kernel(m, l, acc, m_out, l_out, acc_out, NS, D: tl.constexpr, NSP: tl.constexpr,
-                    DP: tl.constexpr):
-    """One query head: the flash-decoding splits' partials [NS] rescaled to their common max."""
-    i = tl.program_id(0).to(tl.int64)
-    j, d = tl.arange(0, NSP), tl.arange(0, DP)
-    ms = tl.load(m + i * NS + j, mask=j < NS, other=float("-inf"))
-    top = tl.max(ms, 0)
-    c = tl.exp(ms - tl.maximum(top, -3.4028234663852886e38))  # all -inf (no rows): c = 0
-    a = tl.load(acc + (i * NS + j[:, None]) * D + d[None, :],
-                mask=(j[:, None] < NS) & (d[None, :] < D), other=0.0)
+def _combine_kernel(m, l, acc, counts, m_out, l_out, acc_out, NS, CHUNK_: tl.constexpr,
+                    G: tl.constexpr, D: tl.constexpr, NT: tl.constexpr, DP: tl.constexpr):
+    """One query head: its live splits' partials (the cdiv(count, CHUNK_) splits that hold its
+    rows) rescaled to their common max, NT splits at a time. Why only the live ones: a row
+    buffer as wide as the context (the second sample's, whose size only the device knows) has
+    512 splits at 128K, nearly all empty, and reading them all took 36 us per call."""
+    i = tl.program_id(0).to(tl.int64)  # b * Hq + query head: its KV head's list is i // G
+    n_live = tl.cdiv(tl.load(counts + i // G), CHUNK_)
+    d = tl.arange(0, DP)
+    top = tl.full([], float("-inf"), tl.float32)
+    l_sum = tl.zeros([], tl.float32)
+    a_sum = tl.zeros([DP], tl.float32)
+    for j0 in range(0, n_live, NT):
+        j = j0 + tl.arange(0, NT)
+        live = j < n_live
+        ms = tl.load(m + i * NS + j, mask=live, other=float("-inf"))
+        new_top = tl.maximum(top, tl.max(ms, 0))
+        safe = tl.where(new_top == float("-inf"), 0.0, new_top)  # no rows yet: c, alpha = 0
+        alpha, c = tl.exp(top - safe), tl.exp(ms - safe)
+        a = tl.load(acc + (i * NS + j[:, None]) * D + d[None, :],
+                    mask=live[:, None] & (d[None, :] < D), other=0.0)
+        l_sum = l_sum * alpha + tl.sum(tl.load(l + i * NS + j, mask=live, other=0.0) * c, 0)
+        a_sum = a_sum * alpha + tl.sum(a * c[:, None], 0)
+        top = new_top
     tl.store(m_out + i, top)
-    tl.store(l_out + i, tl.sum(tl.load(l + i * NS + j, mask=j < NS, other=0.0) * c, 0))
-    tl.store(acc_out + i * D + d, tl.sum(a * c[:, None], 0), mask=d < D)
+    tl.store(l_out + i, l_sum)
+    tl.store(acc_out + i * D + d, a_sum, mask=d < D)
 
 
 def row_scores(q: torch.Tensor, k_pool: torch.Tensor, block_tables: torch.Tensor,
@@ -161,6 +176,6 @@ def partial_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         return m[..., 0], l[..., 0], acc[..., 0, :]
     m_all, l_all = torch.empty(B, Hq, dtype=torch.float32, device=dev), torch.empty_like(m[..., 0])
     acc_all = torch.empty(B, Hq, D, dtype=torch.float32, device=dev)
-    _combine_kernel[(B * Hq,)](m, l, acc, m_all, l_all, acc_all, n_splits, D, _p2(n_splits, 1),
-                               _p2(D, 1))
+    _combine_kernel[(B * Hq,)](m, l, acc, counts, m_all, l_all, acc_all, n_splits, chunk, G, D,
+                               COMBINE_SPLITS, _p2(D, 1))
     return m_all, l_all, acc_all

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vengine.kernels.triton.common import _DTYPES, _INTERPRET, _load_q, _mma, _p2, _soft_cap
+from vengine.kernels.triton.common import _DTYPES, _INTERPRET, _mma, _p2, _soft_cap
 
 BLOCK_S = 64  # positions per key_scores program (with 4 warps the fastest measured at 128K on
 # the H200: benchmarks/selection_gpu.py, docs/selection_gpu.json)
@@ -16,30 +16,44 @@ BLOCK_S = 64  # positions per key_scores program (with 4 warps the fastest measu
 @triton.jit
 def _key_kernel(q, codes, scales, tables, hi, out, lo, S, scale, cap, st0, c0, c1, c2, s0, s1,
                 s2, HKV: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
-                GP: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
-                CAP: tl.constexpr, INTERPRET: tl.constexpr):
-    """BLOCK positions of one (sequence, KV head): each position's key decoded from its page's
-    codes (bit plane j: byte j * D / 8 + c // 8, bit c % 8) and scales, scored against the
-    group's G queries at once. q [B*Hkv*G, D] contiguous, out [B*Hkv, G, S] f32."""
+                GP: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr, BITS: tl.constexpr,
+                BLOCK: tl.constexpr, CAP: tl.constexpr, INTERPRET: tl.constexpr):
+    """BLOCK positions of one page and (sequence, KV head), scored against the group's G queries
+    without decoding the keys: q . k_hat = q . lo + (q * step) . level, lo and step the page's
+    per-channel scales. Channel c's code is bit c % 8 of byte c // 8 in each bit plane (NB =
+    D / 8 bytes per plane), so the channels b, b + 8, b + 16, ... share bit b of the bytes: for
+    each b, their levels [BLOCK, NB] come from the row's bytes by shifts and one dot with those
+    channels of q * step gives their share. Why: the decoded [BLOCK, D] keys and scales took
+    four [BLOCK, D] tiles of registers (low occupancy); this holds the row's bytes, [BLOCK, NB].
+    q [B*Hkv*G, D] contiguous, out [B*Hkv, G, S] f32."""
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // HKV, bh % HKV
-    s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    d = tl.arange(0, DP)
+    first = tl.program_id(1) * BLOCK
+    s = first + tl.arange(0, BLOCK)
     scored = (s < S) & (s >= lo) & (s < tl.load(hi + b))
-    ok = scored[:, None] & (d < D)[None, :]
-    page = tl.load(tables + b * st0 + s // P, mask=scored, other=0).to(tl.int64)
-    byte = codes + (page * c0 + h * c1 + (s % P) * c2)[:, None] + (d // 8)[None, :]
-    level = tl.zeros([BLOCK, DP], tl.int32)
+    page = tl.load(tables + b * st0 + first // P).to(tl.int64)  # BLOCK divides P: one page
+    i, g = tl.arange(0, NBP), tl.arange(0, GP)
+    ok = scored[:, None] & (i < NB)[None, :]
+    row = codes + page * c0 + h * c1 + (s % P)[:, None] * c2 + i[None, :]  # [BLOCK, NBP]
+    planes = tl.zeros([BLOCK, NBP], tl.int32)  # byte i of plane j at bits 8j..8j+7
     for j in tl.static_range(BITS):
-        x = tl.load(byte + j * (D // 8), mask=ok, other=0).to(tl.int32)
-        level |= ((x >> (d % 8)[None, :]) & 1) << j
-    sc = scales + (page * s0 + h * s1)[:, None] + d[None, :]
-    k_lo = tl.load(sc, mask=ok, other=0.0).to(tl.float32)
-    k_step = tl.load(sc + s2, mask=ok, other=0.0).to(tl.float32)
-    k_hat = k_lo + k_step * level.to(tl.float32)  # [BLOCK, DP]
-    x = _mma(_load_q(q, bh, G, D, GP, DP), tl.trans(k_hat), INTERPRET) * scale  # [GP, BLOCK]
-    x = _soft_cap(x, cap, CAP)
-    g = tl.arange(0, GP)
+        planes |= tl.load(row + j * NB, mask=ok, other=0).to(tl.int32) << (8 * j)
+    sc = scales + page * s0 + h * s1
+    base = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, BLOCK], tl.float32)
+    for bit in tl.static_range(8):
+        c = 8 * i + bit  # the channels whose code is bit `bit` of each byte
+        c_ok = (i < NB) & (c < D)
+        qc = tl.load(q + (bh * G + g[:, None]) * D + c[None, :],
+                     mask=(g[:, None] < G) & c_ok[None, :], other=0.0).to(tl.float32)
+        k_lo = tl.load(sc + c, mask=c_ok, other=0.0).to(tl.float32)
+        k_step = tl.load(sc + s2 + c, mask=c_ok, other=0.0).to(tl.float32)
+        base += tl.sum(qc * k_lo[None, :], 1)
+        level = tl.zeros([BLOCK, NBP], tl.int32)
+        for j in tl.static_range(BITS):
+            level |= ((planes >> (8 * j + bit)) & 1) << j
+        acc += _mma(qc * k_step[None, :], tl.trans(level.to(tl.float32)), INTERPRET)
+    x = _soft_cap((base[:, None] + acc) * scale, cap, CAP)  # [GP, BLOCK]
     tl.store(out + (bh * G + g[:, None]) * S + s[None, :],
              tl.where(scored[None, :], x, float("-inf")), mask=(g[:, None] < G) & (s < S)[None, :])
 
@@ -87,12 +101,13 @@ def key_scores(q: torch.Tensor, codes: tuple, block_tables: torch.Tensor, lo: in
     assert packed.dtype == torch.uint8 and packed.stride(-1) == 1 and scales.stride(-1) == 1
     assert block_tables.stride(1) == 1 and q.dtype in _DTYPES and D % 8 == 0
     out = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
-    G = Hq // Hkv
+    G, block = Hq // Hkv, min(block, P)
+    assert P % block == 0, "a block of positions lies in one page"
     _key_kernel[(B * Hkv, triton.cdiv(S, block))](
         q.contiguous(), packed, scales, block_tables, hi.contiguous(), out, lo, S, scale,
         softcap or 1.0, block_tables.stride(0), *packed.stride()[:3], *scales.stride()[:3], Hkv,
-        G, P, D, _p2(G), _p2(D), nbytes * 8 // D, block, bool(softcap), _INTERPRET,
-        num_warps=num_warps)
+        G, P, D, _p2(G), D // 8, _p2(D // 8), nbytes * 8 // D, block, bool(softcap),
+        _INTERPRET, num_warps=num_warps)
     return out
 
 
