@@ -21,19 +21,17 @@ from vengine.offload.kv_pool import KVPool
 CAPPED_QUERY_BLOCK = 256  # queries per block of the explicit path: [block, S] scores per head
 
 
-def sdpa(qh, kh, vh, mask=None, softcap: float = 0.0, is_causal: bool = False) -> torch.Tensor:
+def sdpa(qh, kh, vh, mask=None, softcap: float = 0.0) -> torch.Tensor:
     """F.scaled_dot_product_attention with K/V heads shared by groups of query heads: qh
-    [N, Hq, T, D], kh, vh [N, Hkv, S, D], mask bool broadcastable to [N, 1, T, S] (True: attend)
-    or is_causal. With softcap, scores are capped (common.soft_cap) before the mask, computed
+    [N, Hq, T, D], kh, vh [N, Hkv, S, D], mask bool broadcastable to [N, 1, T, S] (True:
+    attend). With softcap, scores are capped (common.soft_cap) before the mask, computed
     explicitly in float32, CAPPED_QUERY_BLOCK queries at a time so that no [T, S] block of
     every head is held at once."""
     if not softcap:
-        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=is_causal,
+        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask,
                                               enable_gqa=kh.shape[1] != qh.shape[1])
     N, Hq, T, D = qh.shape
     Hkv, S = kh.shape[1], kh.shape[2]
-    if is_causal:
-        mask = torch.ones(T, S, dtype=torch.bool, device=qh.device).tril()
     qg = qh.view(N, Hkv, Hq // Hkv, T, D)
     kf, vf = kh.float()[:, :, None], vh.float()[:, :, None]  # [N, Hkv, 1, S, D]
     m5 = None if mask is None else mask.expand(N, 1, T, S)[:, :, None]  # [N, 1, 1, T, S]

@@ -96,7 +96,7 @@ def _combine_kernel(m, l, acc, counts, m_out, l_out, acc_out, NS, CHUNK_: tl.con
     buffer as wide as the context (the second sample's, whose size only the device knows) has
     512 splits at 128K, nearly all empty, and reading them all took 36 us per call."""
     i = tl.program_id(0).to(tl.int64)  # b * Hq + query head: its KV head's list is i // G
-    n_live = tl.cdiv(tl.load(counts + i // G), CHUNK_)
+    n_live = tl.minimum(tl.cdiv(tl.load(counts + i // G), CHUNK_), NS)  # counts <= R anyway
     d = tl.arange(0, DP)
     top = tl.full([], float("-inf"), tl.float32)
     l_sum = tl.zeros([], tl.float32)

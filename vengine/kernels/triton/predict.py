@@ -1,5 +1,6 @@
-"""The predictor: scores of every position from the key codes (q . k_hat, k_hat the key decoded
-from its page's few-bit codes), and each group's top-k."""
+"""The predictor: scores of every position from the key codes (q . k_hat, k_hat the key its
+page's few-bit codes and scales stand for, scored without decoding it), and each group's
+top-k."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import triton.language as tl
 
 from vengine.kernels.triton.common import _DTYPES, _INTERPRET, _mma, _p2, _soft_cap
 
-BLOCK_S = 64  # positions per key_scores program (with 4 warps the fastest measured at 128K on
-# the H200: benchmarks/selection_gpu.py, docs/selection_gpu.json)
+BLOCK_S = 64  # positions per key_scores program, at most a page (with 4 warps within 3% of the
+# fastest measured at 128K on the H200: benchmarks/selection_gpu.py, docs/selection_gpu.json)
 
 
 @triton.jit
@@ -93,7 +94,7 @@ def key_scores(q: torch.Tensor, codes: tuple, block_tables: torch.Tensor, lo: in
                num_warps: int = 4) -> torch.Tensor:
     """q [B, Hq, D] and codes (base.KeyCodes) read through block_tables -> [B, Hq, S] f32:
     q . k_hat * scale, -inf outside lo <= s < hi[b] (reference.key_scores). Each program reads
-    its BLOCK_S positions' codes once for the G query heads of the group."""
+    its `block` positions' codes (within one page) once for the G query heads of the group."""
     B, Hq, D = q.shape
     packed, scales = codes
     _, Hkv, P, nbytes = packed.shape
