@@ -180,8 +180,8 @@ def _materialize(model: torch.nn.Module, device: torch.device) -> None:
 def _hf_name(gguf_name: str, arch: str = "llama") -> str:
     names = _GGUF_NAMES | _ARCH_NAMES.get(arch, {})
     parts = gguf_name.split(".")
-    if parts[0] in ("rope_freqs", "rope_factors_short", "rope_factors_long"):
-        return parts[0]
+    if parts[0] == "rope_freqs":
+        return "rope_freqs"
     if parts[0] == "blk":
         return f"model.layers.{parts[1]}.{names.get(parts[2], parts[2])}.{parts[3]}"
     return f"{names.get(parts[0], parts[0])}.{parts[1]}"
