@@ -18,6 +18,7 @@ from vengine.cli.options import (
     sampling_flags,
 )
 from vengine.cli.pull import add_pull_parser, cmd_pull
+from vengine.cli.serve import add_serve_parser, cmd_serve
 from vengine.errors import ConfigError, VengineError
 
 
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads_arg(bench)
     bench.add_argument("options", nargs=argparse.REMAINDER, help="the script's own options")
     add_pull_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # what a result file records
         commands = {"chat": cmd_chat, "generate": cmd_generate, "info": cmd_info,
-                    "eval": cmd_eval, "bench": cmd_bench, "pull": cmd_pull}
+                    "eval": cmd_eval, "bench": cmd_bench, "pull": cmd_pull, "serve": cmd_serve}
         return commands[args.command](args)
     except VengineError as e:
         if isinstance(e, ConfigError):  # raised past the flag checks (e.g. the memory plan)

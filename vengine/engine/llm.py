@@ -199,9 +199,7 @@ class LLM:
         """Continuous batching over seqs, pulled lazily (only when a slot is free and none is
         waiting); an Event per request after every token. An error or an abandoned iterator
         aborts what is still unfinished, so no pages leak."""
-        core = EngineCore(self.runner, self.pool.allocator, self.tokenizer.stop_ids,
-                          self.config.max_batch, self.config.max_context, self.backends.seq_stats,
-                          self.tokenizer.vocab_size)
+        core = self.engine_core()
         incoming = iter(seqs)
         try:
             while True:
@@ -214,6 +212,13 @@ class LLM:
                 yield from core.step()
         finally:
             core.abort_unfinished()
+
+    def engine_core(self) -> EngineCore:
+        """A fresh engine loop over this LLM's runner and pool (run's; a server keeps one and
+        interleaves add/abort with its steps, from one thread)."""
+        return EngineCore(self.runner, self.pool.allocator, self.tokenizer.stop_ids,
+                          self.config.max_batch, self.config.max_context, self.backends.seq_stats,
+                          self.tokenizer.vocab_size)
 
     def release(self, seq: Sequence) -> None:
         """Free a request's pages (a chat session's cache, when the session ends)."""
