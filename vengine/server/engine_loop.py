@@ -172,15 +172,17 @@ class EngineLoop:
         return final
 
     def _evict_while_short(self) -> None:
-        """Free cached conversations, oldest first, while the next step could lack pages: a
-        page for each running request, and the first waiting one's prompt (the scheduler's own
-        admission test); the running requests are never preempted for a cache."""
+        """Free cached conversations, oldest first, while the next step lacks pages: the
+        running requests' next tokens, or the first waiting one's prompt with a page of
+        headroom per running request (the scheduler's own tests), so that a cache never makes
+        the scheduler preempt or hold back a live request."""
         s, alloc = self.core.scheduler, self.core.scheduler.allocator
         while self.cache:
-            need = len(s.running)
-            if s.waiting:
+            need = sum(alloc.pages_for(r.num_cached + 1) > len(r.block_table) for r in s.running)
+            if s.waiting and s.has_slot:
                 w = s.waiting[0]
-                need += alloc.pages_for(w.num_tokens + 1) - len(w.block_table)
+                admit = alloc.pages_for(w.num_tokens + 1) - len(w.block_table) + len(s.running)
+                need = max(need, admit)
             if alloc.num_free >= need:
                 return
             self.llm.release(self.cache.popitem(last=False)[1])
