@@ -75,7 +75,7 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
         yield
         engine.stop()
 
-    app = FastAPI(title="vengine", lifespan=lifespan)
+    app = FastAPI(title="vengine", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine = engine
 
     @app.exception_handler(APIError)
@@ -118,6 +118,9 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
                             attention)
         ids = _tokens(llm, req)
         check_prompt(ids, llm.config.max_context, vocab, "messages" if chat else "prompt")
+        if not engine.alive:
+            raise APIError(503, "the engine thread has stopped (see the server's log)",
+                           kind="server_error")
         if in_flight >= limit:
             raise APIError(429, f"the server is at capacity ({llm.config.max_batch} running, "
                            f"{settings.max_queue} waiting): retry later",
@@ -167,9 +170,11 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
         yield "data: [DONE]\n\n"
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": settings.model_id, "in_flight": in_flight,
-                **engine.occupancy()}
+    async def health() -> JSONResponse:
+        """200 while the engine thread runs (503 if it died), with the pool's occupancy."""
+        body = {"status": "ok" if engine.alive else "engine stopped", "model": settings.model_id,
+                "device": str(llm.config.device), "in_flight": in_flight, **engine.occupancy()}
+        return JSONResponse(body, status_code=200 if engine.alive else 503)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

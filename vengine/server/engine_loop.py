@@ -90,6 +90,10 @@ class EngineLoop:
             self._commands.put(("stop", None))
             self._thread.join(timeout)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def occupancy(self) -> dict[str, int]:
         """Pages in use and requests by state (read without a lock: counts, not a snapshot)."""
         s = self.core.scheduler
@@ -130,7 +134,11 @@ class EngineLoop:
             if command == "stop":
                 return False
             if command == "add":
-                self._add(handle)
+                try:
+                    self._add(handle)
+                except Exception as e:  # noqa: BLE001  (this request fails, the loop goes on)
+                    traceback.print_exc(file=sys.stderr)
+                    self._deliver([(handle, e, None)])
             elif command == "cancel":
                 self._fail(ShuttingDown("the server is shutting down"))
             elif handle.seq is not None and handle.seq.finish_reason is None:
