@@ -107,18 +107,18 @@ def _collect(stream) -> tuple[str, list[str], str | None, object]:
 
 
 def test_chat_and_completions_streamed_and_not(server):
-    r = server.chat("Say hi", max_tokens=12)
+    r = server.chat("Say hi", max_tokens=8)
     assert r.object == "chat.completion" and r.model == server.model
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
     assert r.choices[0].finish_reason in ("stop", "length")
-    assert r.usage.prompt_tokens > 5 and 0 < r.usage.completion_tokens <= 12
+    assert r.usage.prompt_tokens > 5 and 0 < r.usage.completion_tokens <= 8
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     extra = r.model_extra["vengine"]
     assert extra["attention"] == "vattention" and extra["epsilon"] == 0.05
     assert 0 < extra["density"] <= 1 and extra["certificate_violation_rate"] == 0
 
     stream = server.client.chat.completions.create(
-        model=server.model, messages=[{"role": "user", "content": "Say hi"}], max_tokens=12,
+        model=server.model, messages=[{"role": "user", "content": "Say hi"}], max_tokens=8,
         temperature=0, stream=True, stream_options={"include_usage": True})
     text, pieces, finish, usage = _collect(stream)
     assert text == r.choices[0].message.content and finish == r.choices[0].finish_reason
@@ -126,10 +126,10 @@ def test_chat_and_completions_streamed_and_not(server):
     assert usage.completion_tokens == r.usage.completion_tokens
 
     c = server.client.completions.create(model=server.model, prompt="Once upon a time",
-                                         max_tokens=10, temperature=0, stop=[" king"])
+                                         max_tokens=8, temperature=0, stop=[" king"])
     assert c.object == "text_completion" and c.choices[0].text and " king" not in c.choices[0].text
     text, pieces, finish, _ = _collect(server.client.completions.create(
-        model=server.model, prompt="Once upon a time", max_tokens=10, temperature=0,
+        model=server.model, prompt="Once upon a time", max_tokens=8, temperature=0,
         stop=[" king"], stream=True))
     assert text == c.choices[0].text and finish == c.choices[0].finish_reason and len(pieces) > 1
 
@@ -186,11 +186,11 @@ def test_disconnect_aborts_and_frees_pages(server):
 def test_second_turn_prefills_only_new_tokens(server):
     first = [{"role": "user", "content": "My name is Alice. Say hi."}]
     r1 = server.client.chat.completions.create(model=server.model, messages=first,
-                                               max_tokens=12, temperature=0)
+                                               max_tokens=8, temperature=0)
     convo = first + [{"role": "assistant", "content": r1.choices[0].message.content},
                      {"role": "user", "content": "What is my name?"}]
     r2 = server.client.chat.completions.create(model=server.model, messages=convo,
-                                               max_tokens=12, temperature=0)
+                                               max_tokens=8, temperature=0)
     cached = r2.usage.prompt_tokens_details.cached_tokens
     turn1 = r1.usage.prompt_tokens + r1.usage.completion_tokens
     new = r2.usage.prompt_tokens - cached
@@ -198,7 +198,7 @@ def test_second_turn_prefills_only_new_tokens(server):
     assert new <= r2.usage.prompt_tokens - turn1 + 2 and new > 0, (new, r2.usage)
     assert r2.model_extra["vengine"]["prefilled_tokens"] == new
     fresh = server.client.chat.completions.create(model=server.model, messages=convo,
-                                                  max_tokens=12, temperature=0)
+                                                  max_tokens=8, temperature=0)
     assert fresh.usage.prompt_tokens_details.cached_tokens == 0  # not an extension: afresh
     assert r2.choices[0].message.content == fresh.choices[0].message.content
 
