@@ -42,8 +42,8 @@ class _Switchable(VAttentionBackend):
         if not self.exact:
             return super().decode(layer, q, k, v, ctx)
         self.store(layer, k, v, ctx)
-        kc, vc = self.pool.gather_pages(layer, ctx.block_tables)
-        return decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), ctx.context_lens)
+        kc, vc = self.pool.gather_pages(layer, ctx.block_tables, q.dtype)
+        return decode_attention(q, kc, vc, ctx.context_lens)
 
 
 @dataclass(frozen=True)

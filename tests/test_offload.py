@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vengine
+from vengine.engine.config import EngineConfig
 from vengine.errors import ConfigError, HostMemoryError
 from vengine.kernels.reference import store_rows
 from vengine.offload.kv_pool import KVPool, PageAllocator, ResidentPages, parse_bytes
@@ -44,7 +45,7 @@ def test_pool_store_and_gather_round_trip():
     k, v = torch.randn(10, 3, 8), torch.randn(10, 3, 8)
     with pool.writing(slots, k, v):  # the CPU pool writes on the current stream
         store_rows(k, v, slots, pool.k_view[1], pool.v_view[1])
-    kk, vv = pool.gather_pages(1, torch.tensor([table]))
+    kk, vv = pool.gather_pages(1, torch.tensor([table]), pool.dtype)
     assert torch.equal(kk[0, :, :10], k.transpose(0, 1))
     assert torch.equal(vv[0, :, :10], v.transpose(0, 1))
 
@@ -63,6 +64,21 @@ def test_vattention_without_sparsity_reproduces_full_attention(full_llm):
     out = dense.generate([ids], max_new_tokens=48, ignore_eos=True)[0]
     assert out.token_ids == ref.token_ids
     assert out.stats["density"] == pytest.approx(1.0)
+
+
+def test_fp8_kv_stores_a_byte_per_element_and_keeps_the_greedy_tokens(full_llm):
+    """kv_dtype="fp8": the pool holds e4m3 rows (a quarter of the float32 pool's bytes per page;
+    bfloat16 scales beside them) and a chat reply's greedy tokens, decoded over the dequantised
+    rows by the torch kernels, are the float32 pool's; a bad kv_dtype is a one-line error."""
+    fp8 = vengine.LLM(max_context=1024, attention="full", kv_dtype="fp8")
+    assert fp8.pool.k.dtype == torch.float8_e4m3fn and fp8.pool.k_scale.dtype == torch.bfloat16
+    assert fp8.pool.allocator.page_bytes * 4 == full_llm.pool.allocator.page_bytes
+    ids = full_llm.chat_ids([{"role": "user", "content": "Name three rivers in Europe."}])
+    want = full_llm.generate([ids], max_new_tokens=16)[0].token_ids
+    got = fp8.generate([ids], max_new_tokens=16)[0].token_ids
+    assert got == want and (fp8.pool.k_scale != 0).any()
+    with pytest.raises(ConfigError, match="kv_dtype: expected auto or fp8"):
+        EngineConfig(kv_dtype="int4")
 
 
 def test_vattention_decode_is_sparse_and_reports_its_certificate(full_llm):

@@ -17,7 +17,7 @@ from vengine.attention.config import VAttention  # noqa: E402
 from vengine.eval.activations import DecodeProblem  # noqa: E402
 from vengine.kernels import reference  # noqa: E402
 from vengine.kernels import triton as triton_gpu  # noqa: E402  (the GPU kernels)
-from vengine.kernels.common import decode_keys, mask_range  # noqa: E402
+from vengine.kernels.common import Fp8Rows, decode_keys, fp8_quantise, mask_range  # noqa: E402
 from vengine.offload.uva import uva_view  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -289,6 +289,88 @@ def test_store_rows_match_reference(dtype, bits):
     encoded[torch.cat([tables[0, :4], tables[1, :2]])] = True
     assert torch.equal((ref[3] != 3.0).flatten(1).any(1), encoded)
     assert (ref[0] == 7).any()
+
+
+def fp8_pools(pages: int, Hkv: int, P: int, D: int, dev) -> tuple[Fp8Rows, Fp8Rows]:
+    """Empty K and V pools of e4m3 rows and bfloat16 scales, the unwritten scales poisoned."""
+    return tuple(Fp8Rows(torch.zeros(pages, Hkv, P, D, dtype=torch.float8_e4m3fn, device=dev),
+                         torch.full((pages, Hkv, P), 3.0, dtype=torch.bfloat16, device=dev))
+                 for _ in range(2))
+
+
+def test_fp8_quantise_keeps_each_row_to_e4m3_precision():
+    """fp8_quantise: every element within half an e4m3 step of its value (2^-4 relative for
+    normals, 2^-10 of the row's scale below them) at any magnitude, zero rows stay zero, and
+    each row's largest value uses the top of the e4m3 range (the scale rounds up: none clips)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 4, 128, generator=g) * torch.logspace(-6, 3, 64)[:, None, None]
+    x[3, 1] = 0
+    q, scale = fp8_quantise(x.to(torch.bfloat16))
+    back = q.float() * scale.float()[..., None]
+    xb = x.to(torch.bfloat16).float()
+    bound = torch.maximum(xb.abs() * 2.0**-4, scale.float()[..., None] * 2.0**-10) * 1.001
+    assert bool(((back - xb).abs() <= bound).all())
+    assert torch.equal(back[3, 1], torch.zeros(128))
+    assert (q.float().abs().amax(-1)[xb.abs().amax(-1) > 0] > 400).all()
+
+
+def test_fp8_rows_match_reference():
+    """FP8 KV (Fp8Rows): over the three steps of test_store_rows_match_reference, the e4m3 rows
+    and scales are the reference's bit for bit (also the rounding ties to even that carry into
+    the exponent) and the codes are encoded from the keys as stored; row_scores and
+    partial_attention over them, some pages read from GPU copies whose host rows are NaN, equal
+    the reference's over the dequantised rows."""
+    g = torch.Generator().manual_seed(11)
+    Hkv, D, P, pages, bits = 2, 32, 16, 10, 3
+    tables = torch.randperm(pages, generator=g).view(2, 5)
+
+    def slots(seq: int, start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        return tables[seq, pos // P] * P + pos % P
+
+    steps = [slots(0, 0, 37), torch.cat([slots(1, 0, 31), slots(0, 37, 71)]),
+             torch.cat([slots(1, 31, 32), slots(0, 71, 72)])]
+    ref, dev = fp8_pools(pages, Hkv, P, D, "cpu"), fp8_pools(pages, Hkv, P, D, DEV)
+    codes = [(torch.zeros(pages, Hkv, P, bits * D // 8, dtype=torch.uint8),
+              torch.zeros(pages, Hkv, 2, D, dtype=torch.float16)) for _ in range(2)]
+    codes[1] = tuple(c.to(DEV) for c in codes[1])
+    for i, step in enumerate(steps):
+        kv = (torch.randn(len(step), Hkv, 2 * D, generator=g) * 40).to(torch.bfloat16)
+        k, v = kv[..., :D].contiguous(), kv[..., D:]
+        reference.store_rows(k, v, step, *ref, codes[0])
+        triton_gpu.store_rows(k.to(DEV), v.to(DEV), step.to(DEV), *dev, codes[1])
+        for name, r, t in (("k", ref[0], dev[0]), ("v", ref[1], dev[1])):
+            assert torch.equal(t.rows.cpu().view(torch.uint8), r.rows.view(torch.uint8)), \
+                f"{name} rows after step {i}"
+            assert torch.equal(t.scale.cpu(), r.scale), f"{name} scales after step {i}"
+        assert torch.equal(codes[1][1].cpu(), codes[0][1]), f"code scales after step {i}"
+        off = (code_levels(codes[1][0].cpu(), D) - code_levels(codes[0][0], D)).abs()
+        assert off.max() <= 1 and (off > 0).float().mean() < 1e-3, f"codes after step {i}"
+    assert (ref[0].scale == 3.0).any() and (ref[0].scale != 3.0).any()
+
+    q = torch.randn(2, Hkv * 3, D, generator=g)
+    bt = tables.to(torch.int32)
+    rows = torch.stack([torch.stack([torch.randperm(72 if b == 0 else 32, generator=g)[:30]
+                                     for _ in range(Hkv)]) for b in range(2)]).to(torch.int32)
+    counts = torch.tensor([[30, 21], [9, 30]], dtype=torch.int32)
+    logw = torch.randn(rows.shape, generator=g)
+    hot_pages = [int(tables[0, 0]), int(tables[1, 1])]
+    slot_of = torch.full((pages,), -1, dtype=torch.int32)
+    slot_of[hot_pages] = torch.tensor([1, 0], dtype=torch.int32)
+    k_hot, v_hot = (torch.zeros(2, Hkv, P, D, dtype=torch.float8_e4m3fn) for _ in range(2))
+    k_hot[[1, 0]], v_hot[[1, 0]] = ref[0].rows[hot_pages], ref[1].rows[hot_pages]
+    for t in dev:
+        t.rows[hot_pages] = float("nan")
+    resident = (slot_of.to(DEV), k_hot.to(DEV), v_hot.to(DEV))
+    args = (bt, rows, counts)
+    dargs = tuple(a.to(DEV) for a in args)
+    check("fp8 row_scores", triton_gpu.row_scores(q.to(DEV), dev[0], *dargs, 0.2, resident),
+          reference.row_scores(q, ref[0], *args, 0.2), rtol=1e-4)
+    want = reference.partial_attention(q, *ref, *args, logw, 0.2)
+    got = triton_gpu.partial_attention(q.to(DEV), *dev, *dargs, logw.to(DEV), 0.2, resident,
+                                       chunk=16)
+    for name, t, r in zip("mla", got, want):
+        check(f"fp8 partial_attention {name}", t, r, rtol=1e-4, atol=1e-4)
 
 
 def test_store_rows_without_codes_writes_only_kv():

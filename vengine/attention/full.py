@@ -98,8 +98,8 @@ def decode_attention(q, k, v, context_lens, softcap: float = 0.0) -> torch.Tenso
 def pool_decode_attention(pool: KVPool, layer: int, q, ctx: StepContext,
                           softcap: float = 0.0) -> torch.Tensor:
     """Exact decode of q [B, Hq, D] over every stored row of the step's sequences."""
-    kc, vc = pool.gather_pages(layer, ctx.block_tables)
-    return decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), ctx.context_lens, softcap)
+    kc, vc = pool.gather_pages(layer, ctx.block_tables, q.dtype)
+    return decode_attention(q, kc, vc, ctx.context_lens, softcap)
 
 
 def prefill_attention(pool: KVPool, layer: int, q, k, v, ctx: StepContext,
@@ -107,10 +107,9 @@ def prefill_attention(pool: KVPool, layer: int, q, k, v, ctx: StepContext,
     """Causal attention of a prompt chunk (its K/V already stored) over its sequence so far."""
     if ctx.cached_len == 0:  # the whole context is in this chunk: no gather needed
         return causal_attention(q, k, v, 0, softcap)
-    kc, vc = pool.gather_pages(layer, ctx.block_tables)
+    kc, vc = pool.gather_pages(layer, ctx.block_tables, q.dtype)
     S = ctx.cached_len + q.shape[0]
-    return causal_attention_heads(q, kc[:, :, :S].to(q.dtype), vc[:, :, :S].to(q.dtype),
-                                  ctx.cached_len, softcap)
+    return causal_attention_heads(q, kc[:, :, :S], vc[:, :, :S], ctx.cached_len, softcap)
 
 
 def make_full(settings, pool: KVPool, cfg, device) -> FullAttention:
@@ -130,8 +129,8 @@ class FullAttention:
 
     def store(self, layer: int, k, v, ctx: StepContext) -> None:
         with self.pool.writing(layer, ctx.slots, k, v):
-            self.kernels.store_rows(k, v, ctx.slots, self.pool.k_view[layer],
-                                    self.pool.v_view[layer])
+            self.kernels.store_rows(k, v, ctx.slots, self.pool.k_layer(layer),
+                                    self.pool.v_layer(layer))
 
     def prefill(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
         self.store(layer, k, v, ctx)

@@ -238,8 +238,8 @@ class VAttentionBackend:
         """K/V rows to the pool (and the pages' GPU copies), the codes of the pages they fill
         beside: the one write path of prefill and decode."""
         with self.pool.writing(layer, ctx.slots, k, v):
-            self.kernels.store_rows(k, v, ctx.slots, self.pool.k_view[layer],
-                                    self.pool.v_view[layer], self.codes.layer(layer),
+            self.kernels.store_rows(k, v, ctx.slots, self.pool.k_layer(layer),
+                                    self.pool.v_layer(layer), self.codes.layer(layer),
                                     self.resident_layer(layer))
 
     def prefill(self, layer: int, q, k, v, ctx: StepContext) -> torch.Tensor:
@@ -265,8 +265,8 @@ class VAttentionBackend:
         """One layer's sparse attention over the stored rows (the eval's baselines replace it)."""
         return vattention_decode(
             q,
-            self.pool.k_view[layer],
-            self.pool.v_view[layer],
+            self.pool.k_layer(layer),
+            self.pool.v_layer(layer),
             ctx.block_tables,
             ctx.context_lens,
             self.codes.layer(layer),

@@ -19,7 +19,8 @@ from vengine.errors import ConfigError
 FLAGS = {
     "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
     "top_k": "--top-k", "repetition_penalty": "--repetition-penalty", "seed": "--seed",
-    "max_context": "--ctx", "host_mem": "--host-mem", "gpu_mem": "--gpu-mem", "kv": "--kv", "VAttention.epsilon": "--epsilon",
+    "max_context": "--ctx", "host_mem": "--host-mem", "gpu_mem": "--gpu-mem", "kv": "--kv",
+    "kv_dtype": "--kv-dtype", "VAttention.epsilon": "--epsilon",
     "VAttention.delta": "--delta", "VAttention.guarantee": "--guarantee", "device": "--device", "dtype": "--dtype",
     "max_batch": "--batch-size", "threads": "--threads", "attention": "--attention",
 }
@@ -51,6 +52,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv", choices=("auto", "host", "device"), default="auto",
                    help="where the KV lives: auto (host memory for vattention, GPU for full), "
                         "host or device")
+    p.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto",
+                   help="how K/V rows are stored: auto (the model dtype) or fp8 (e4m3 with a "
+                        "scale per row: half the host memory and PCIe bytes)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default 512, or 32768 with --input")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -107,6 +111,8 @@ def engine_options(args: argparse.Namespace, **options: Any) -> dict[str, Any]:
             options["gpu_mem"] = args.gpu_mem
         if args.kv != "auto":
             options["kv"] = args.kv
+        if args.kv_dtype != "auto":
+            options["kv_dtype"] = args.kv_dtype
         kwargs = dict(model=args.model, device=args.device, dtype=args.dtype,
                       max_context=args.ctx, attention=attention, threads=args.threads,
                       **options)

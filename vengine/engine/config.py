@@ -80,6 +80,7 @@ class EngineConfig:
     host_mem: int | str | None = None  # KV cap; None: max_batch full contexts, within 3/4 of RAM
     gpu_mem: int | str | None = None  # GPU budget the memory plan fits in; None: free at start
     kv: str = "auto"  # where the KV lives: auto (host for sparse attention), host or device
+    kv_dtype: str = "auto"  # how rows are stored: auto (dtype) or fp8 (e4m3, a scale per row)
     max_batch: int = 8
     page_size: int = 64
     prefill_chunk: int | None = None  # prompt tokens per prefill forward; None: the whole
@@ -101,6 +102,9 @@ class EngineConfig:
                 object.__setattr__(self, name, parse_bytes(getattr(self, name), name))
         if self.kv not in ("auto", "host", "device"):
             raise ConfigError(f"kv: expected auto, host or device, got {self.kv!r}", field="kv")
+        if self.kv_dtype not in ("auto", "fp8"):
+            raise ConfigError(f"kv_dtype: expected auto or fp8, got {self.kv_dtype!r}",
+                              field="kv_dtype")
         for name in ("max_batch", "page_size", "prefill_chunk"):
             check_int(getattr(self, name), name, 1)
         if self.threads is not None:

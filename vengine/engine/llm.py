@@ -83,7 +83,7 @@ class LLM:
         mc = runtime_config(self.model.config, cfg.max_context)
         kv_device = torch.device("cpu") if cfg.offloaded else cfg.device
         pin = cfg.offloaded and cfg.device.type == "cuda" and bool(mc.global_layers)
-        dtype_bytes = cfg.dtype.itemsize
+        dtype_bytes, fp8 = cfg.dtype.itemsize, cfg.kv_dtype == "fp8"
         on_gpu = cfg.device.type == "cuda"
         windows = [mc.window(i) for i in range(mc.num_layers) if mc.window(i)]
         slots = 2 * cfg.max_batch  # rings for the running requests and chat sessions kept
@@ -96,10 +96,10 @@ class LLM:
             prefill_chunk=cfg.prefill_chunk, prefill_piece=PREFILL_PIECE[cfg.device.type],
             kv_on_host=cfg.offloaded,
             gpu_mem=self._gpu_budget if on_gpu else None, weights_bytes=self._weights_bytes,
-            state=gpu_state(mc, cfg.attention, dtype_bytes, cfg.page_size, cfg.offloaded, ring)
-            if on_gpu else None)
+            state=gpu_state(mc, cfg.attention, dtype_bytes, cfg.page_size, cfg.offloaded, ring,
+                            fp8) if on_gpu else None, kv_bytes=1 if fp8 else dtype_bytes)
         self.pool = KVPool(len(mc.global_layers), mc.num_kv_heads, mc.head_dim, cfg.page_size,
-                           self.memory.num_pages, cfg.dtype, kv_device, pin)
+                           self.memory.num_pages, cfg.dtype, kv_device, pin, fp8, cfg.device)
         window = WindowAttention(len(windows), windows[0], mc.num_kv_heads, mc.head_dim, slots,
                                  cfg.dtype, cfg.device, mc.attn_softcap or 0.0) if windows else None
         self.backends = make_layer_backends(cfg.attention, self.pool, mc, cfg.device, window)

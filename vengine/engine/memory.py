@@ -103,13 +103,15 @@ def runtime_config(mc: ModelConfig, max_context: int) -> ModelConfig:
 
 
 def gpu_state(mc: ModelConfig, attention, dtype_bytes: int, page_size: int,
-              kv_on_host: bool, ring_bytes: int = 0) -> GpuState:
+              kv_on_host: bool, ring_bytes: int = 0, kv_fp8: bool = False) -> GpuState:
     """What the attention (an EngineConfig.attention: a spec or a tuple of per-layer specs)
-    keeps on the GPU per page and per decoded row; ring_bytes: the sliding-window layers'."""
+    keeps on the GPU per page and per decoded row; ring_bytes: the sliding-window layers';
+    kv_fp8: rows of 1 byte per element, and a float16 scale per row on the GPU."""
     specs = attention if isinstance(attention, tuple) else (attention,)
     sparse = next((s for s in specs if isinstance(s, VAttention)), None)
-    kv_page = page_size * mc.kv_bytes_per_token(dtype_bytes)
+    kv_page = page_size * mc.kv_bytes_per_token(1 if kv_fp8 else dtype_bytes)
     codes = code_page_bytes(mc, page_size, sparse.key_bits) if sparse else 0
+    codes += page_size * mc.kv_bytes_per_token(2) // mc.head_dim if kv_fp8 else 0
     gather_row = 2 * mc.num_kv_heads * mc.head_dim * dtype_bytes + 4 * mc.num_heads
     if sparse is None or any(not isinstance(s, VAttention) for s in specs):
         per_row = gather_row  # exact decode (or a plug-in) gathers every row
@@ -125,15 +127,16 @@ def gpu_state(mc: ModelConfig, attention, dtype_bytes: int, page_size: int,
 def plan_memory(mc: ModelConfig, *, dtype_bytes: int, page_size: int, max_context: int,
                 max_batch: int, host_mem: int | None, host_available: int, prefill_chunk: int,
                 prefill_piece: int, kv_on_host: bool = True, gpu_mem: int | None = None,
-                weights_bytes: int = 0,
-                state: GpuState | None = None) -> MemoryPlan:
+                weights_bytes: int = 0, state: GpuState | None = None,
+                kv_bytes: int | None = None) -> MemoryPlan:
     """Pages for max_batch full contexts, capped by --host-mem (default HOST_FRACTION of the
     available RAM) and, on a GPU (gpu_mem given), by what each page keeps there; the prefill
     piece halves to PIECE_FLOOR, then the chunk (one forward's prompt tokens), until one
     context's pages, the prefill's workspace and the decode step's fit.
     Without --host-mem, a RAM that cannot hold one full context is an error at start; a cap the
-    user set may be smaller (requests that outgrow it fail alone, HostMemoryError)."""
-    kv_page = page_size * mc.kv_bytes_per_token(dtype_bytes)
+    user set may be smaller (requests that outgrow it fail alone, HostMemoryError). kv_bytes:
+    the pool's bytes per element (1 for fp8; default dtype_bytes)."""
+    kv_page = page_size * mc.kv_bytes_per_token(kv_bytes or dtype_bytes)
     one = -(-(max_context + page_size) // page_size)  # pages of one full context
     if host_mem is not None and kv_page:
         pages, cap = host_mem // kv_page, f"host_mem {gib(host_mem)}"

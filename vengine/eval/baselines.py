@@ -21,7 +21,7 @@ from vengine.attention.vattention import DecodeResult, VAttentionBackend, vatten
 from vengine.errors import ConfigError
 from vengine.eval.activations import DecodeProblem
 from vengine.kernels.base import KernelBackend
-from vengine.kernels.common import group_log_weights, mask_range
+from vengine.kernels.common import group_log_weights, mask_range, pool_rows
 from vengine.kernels.reference import key_scores
 
 
@@ -154,8 +154,8 @@ def engine_problem(backend: VAttentionBackend, layer: int, q: torch.Tensor, ctx)
     the context, which is fine for measuring quality and is why these backends are not fast)."""
     bt = ctx.block_tables
     pages = bt.flatten()
-    k = backend.pool.k_view[layer][pages].float()
-    v = backend.pool.v_view[layer][pages].float()
+    k = pool_rows(backend.pool.k_layer(layer), pages).float()
+    v = pool_rows(backend.pool.v_layer(layer), pages).float()
     tables = torch.arange(len(pages), device=bt.device).view(bt.shape)
     codes, scales = backend.codes.layer(layer)
     return DecodeProblem(q.float(), k, v, tables, ctx.context_lens,

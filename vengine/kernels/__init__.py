@@ -17,8 +17,8 @@ _MODULES = {"torch": "vengine.kernels.reference", "numba": "vengine.kernels.numb
 
 def get_kernels(device: torch.device, dtype: torch.dtype, name: str | None = None
                 ) -> KernelBackend:
-    """The kernel module for a device: triton on CUDA, numba for float32 on CPU, else the torch
-    reference.
+    """The kernel module for a device: triton on CUDA, numba for float32 on CPU, else (16-bit or
+    fp8 KV on CPU) the torch reference.
 
     VENGINE_KERNELS=torch|numba|triton overrides the choice.
     """
@@ -28,6 +28,8 @@ def get_kernels(device: torch.device, dtype: torch.dtype, name: str | None = Non
             name = "triton"
         else:
             name = "numba" if device.type == "cpu" and dtype == torch.float32 else "torch"
+    if name == "numba" and dtype == torch.float8_e4m3fn:
+        raise ConfigError("VENGINE_KERNELS: numba does not read fp8 KV (use torch or triton)")
     if name not in _MODULES:
         raise ConfigError(f"VENGINE_KERNELS: unknown kernel backend '{name}' ({', '.join(_MODULES)})")
     try:

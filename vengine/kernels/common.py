@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from statistics import NormalDist
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -71,21 +72,76 @@ def group_log_weights(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return torch.logsumexp(s - lse, 2)
 
 
-def paged_rows(pool: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """pool [pages, Hkv, P, ...] -> each sequence's rows in token order [B, Hkv, S, ...]."""
-    x = pool[block_tables]  # [B, max_pages, Hkv, P, ...]
+FP8_MAX = 448.0  # the largest finite float8 e4m3 value
+
+
+class Fp8Rows(NamedTuple):
+    """One layer of K or V stored as float8 e4m3: rows [pages, Hkv, P, D] (in the pool: host
+    memory or the GPU) and a bfloat16 scale per row [pages, Hkv, P] (on the compute device; the
+    row's value is rows * scale). Kernels take it wherever they take a pool tensor. Why one
+    scale per row, kept on the GPU: a row is written once, at its token (a page's scale would be
+    unknown until the page fills), and its 2 bytes would cost a PCIe read of their own.
+    bfloat16, rounded up: float16 scales of rows below 0.03 underflow and clip the row's max."""
+
+    rows: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.rows.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+
+def fp8_quantise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x [..., D] -> (e4m3 [..., D], bfloat16 scale [...]): each row over its absolute max
+    / FP8_MAX, the scale rounded up to bfloat16 (so no value clips), the values to nearest (the
+    Triton store rounds the same, bit for bit)."""
+    xf = x.float()
+    exact = (xf.abs().amax(-1) / FP8_MAX).clamp(min=1e-30).view(torch.int32)
+    scale = ((exact + 0xFFFF) >> 16 << 16).view(torch.float32)  # up to a bfloat16
+    q = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale.to(torch.bfloat16)
+
+
+def pool_rows(pool, index) -> torch.Tensor:
+    """pool[index] of a pool tensor or Fp8Rows (dequantised to float32, exact: 4 x 11 bits)."""
+    if isinstance(pool, Fp8Rows):
+        return pool.rows[index].float() * pool.scale[index].float()[..., None]
+    return pool[index]
+
+
+def pool_write(pool, index, x: torch.Tensor) -> None:
+    """pool[index] = x, quantised where pool is Fp8Rows."""
+    if isinstance(pool, Fp8Rows):
+        pool.rows[index], pool.scale[index] = fp8_quantise(x)
+    else:
+        pool[index] = x.to(pool.dtype)
+
+
+def paged_rows(pool, block_tables: torch.Tensor, dtype: torch.dtype | None = None
+               ) -> torch.Tensor:
+    """pool [pages, Hkv, P, ...] -> each sequence's rows in token order [B, Hkv, S, ...]
+    (an Fp8Rows pool dequantised to dtype)."""
+    if isinstance(pool, Fp8Rows):
+        dtype = dtype or torch.float32
+        x = pool.rows[block_tables].to(dtype) * pool.scale[block_tables].to(dtype)[..., None]
+    else:
+        x = pool[block_tables]  # [B, max_pages, Hkv, P, ...]
     B, n, H, P = x.shape[:4]
     return x.transpose(1, 2).reshape(B, H, n * P, *x.shape[4:])
 
 
-def gather_rows(pool: torch.Tensor, block_tables: torch.Tensor, rows: torch.Tensor
-                ) -> torch.Tensor:
-    """pool [pages, Hkv, P, D], rows [B, Hkv, R] -> [B, Hkv, R, D] (rows past the counts: garbage)."""
+def gather_rows(pool, block_tables: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """pool [pages, Hkv, P, D] (or Fp8Rows: float32), rows [B, Hkv, R] -> [B, Hkv, R, D] (rows
+    past the counts: garbage)."""
     P = pool.shape[2]
     B, Hkv, R = rows.shape
     pages = block_tables.gather(1, (rows // P).view(B, -1)).view(B, Hkv, R)
     heads = torch.arange(Hkv, device=rows.device)[None, :, None]
-    return pool[pages, heads, rows % P]
+    return pool_rows(pool, (pages, heads, rows % P))
 
 
 def soft_cap(scores: torch.Tensor, cap: float) -> torch.Tensor:

@@ -9,8 +9,8 @@ from torch import Tensor
 
 from vengine.kernels.base import KeyCodes, Partial, Proposal, Resident
 from vengine.kernels.common import (PROPOSAL_FLOOR, compact, decode_keys, encode_pages,
-                                    gather_rows, mask_range, merge_partials, sample_z,
-                                    sigma_upper_factor, soft_cap)
+                                    gather_rows, mask_range, merge_partials, pool_rows,
+                                    pool_write, sample_z, sigma_upper_factor, soft_cap)
 
 
 def store_rows(k: Tensor, v: Tensor, slots: Tensor, k_pool: Tensor, v_pool: Tensor,
@@ -23,14 +23,16 @@ def store_rows(k: Tensor, v: Tensor, slots: Tensor, k_pool: Tensor, v_pool: Tens
 
     resident (here and in row_scores, partial_attention): GPU copies of some pages
     (base.Resident), which the Triton kernels keep and read; the pool holds every row, so the
-    reference ignores them."""
+    reference ignores them. k_pool, v_pool may be common.Fp8Rows (here and in row_scores,
+    partial_attention): rows quantised per row as they are written."""
     P = k_pool.shape[2]
     pages, offsets = slots // P, slots % P
-    k_pool[pages, :, offsets] = k.to(k_pool.dtype)
-    v_pool[pages, :, offsets] = v.to(v_pool.dtype)
-    if codes is not None:
+    pool_write(k_pool, (pages, slice(None), offsets), k)
+    pool_write(v_pool, (pages, slice(None), offsets), v)
+    if codes is not None:  # encoded from the keys as stored (an Fp8Rows pool: dequantised)
         full = pages[offsets == P - 1]
-        packed, scales = encode_pages(k_pool[full], codes[0].shape[-1] * 8 // k.shape[-1])
+        bits = codes[0].shape[-1] * 8 // k.shape[-1]
+        packed, scales = encode_pages(pool_rows(k_pool, full), bits)
         codes[0][full], codes[1][full] = packed, scales
 
 

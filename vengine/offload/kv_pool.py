@@ -16,6 +16,9 @@ The GPU addresses the pool through UVA views (k_view, v_view): kernels read the 
 they need straight over PCIe, and new rows are written by GPU stores, so no step waits for the
 host. Rows are written by the kernels' store_rows (prefill and decode alike); long writes
 (prefill) run on a side stream (`writing`), overlapping the next layer's compute.
+
+With fp8, rows are float8 e4m3 (half the host bytes and PCIe traffic of 16-bit rows), each with
+a bfloat16 scale that stays on the compute device (k_scale, v_scale; kernels.common.Fp8Rows).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from vengine.errors import ConfigError, HostMemoryError
-from vengine.kernels.common import paged_rows
+from vengine.kernels.common import Fp8Rows, paged_rows
 from vengine.offload.uva import pin_range, uva_view, unpin_range
 
 _SIDE_STREAM_ROWS = 1024  # writes of at least this many tokens go on the side stream
@@ -135,8 +138,12 @@ class KVPool:
         dtype: torch.dtype,
         device: torch.device,
         pin: bool = False,
+        fp8: bool = False,
+        compute_device: torch.device | None = None,
     ) -> None:
-        self.page_size, self.device, self.dtype = page_size, device, dtype
+        if fp8:
+            dtype = torch.float8_e4m3fn
+        self.page_size, self.device, self.dtype, self.fp8 = page_size, device, dtype, fp8
         page_bytes = 2 * num_layers * num_kv_heads * page_size * head_dim * dtype.itemsize
         if num_pages < 1:
             raise ConfigError(f"host_mem: holds no KV page ({page_bytes} bytes)", field="host_mem")
@@ -164,6 +171,18 @@ class KVPool:
         else:
             self.k_view, self.v_view = self.k, self.v
         self.side_stream = torch.cuda.Stream() if pin else None
+        # FP8: a bfloat16 scale per row, on the compute device (kernels.common.Fp8Rows)
+        scale_shape = (num_layers, num_pages, num_kv_heads, page_size) if fp8 else (0,)
+        where = compute_device or device
+        self.k_scale = torch.zeros(scale_shape, dtype=torch.bfloat16, device=where)
+        self.v_scale = torch.zeros(scale_shape, dtype=torch.bfloat16, device=where)
+
+    def k_layer(self, layer: int):
+        """One layer's K as the kernels take it: the (UVA) view, or Fp8Rows with its scales."""
+        return Fp8Rows(self.k_view[layer], self.k_scale[layer]) if self.fp8 else self.k_view[layer]
+
+    def v_layer(self, layer: int):
+        return Fp8Rows(self.v_view[layer], self.v_scale[layer]) if self.fp8 else self.v_view[layer]
 
     @property
     def pinned_pages(self) -> int:
@@ -223,12 +242,12 @@ class KVPool:
         if self.side_stream is not None and not torch.cuda.is_current_stream_capturing():
             torch.cuda.current_stream().wait_stream(self.side_stream)
 
-    def gather_pages(self, layer: int, block_tables: torch.Tensor):
-        """block_tables: [B, n] -> K, V: [B, kv_heads, n * page_size, D] (padding pages included),
-        on the compute device."""
+    def gather_pages(self, layer: int, block_tables: torch.Tensor, dtype: torch.dtype):
+        """block_tables: [B, n] -> K, V: [B, kv_heads, n * page_size, D] in dtype (padding pages
+        included), on the compute device."""
         self.wait_writes()
-        return paged_rows(self.k_view[layer], block_tables), paged_rows(self.v_view[layer],
-                                                                          block_tables)
+        return (paged_rows(self.k_layer(layer), block_tables, dtype).to(dtype),
+                paged_rows(self.v_layer(layer), block_tables, dtype).to(dtype))
 
 
 class KeyCodePool:

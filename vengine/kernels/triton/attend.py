@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from vengine.kernels.triton.common import (_INTERPRET, _check, _load_q, _load_rows, _mma, _p2,
-                                           _resident, _soft_cap)
+                                           _resident, _row_scale, _soft_cap, _unpack)
 
 CHUNK = 256  # rows per partial_attention program (one flash-decoding split)
 BLOCK_R = 64  # rows per inner step
@@ -22,17 +22,25 @@ COMBINE_SPLITS = 16  # splits per step of the combine
 
 
 @triton.jit
-def _row_kernel(q, k_pool, k_hot, slot_of, tables, rows, counts, out, scale, cap, R, st0, sr0,
-                sr1, sk0, sk1, sk2, HKV: tl.constexpr, G: tl.constexpr, P: tl.constexpr,
-                D: tl.constexpr, GP: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
-                HOT: tl.constexpr, CAP: tl.constexpr, INTERPRET: tl.constexpr):
+def _row_kernel(q, k_pool, k_hot, slot_of, k_scale, tables, rows, counts, out, scale, cap, R,
+                st0, sr0, sr1, sk0, sk1, sk2, HKV: tl.constexpr, G: tl.constexpr,
+                P: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, DP: tl.constexpr,
+                BLOCK: tl.constexpr, HOT: tl.constexpr, FP8: tl.constexpr, CAP: tl.constexpr,
+                INTERPRET: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // HKV, bh % HKV
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = i < tl.load(counts + bh)
-    k = _load_rows(k_pool, k_hot, slot_of, tables, rows + b * sr0 + h * sr1 + i, live, b, h, st0,
-                   sk0, sk1, sk2, P, D, DP, HOT)
-    s = _soft_cap(_mma(_load_q(q, bh, G, D, GP, DP), tl.trans(k), INTERPRET) * scale, cap, CAP)
+    row_ptr = rows + b * sr0 + h * sr1 + i
+    k = _load_rows(k_pool, k_hot, slot_of, tables, row_ptr, live, b, h, st0, sk0, sk1, sk2, P, D,
+                   DP, HOT)
+    qt = _load_q(q, bh, G, D, GP, DP)
+    if FP8:  # e4m3 rows: the dot over their values, then each row's scale
+        s = _mma(qt, tl.trans(k.to(tl.float32)), INTERPRET)
+        s *= _row_scale(k_scale, tables, row_ptr, live, b, h, st0, HKV, P)[None, :]
+    else:
+        s = _mma(qt, tl.trans(k), INTERPRET)
+    s = _soft_cap(s * scale, cap, CAP)
     s = tl.where(live[None, :], s, float("-inf"))  # [GP, BLOCK]
     g = tl.arange(0, GP)
     tl.store(out + (bh * G + g[:, None]) * R + i[None, :], s,
@@ -40,12 +48,13 @@ def _row_kernel(q, k_pool, k_hot, slot_of, tables, rows, counts, out, scale, cap
 
 
 @triton.jit
-def _attn_kernel(q, k_pool, v_pool, k_hot, v_hot, slot_of, tables, rows, counts, logw, scores,
-                 m_out, l_out, acc_out, scale, cap, R, st0, sr0, sr1, sw0, sw1, sw2, sk0, sk1, sk2,
-                 sv0, sv1, sv2, HKV: tl.constexpr, G: tl.constexpr, P: tl.constexpr,
-                 D: tl.constexpr, GP: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
-                 CHUNK_: tl.constexpr, HAS_W: tl.constexpr, HAS_S: tl.constexpr, HOT: tl.constexpr,
-                 CAP: tl.constexpr, INTERPRET: tl.constexpr):
+def _attn_kernel(q, k_pool, v_pool, k_hot, v_hot, slot_of, k_scale, v_scale, tables, rows,
+                 counts, logw, scores, m_out, l_out, acc_out, scale, cap, R, st0, sr0, sr1, sw0,
+                 sw1, sw2, sk0, sk1, sk2, sv0, sv1, sv2, HKV: tl.constexpr, G: tl.constexpr,
+                 P: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, DP: tl.constexpr,
+                 BLOCK: tl.constexpr, CHUNK_: tl.constexpr, HAS_W: tl.constexpr,
+                 HAS_S: tl.constexpr, HOT: tl.constexpr, FP8: tl.constexpr, CAP: tl.constexpr,
+                 INTERPRET: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     split, n_splits = tl.program_id(1), tl.num_programs(1)
     b, h = bh // HKV, bh % HKV
@@ -66,7 +75,12 @@ def _attn_kernel(q, k_pool, v_pool, k_hot, v_hot, slot_of, tables, rows, counts,
         else:
             k = _load_rows(k_pool, k_hot, slot_of, tables, row_ptr, live, b, h, st0, sk0, sk1,
                            sk2, P, D, DP, HOT)
-            s = _soft_cap(_mma(qt, tl.trans(k), INTERPRET) * scale, cap, CAP)  # [GP, BLOCK]
+            if FP8:  # as in _row_kernel
+                s = _mma(qt, tl.trans(k.to(tl.float32)), INTERPRET)
+                s *= _row_scale(k_scale, tables, row_ptr, live, b, h, st0, HKV, P)[None, :]
+            else:
+                s = _mma(qt, tl.trans(k), INTERPRET)
+            s = _soft_cap(s * scale, cap, CAP)  # [GP, BLOCK]
         if HAS_W:
             w = tl.load(logw + b * sw0 + h * sw1 + i * sw2, mask=live, other=0.0)
             s += w.to(tl.float32)[None, :]
@@ -78,7 +92,11 @@ def _attn_kernel(q, k_pool, v_pool, k_hot, v_hot, slot_of, tables, rows, counts,
         v = _load_rows(v_pool, v_hot, slot_of, tables, row_ptr, live, b, h, st0, sv0, sv1, sv2,
                        P, D, DP, HOT)
         l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _mma(p, v, INTERPRET)
+        if FP8:  # each V row's scale on its weight
+            pv = p * _row_scale(v_scale, tables, row_ptr, live, b, h, st0, HKV, P)[None, :]
+            acc = acc * alpha[:, None] + _mma(pv, v.to(tl.float32), INTERPRET)
+        else:
+            acc = acc * alpha[:, None] + _mma(p, v, INTERPRET)
         m = m_new
     g, d = tl.arange(0, GP), tl.arange(0, DP)
     slot = (bh * G + g) * n_splits + split  # [B, Hq, n_splits] scratch
@@ -124,6 +142,7 @@ def row_scores(q: torch.Tensor, k_pool: torch.Tensor, block_tables: torch.Tensor
     """Scores q . k * scale of the listed rows (soft-capped where softcap is set): [B, Hq, R]
     f32, -inf past counts [B, Hkv]. resident (ResidentPages.layer): rows of pages with a GPU
     copy are read from the copy."""
+    k_pool, k_scale, fp8 = _unpack(k_pool)
     _check(q, k_pool, block_tables, rows, counts)
     B, Hq, D = q.shape
     Hkv, R = rows.shape[1:]
@@ -133,9 +152,9 @@ def row_scores(q: torch.Tensor, k_pool: torch.Tensor, block_tables: torch.Tensor
     G, P = Hq // Hkv, k_pool.shape[2]
     slot_of, k_hot, _ = _resident(resident, k_pool, k_pool)
     _row_kernel[(B * Hkv, triton.cdiv(R, BLOCK_R))](
-        q.contiguous(), k_pool, k_hot, slot_of, block_tables, rows, counts, out, scale,
+        q.contiguous(), k_pool, k_hot, slot_of, k_scale, block_tables, rows, counts, out, scale,
         softcap or 1.0, R, block_tables.stride(0), rows.stride(0), rows.stride(1),
-        *k_pool.stride()[:3], Hkv, G, P, D, _p2(G), _p2(D), BLOCK_R, resident is not None,
+        *k_pool.stride()[:3], Hkv, G, P, D, _p2(G), _p2(D), BLOCK_R, resident is not None, fp8,
         bool(softcap), _INTERPRET)
     return out
 
@@ -152,6 +171,7 @@ def partial_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     Returns m [B, Hq], l [B, Hq], acc [B, Hq, D] (f32; see reference.partial_attention). Each of
     cdiv(R, chunk) splits per (sequence, KV head) handles chunk consecutive list entries.
     """
+    (k_pool, k_scale, fp8), (v_pool, v_scale, _) = _unpack(k_pool), _unpack(v_pool)
     _check(q, k_pool, block_tables, rows, counts)
     assert v_pool.shape == k_pool.shape and v_pool.dtype == k_pool.dtype and v_pool.stride(-1) == 1
     assert chunk >= 16 and chunk & (chunk - 1) == 0, "chunk: a power of two >= 16"
@@ -167,11 +187,13 @@ def partial_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     sw = logw.stride() if logw is not None else (0, 0, 0)
     slot_of, k_hot, v_hot = _resident(resident, k_pool, v_pool)
     _attn_kernel[(B * Hkv, n_splits)](
-        q.contiguous(), k_pool, v_pool, k_hot, v_hot, slot_of, block_tables, rows, counts, w,
+        q.contiguous(), k_pool, v_pool, k_hot, v_hot, slot_of, k_scale, v_scale, block_tables,
+        rows, counts, w,
         scores if scores is not None else m, m, l, acc, scale, softcap or 1.0, R,
         block_tables.stride(0), rows.stride(0), rows.stride(1), *sw, *k_pool.stride()[:3],
         *v_pool.stride()[:3], Hkv, G, P, D, _p2(G), _p2(D), min(BLOCK_R, chunk), chunk,
-        logw is not None, scores is not None, resident is not None, bool(softcap), _INTERPRET)
+        logw is not None, scores is not None, resident is not None, fp8, bool(softcap),
+        _INTERPRET)
     if n_splits == 1:
         return m[..., 0], l[..., 0], acc[..., 0, :]
     m_all, l_all = torch.empty(B, Hq, dtype=torch.float32, device=dev), torch.empty_like(m[..., 0])
