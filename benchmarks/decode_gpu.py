@@ -43,7 +43,7 @@ from vengine.engine.model_runner import ModelRunner
 from vengine.engine.sampling import SamplingParams
 from vengine.engine.sequence import Sequence
 from vengine.kernels import triton as triton_gpu
-from vengine.kernels.common import encode_pages
+from vengine.kernels.common import encode_pages, fp8_quantise
 from vengine.models.config import ModelConfig
 from vengine.offload.kv_pool import KVPool
 
@@ -78,8 +78,16 @@ def fill_pool(pool: KVPool, backend: VAttentionBackend, pages: int) -> None:
         for p0 in range(0, pages, step):
             p1 = min(p0 + step, pages)
             k = torch.randn(p1 - p0, H, P, D, device=DEV, dtype=DTYPE, generator=g)
-            pool.k[layer, p0:p1].copy_(k, non_blocking=True)
-            pool.v[layer, p0:p1].copy_(torch.randn_like(k), non_blocking=True)
+            v = torch.randn_like(k)
+            if pool.fp8:  # rows as store_rows would write them; codes of the keys as stored
+                (k8, pool.k_scale[layer, p0:p1]), (v8, pool.v_scale[layer, p0:p1]) = \
+                    fp8_quantise(k), fp8_quantise(v)
+                pool.k[layer, p0:p1].copy_(k8, non_blocking=True)
+                pool.v[layer, p0:p1].copy_(v8, non_blocking=True)
+                k = k8.float() * pool.k_scale[layer, p0:p1].float()[..., None]
+            else:
+                pool.k[layer, p0:p1].copy_(k, non_blocking=True)
+                pool.v[layer, p0:p1].copy_(v, non_blocking=True)
             codes[p0:p1], scales[p0:p1] = encode_pages(k, backend.cfg.key_bits)
     torch.cuda.synchronize()
 
@@ -225,7 +233,7 @@ def one_layer(cfg: ModelConfig, backend: VAttentionBackend, tables, B: int, cont
     backend.begin_step(seqs, is_prefill=False)  # sink and window pages copied to the GPU, as in a decode step
 
     def layer(kernels):
-        return vattention_decode(q, pool.k_view[0], pool.v_view[0], tables, lens,
+        return vattention_decode(q, pool.k_layer(0), pool.v_layer(0), tables, lens,
                                  backend.codes.layer(0), backend.cfg, gen, kernels,
                                  backend.resident_layer(0))
 
@@ -257,7 +265,7 @@ def layer_split(cfg: ModelConfig, backend: VAttentionBackend, tables, B: int,
         else:
             rows += host_rows(backend, tables, a[4], a[5]) * (1 if "scores" in kw else 2)
     return {"layer_ms": layer_ms, "fetch_ms": fetch_ms,
-            "layer_bytes": rows * cfg.head_dim * DTYPE.itemsize}
+            "layer_bytes": rows * cfg.head_dim * backend.pool.dtype.itemsize}
 
 
 def profile_layer(cfg: ModelConfig, backend: VAttentionBackend, tables, context: int) -> str:
@@ -274,6 +282,24 @@ def profile_layer(cfg: ModelConfig, backend: VAttentionBackend, tables, context:
             layer(triton_gpu)
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+
+
+def offloaded(model, pool, B: int, context: int, args, base, ids, positions, tables) -> list:
+    """(b): full attention over the pinned host KV, streamed layer by layer (bf16 pools)."""
+    cfg, L = model.config, model.config.num_layers
+    kv_token_bytes = cfg.kv_bytes_per_token(DTYPE.itemsize)
+    st, rows = Streamed(pool, B, context), []
+    ctx = StepContext(False, tables[:, context // PAGE] * PAGE + context % PAGE, tables,
+                      positions + 1, tuple(range(B)))
+    ms = median_ms(lambda: model.compute_logits(model(ids, positions, ctx, st)),
+                   args.stream_repeats)
+    nbytes = B * (context // PAGE + 1) * PAGE * kv_token_bytes
+    rows.append({**base, "mode": "b offloaded", "ms_per_step": ms, "pcie_bytes_per_step": nbytes,
+                 "pcie_gbs": nbytes / ms / 1e6,
+                 "gpu_kv_bytes_per_token": 2 * kv_token_bytes / L})
+    del st, ctx
+    release()
+    return rows
 
 
 def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: float) -> list[dict]:
@@ -326,20 +352,11 @@ def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: floa
                      "note": "KV does not fit in GPU memory next to the weights"})
 
     release()
-    # (b) offloaded, streamed layer by layer
-    st = Streamed(pool, B, context)
-    tables = (torch.arange(st.pages, device=DEV).view(B, -1))
-    ctx = StepContext(False, tables[:, context // PAGE] * PAGE + context % PAGE, tables,
-                      positions + 1, tuple(range(B)))
-    ms = median_ms(lambda: model.compute_logits(model(ids, positions, ctx, st)),
-                   args.stream_repeats)
-    nbytes = B * (context // PAGE + 1) * PAGE * kv_token_bytes
-    rows.append({**base, "mode": "b offloaded", "ms_per_step": ms, "pcie_bytes_per_step": nbytes,
-                 "pcie_gbs": nbytes / ms / 1e6,
-                 "gpu_kv_bytes_per_token": 2 * kv_token_bytes / L})
-    del st, ctx
-    release()
+    tables = torch.arange(B * (context // PAGE + 1), device=DEV).view(B, -1)
+    if not pool.fp8:
+        rows += offloaded(model, pool, B, context, args, base, ids, positions, tables)
 
+    # (c) vengine, at a fixed budget and at epsilon = 0.05; eager and CUDA graph
     # (c) vengine, at a fixed budget and at epsilon = 0.05; eager and CUDA graph
     for name, backend in backends.items():
         if name.startswith("fixed top_k") and (context, B) != (args.sweep_context, 1):
@@ -362,7 +379,8 @@ def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: floa
             select = split["layer_ms"] - split["fetch_ms"]
             pcie = L * split["layer_bytes"]
             D = cfg.head_dim  # codes: key_bits per element; scales: 4 bytes per channel and page
-            code_bytes = L * cfg.num_kv_heads * (backend.cfg.key_bits * D / 8 + 4 * D / PAGE)
+            code_bytes = L * cfg.num_kv_heads * (backend.cfg.key_bits * D / 8 + 4 * D / PAGE
+                                                 + (4 if pool.fp8 else 0))  # fp8: K, V scales
             res = backend.resident  # the GPU copies of sink and window pages, all slots
             res_bytes = 0 if res is None else 2 * res.k.numel() * res.k.element_size()
             rows.append({**base, "mode": f"c vengine {name}" + (" graph" if graphs else ""),
@@ -421,6 +439,9 @@ def main() -> None:
                    "one layer of this backend (e.g. eps0.1) at --sweep-context (next to --out)")
     p.add_argument("--sweep-context", type=int, default=131072)
     p.add_argument("--epsilons", default="0.05,0.1,0.25", help="verified modes, epsilon = delta")
+    p.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto",
+                   help="(c)'s host KV rows: bf16, or fp8 (e4m3, a scale per row); with fp8, "
+                        "(b) (which copies bf16 layers) is not run")
     p.add_argument("--out", default="docs/decode_gpu.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -434,7 +455,7 @@ def main() -> None:
     pages = max(B * (c // PAGE + 1) for c, B in configs)
     t = time.perf_counter()
     pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, PAGE, pages, DTYPE,
-                  torch.device("cpu"), pin=True)
+                  torch.device("cpu"), pin=True, fp8=args.kv_dtype == "fp8", compute_device=DEV)
     backends = {"fixed (unverified)": VAttentionBackend(fixed_budget(), pool, cfg, DEV)}
     codes = backends["fixed (unverified)"].codes  # the same keys: one copy of their codes
     for eps in (float(x) for x in args.epsilons.split(",")):
