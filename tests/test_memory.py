@@ -39,7 +39,7 @@ def test_generate_rss_tracks_the_kv_in_use(tmp_path):
     from vengine.eval.activations import corpus_text
 
     llm = vengine.LLM(device="cpu", max_context=8192)
-    ids = llm.tokenizer.encode(corpus_text())[:6000]
+    ids = llm.tokenizer.encode(corpus_text())[:4000]  # 6000 until the suite neared 15 min
     prompt = llm.tokenizer.decode(ids)
     n = len(llm.tokenizer.encode(prompt))
     weights = sum(p.numel() * p.element_size() for p in llm.model.parameters())
@@ -53,7 +53,7 @@ def test_generate_rss_tracks_the_kv_in_use(tmp_path):
         peaks[batch] = peak_rss(["generate", "--input", str(inp), "--output", str(out),
                                  "--ctx", "8k", "--max-new-tokens", "4", "--device", "cpu",
                                  "--batch-size", str(batch)])
-        assert json.loads(out.read_text())["prompt_tokens"] >= 5500
+        assert json.loads(out.read_text())["prompt_tokens"] >= 3700
     budget16 = 16 * 8192 * kv // (n + 64)  # what --batch-size 16 reserves for KV
     print(f"peak RSS {peaks[1] / 2**20:.0f} / {peaks[16] / 2**20:.0f} MiB (batch 1 / 16); "
           f"weights {weights / 2**20:.0f} MiB, KV in use {kv / 2**20:.0f} MiB, "
