@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--top-k", type=float, default=0.02, help="vAttention top_k (fraction)")
     ev.add_argument("--pilot", type=int, default=256, help="vAttention pilot rows")
     ev.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    ev.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto",
+                    help="the KV rows of every mode: the model dtype, or fp8 (e4m3)")
     ev.add_argument("--out", type=Path, default=Path("eval.json"))
     ev.add_argument("--plot-dir", type=Path, help="write PNG plots here (needs matplotlib)")
     bench = sub.add_parser("bench", help="run a benchmark script; options after the name are "
@@ -233,7 +235,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     resolve_model_flag(args.model)
     apply_threads(args.threads)
     llm = LLM(model=args.model, device=args.device, max_context=context + 512,
-              max_batch=args.max_batch, threads=args.threads)
+              max_batch=args.max_batch, threads=args.threads, kv_dtype=args.kv_dtype)
     results = provenance(llm, args.argv) | run_eval(llm, settings)
     print_table(results)
     save(results, args.out)
