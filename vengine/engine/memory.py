@@ -106,7 +106,7 @@ def gpu_state(mc: ModelConfig, attention, dtype_bytes: int, page_size: int,
               kv_on_host: bool, ring_bytes: int = 0, kv_fp8: bool = False) -> GpuState:
     """What the attention (an EngineConfig.attention: a spec or a tuple of per-layer specs)
     keeps on the GPU per page and per decoded row; ring_bytes: the sliding-window layers';
-    kv_fp8: rows of 1 byte per element, and a float16 scale per row on the GPU."""
+    kv_fp8: rows of 1 byte per element, and a bfloat16 scale per row on the GPU."""
     specs = attention if isinstance(attention, tuple) else (attention,)
     sparse = next((s for s in specs if isinstance(s, VAttention)), None)
     kv_page = page_size * mc.kv_bytes_per_token(1 if kv_fp8 else dtype_bytes)

@@ -107,7 +107,7 @@ def fp8_quantise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pool_rows(pool, index) -> torch.Tensor:
-    """pool[index] of a pool tensor or Fp8Rows (dequantised to float32, exact: 4 x 11 bits)."""
+    """pool[index] of a pool tensor or Fp8Rows (dequantised to float32, exact: 4 x 8 bits)."""
     if isinstance(pool, Fp8Rows):
         return pool.rows[index].float() * pool.scale[index].float()[..., None]
     return pool[index]
