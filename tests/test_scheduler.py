@@ -3,6 +3,7 @@ preemption of the newest request, abort, events, and pages given back in every c
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vengine.engine.core import EngineCore
@@ -142,6 +143,29 @@ def test_a_kept_cache_survives_its_finish_and_abort_unfinished_spares_it():
     core.abort_unfinished()
     assert chat.block_table and chat.finish_reason == "length"
     assert other.finish_reason == "abort" and not other.block_table
+
+
+def test_a_failed_prefill_frees_its_pages():
+    """A prefill that raises after taking pages (an out-of-memory, a bad kernel) gives them back:
+    its request is neither waiting nor running any more, where abort_unfinished looks."""
+    core, runner = engine(pages=16)
+    running, failing = request(0, [1, 2], 50), request(1, [3] * 9, 5)
+    core.add(running)
+    core.step()  # running's prefill
+    free = runner.allocator.num_free
+
+    def prefill(seq):
+        runner.allocator.grow(seq.block_table, seq.num_tokens)
+        raise RuntimeError("out of memory")
+
+    runner.prefill = prefill
+    core.add(failing)
+    with pytest.raises(RuntimeError):
+        core.step()
+    assert failing.finish_reason == "abort" and not failing.block_table
+    assert runner.allocator.num_free == free
+    core.abort_unfinished()
+    assert running.finish_reason == "abort" and runner.allocator.num_free == 16
 
 
 def test_scheduler_alone_admits_in_order_and_keeps_headroom():

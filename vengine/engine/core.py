@@ -71,10 +71,15 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        if batch.is_prefill:
-            logits = self.runner.prefill(batch.seqs[0])[None]
-        else:
-            logits = self.runner.decode(batch.seqs)
+        try:
+            if batch.is_prefill:
+                logits = self.runner.prefill(batch.seqs[0])[None]
+            else:
+                logits = self.runner.decode(batch.seqs)
+        except BaseException:  # a prefilled request has left `waiting` and is not yet running:
+            if batch.is_prefill:  # no abort_unfinished would find it, so free its pages here
+                self.scheduler.abort(batch.seqs[0])
+            raise
         events = self._advance(batch.seqs, logits)
         self.scheduler.finish_step(batch)
         return events
