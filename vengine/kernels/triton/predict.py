@@ -10,8 +10,8 @@ import triton.language as tl
 
 from vengine.kernels.triton.common import _DTYPES, _INTERPRET, _p2, _soft_cap
 
-BLOCK_S = 64  # positions per key_scores program, at most a page (with 4 warps within 3% of the
-# fastest measured at 128K on the H200: benchmarks/selection_gpu.py, docs/selection_gpu.json)
+BLOCK_S = 64  # positions per key_scores program, at most a page (with 4 warps the fastest of
+# 16-64 x 1-8 warps at 128K on the H200: benchmarks/selection_gpu.py, docs/selection_gpu.json)
 
 
 @triton.jit
