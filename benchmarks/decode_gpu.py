@@ -43,7 +43,7 @@ from vengine.engine.model_runner import ModelRunner
 from vengine.engine.sampling import SamplingParams
 from vengine.engine.sequence import Sequence
 from vengine.kernels import triton as triton_gpu
-from vengine.kernels.common import encode_pages, fp8_quantise
+from vengine.kernels.common import Fp8Rows, encode_pages, fp8_quantise, pool_rows
 from vengine.models.config import ModelConfig
 from vengine.offload.kv_pool import KVPool
 
@@ -84,7 +84,7 @@ def fill_pool(pool: KVPool, backend: VAttentionBackend, pages: int) -> None:
                     fp8_quantise(k), fp8_quantise(v)
                 pool.k[layer, p0:p1].copy_(k8, non_blocking=True)
                 pool.v[layer, p0:p1].copy_(v8, non_blocking=True)
-                k = k8.float() * pool.k_scale[layer, p0:p1].float()[..., None]
+                k = pool_rows(Fp8Rows(k8, pool.k_scale[layer, p0:p1]), slice(None))
             else:
                 pool.k[layer, p0:p1].copy_(k, non_blocking=True)
                 pool.v[layer, p0:p1].copy_(v, non_blocking=True)

@@ -251,6 +251,21 @@ def code_levels(codes: torch.Tensor, D: int) -> torch.Tensor:
     return decode_keys(codes, torch.stack([torch.zeros(D), torch.ones(D)]))
 
 
+def store_steps(g: torch.Generator, P: int, pages: int) -> tuple[torch.Tensor, list]:
+    """Two sequences on shuffled pages (tables [2, pages / 2]) and three steps' slots: prefill
+    chunks of whole pages, a chunk completing a page begun a step before batched behind another
+    sequence's chunk, and a decode step."""
+    tables = torch.randperm(pages, generator=g).view(2, pages // 2)
+
+    def slots(seq: int, start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        return tables[seq, pos // P] * P + pos % P
+
+    return tables, [slots(0, 0, 37),  # pages 0, 1 of sequence 0
+                    torch.cat([slots(1, 0, 31), slots(0, 37, 71)]),  # page 0 of 1; 2, 3 of 0
+                    torch.cat([slots(1, 31, 32), slots(0, 71, 72)])]  # decode: page 1 of 1
+
+
 @pytest.mark.parametrize("dtype,bits", [(torch.float32, 3), (torch.bfloat16, 4)])
 def test_store_rows_match_reference(dtype, bits):
     """Over three steps on shuffled pages, K/V rows land in the slots given (other slots
@@ -261,15 +276,7 @@ def test_store_rows_match_reference(dtype, bits):
     projection. (k is in the pools' dtype: the interpreter truncates float32 to bfloat16.)"""
     g = torch.Generator().manual_seed(bits)
     Hkv, D, P, pages = 3, 32, 16, 10
-    tables = torch.randperm(pages, generator=g).view(2, 5)
-
-    def slots(seq: int, start: int, end: int) -> torch.Tensor:
-        pos = torch.arange(start, end)
-        return tables[seq, pos // P] * P + pos % P
-
-    steps = [slots(0, 0, 37),  # pages 0, 1 of sequence 0
-             torch.cat([slots(1, 0, 31), slots(0, 37, 71)]),  # page 0 of 1; 2, 3 of 0
-             torch.cat([slots(1, 31, 32), slots(0, 71, 72)])]  # decode: page 1 of 1
+    tables, steps = store_steps(g, P, pages)
     pools = [(torch.full((pages, Hkv, P, D), 7.0, dtype=dtype),
               torch.full((pages, Hkv, P, D), 7.0, dtype=dtype),
               torch.full((pages, Hkv, P, bits * D // 8), 0xA5, dtype=torch.uint8),
@@ -322,14 +329,7 @@ def test_fp8_rows_match_reference():
     the reference's over the dequantised rows."""
     g = torch.Generator().manual_seed(11)
     Hkv, D, P, pages, bits = 2, 32, 16, 10, 3
-    tables = torch.randperm(pages, generator=g).view(2, 5)
-
-    def slots(seq: int, start: int, end: int) -> torch.Tensor:
-        pos = torch.arange(start, end)
-        return tables[seq, pos // P] * P + pos % P
-
-    steps = [slots(0, 0, 37), torch.cat([slots(1, 0, 31), slots(0, 37, 71)]),
-             torch.cat([slots(1, 31, 32), slots(0, 71, 72)])]
+    tables, steps = store_steps(g, P, pages)
     ref, dev = fp8_pools(pages, Hkv, P, D, "cpu"), fp8_pools(pages, Hkv, P, D, DEV)
     codes = [(torch.zeros(pages, Hkv, P, bits * D // 8, dtype=torch.uint8),
               torch.zeros(pages, Hkv, 2, D, dtype=torch.float16)) for _ in range(2)]
