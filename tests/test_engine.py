@@ -375,3 +375,20 @@ def test_hub_id_offline(hub_offline):
     assert "someorg/somemodel" in msg
     assert "local" in msg.lower()
 
+
+
+def test_each_request_is_certified_to_its_own_epsilon(llm):
+    """Requests with different (epsilon, delta) share a batch: a looser bound draws fewer rows,
+    a tighter one more, and each certificate holds (no head over its own epsilon)."""
+    from vengine.eval.activations import corpus_text
+
+    sparse = llm.with_attention(vengine.VAttention(sink=16, window=16, pilot=64, seed=0,
+                                                   exact_below=0))
+    ids = sparse.tokenizer.encode(corpus_text())[:700]
+    bounds = {"loose": (0.5, 0.3), "served": (None, None), "tight": (0.01, 0.01)}
+    requests = [(name, ids, vengine.SamplingParams(max_new_tokens=4, epsilon=eps, delta=delta))
+                for name, (eps, delta) in bounds.items()]
+    stats = {name: c.stats for name, c in sparse.completions(requests)}
+    density = {name: s["density"] for name, s in stats.items()}
+    assert density["loose"] < density["served"] < density["tight"] <= 1, density
+    assert all(s["certificate_violation_rate"] == 0 for s in stats.values()), stats

@@ -213,7 +213,7 @@ def _status(e: openai.APIStatusError) -> tuple[int, dict]:
     (dict(max_tokens=0), 400, "max_tokens", "max_tokens must be"),
     (dict(frequency_penalty=0.5), 400, "frequency_penalty", "not supported"),
     (dict(n=2), 400, "n", "n = 1"),
-    (dict(extra_body={"epsilon": 0.2}), 400, "epsilon", "per-request"),
+    (dict(extra_body={"epsilon": 2}), 400, "epsilon", "in (0, 1)"),
     (dict(messages=[{"role": "robot", "content": "hi"}]), 400, "messages[0].role", "role"),
 ])
 def test_bad_requests_get_openai_errors(server, kwargs, status, param, words):
@@ -239,8 +239,9 @@ def test_malformed_long_unauthorised_and_overloaded(server):
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
-    ok = server.chat("hi", max_tokens=1, extra_body={"epsilon": 0.05, "delta": 0.05})
-    assert ok.choices[0].message.content is not None  # the served epsilon is accepted
+    ok = server.chat("hi", max_tokens=1, extra_body={"epsilon": 0.2, "delta": 0.01})
+    assert ok.choices[0].message.content is not None  # this request's own bound
+    assert (ok.model_extra["vengine"]["epsilon"], ok.model_extra["vengine"]["delta"]) == (0.2, 0.01)
 
     # 8 running + 1 waiting (--max-queue 1) fill the server: the next one gets 429 at once
     before = server.idle()

@@ -39,7 +39,9 @@ def test_parse_maps_openai_fields_to_sampling():
     # no-op values of unsupported fields pass, as clients send them
     parse({"messages": MSG, "frequency_penalty": 0, "presence_penalty": 0.0, "n": 1,
            "logprobs": False, "tools": [], "logit_bias": {}, "response_format": {"type": "text"}})
-    parse({"messages": MSG, "epsilon": 0.05, "delta": 0.05})  # the served values
+    own = parse({"messages": MSG, "epsilon": 0.2, "delta": 0.01}).params  # this request's bound
+    assert (own.epsilon, own.delta) == (0.2, 0.01)
+    assert parse({"messages": MSG}).params.epsilon is None  # the served one
 
 
 @pytest.mark.parametrize("body, status, param", [
@@ -67,7 +69,8 @@ def test_parse_maps_openai_fields_to_sampling():
     ({"messages": MSG, "logprobs": True}, 400, "logprobs"),
     ({"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools"),
     ({"messages": MSG, "response_format": {"type": "json_object"}}, 400, "response_format"),
-    ({"messages": MSG, "epsilon": 0.1}, 400, "epsilon"),
+    ({"messages": MSG, "epsilon": 1.5}, 400, "epsilon"),
+    ({"messages": MSG, "delta": 0}, 400, "delta"),
     ({"messages": MSG, "delta": "0.05"}, 400, "delta"),
     ({"prompt": ["a", "b"]}, 400, "prompt"),
     ({"prompt": ""}, 400, "prompt"),
@@ -81,12 +84,11 @@ def test_parse_refuses_with_the_field_named(body, status, param):
     assert e.value.body()["error"]["message"] == e.value.message
 
 
-def test_per_request_epsilon_against_the_served_attention():
-    with pytest.raises(APIError, match="per-request values are not supported.*epsilon=0.05"):
-        parse({"messages": MSG, "epsilon": 0.2})
+def test_per_request_epsilon_needs_vattention():
     with pytest.raises(APIError, match="exact attention"):
         parse({"messages": MSG, "epsilon": 0.05}, attention="full")
-    parse({"messages": MSG, "epsilon": 0.2}, attention=VAttention(epsilon=0.2))
+    with pytest.raises(APIError, match=r"epsilon must be in \(0, 1\)"):
+        parse({"messages": MSG, "epsilon": -0.1})
 
 
 def test_check_prompt_names_both_lengths():

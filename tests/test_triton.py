@@ -17,7 +17,8 @@ from vengine.attention.config import VAttention  # noqa: E402
 from vengine.eval.activations import DecodeProblem  # noqa: E402
 from vengine.kernels import reference  # noqa: E402
 from vengine.kernels import triton as triton_gpu  # noqa: E402  (the GPU kernels)
-from vengine.kernels.common import Fp8Rows, decode_keys, fp8_quantise, mask_range  # noqa: E402
+from vengine.kernels.common import (  # noqa: E402
+    Fp8Rows, accuracy_targets, decode_keys, fp8_quantise, mask_range)
 from vengine.offload.uva import uva_view  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -224,14 +225,23 @@ def test_budget_and_finish_match_reference(G, W):
     dev_b = torch.rand(B, Hq, W, generator=g) * 2
     ref_dev = reference.pilot_budget(*args, dev_b)
     assert not torch.allclose(ref_dev[2], ref[2])  # the deviations move the budget
+    # each sequence's own (epsilon, delta), NaN: the call's; row b as if called with its pair
+    target = accuracy_targets([(None, None), (0.2, 0.01), (0.01, None)])
+    ref_t = reference.pilot_budget(*args, None, target)
+    for b, (eps, delta) in enumerate([(0.05, 0.1), (0.2, 0.01), (0.01, 0.1)]):
+        alone = reference.pilot_budget(*args[:8], eps, delta)
+        for name, r, t in zip(("m", "d_f", "c", "logw_b", "over_eps", "missed"), alone, ref_t):
+            torch.testing.assert_close(t[b], r[b], msg=f"{name} of sequence {b}")
+    assert not torch.allclose(ref_t[2][1:], ref[2][1:])  # the targets move the budget
     live = torch.arange(W) < count_b[..., None]
-    for dv, refs in ((None, ref), (dev_b, ref_dev)):
+    for dv, refs, tg in ((None, ref, None), (dev_b, ref_dev, None), (None, ref_t, target)):
         tri = triton_gpu.pilot_budget(*(a.to(DEV) if torch.is_tensor(a) else a for a in args),
-                                      None if dv is None else dv.to(DEV))
+                                      None if dv is None else dv.to(DEV),
+                                      None if tg is None else tg.to(DEV))
         for name, r, t in zip(("m", "d_f", "c", "logw_b", "over_eps", "missed"), refs, tri):
             r, t = (x.masked_fill(~live, 0) if name == "logw_b" else x for x in (r, t.cpu()))
             torch.testing.assert_close(t, r, rtol=1e-4, atol=1e-5,
-                                       msg=f"{name} (dev_b {dv is not None})")
+                                       msg=f"{name} (dev_b {dv is not None}, {tg is not None})")
         for flag in refs[4:]:  # the cap binds, a pilot row is heavy: somewhere, not everywhere
             assert (flag == 1).any() and (flag == 0).any()
 

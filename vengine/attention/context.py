@@ -20,3 +20,6 @@ class StepContext:
     context_lens: torch.Tensor  # [B] tokens in context after this step, new ones included
     seq_ids: tuple[int, ...]  # engine ids of the B sequences, for per-sequence backend state
     cached_len: int = 0  # prefill only: tokens of this sequence cached before this chunk
+    # decode only: [B, 3] each sequence's own epsilon and delta (kernels.common.accuracy_targets),
+    # NaN where the backend's settings apply
+    targets: torch.Tensor | None = None

@@ -94,6 +94,7 @@ def vattention_decode(
     kernels,
     resident: tuple | None = None,
     softcap: float = 0.0,
+    target: torch.Tensor | None = None,
 ) -> DecodeResult:
     """One layer of vAttention decode. q [B, Hq, D]; k/v_pool [pages, Hkv, P, D] (one layer, in
     GPU memory, CPU memory or a UVA view of pinned host memory); codes: the keys' codes
@@ -103,7 +104,8 @@ def vattention_decode(
     and a step of fixed S has fixed shapes (CUDA graphs). resident: GPU copies of some pages
     (ResidentPages.layer: the sink and window), which the kernels read instead of the pool.
     softcap: Gemma 2's cap on every score (common.soft_cap; 0: none), in the predicted scores
-    too, so that the proposal follows the capped weights."""
+    too, so that the proposal follows the capped weights. target [B, 3]: each sequence's own
+    epsilon and delta (StepContext.targets), NaN where cfg's apply."""
     B, Hq, D = q.shape
     dev, P = q.device, k_pool.shape[2]
     Hkv, S = k_pool.shape[1], block_tables.shape[1] * P
@@ -147,7 +149,8 @@ def vattention_decode(
         dev_b = output_deviations(q, k_pool, v_pool, block_tables, rows_b, count_b, pa_b, s_b,
                                   part_f, scale, kernels, resident)
     m, d_f, c, logw_b, over_eps, missed = kernels.pilot_budget(
-        s_b, count_b, pa_b, pr_b, part_f[0], part_f[1], most, n_r, cfg.epsilon, cfg.delta, dev_b)
+        s_b, count_b, pa_b, pr_b, part_f[0], part_f[1], most, n_r, cfg.epsilon, cfg.delta, dev_b,
+        target)
 
     # 4. the second sample, from the rows outside the pilot (selected and fetched while the
     # pilot's V is); the estimate is Horvitz-Thompson over the union: each row weighted by the
@@ -275,6 +278,7 @@ class VAttentionBackend:
             self.kernels,
             self.resident_layer(layer),
             self.softcap,
+            ctx.targets,
         )
 
     def resident_layer(self, layer: int) -> tuple | None:

@@ -17,7 +17,7 @@ from vengine.cli.outfile import OutputFile, done_ids  # noqa: F401  (tests impor
 from vengine.errors import ConfigError, VengineError
 
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
-                   "seed", "stop")
+                   "seed", "stop", "epsilon", "delta")
 ROLES = ("system", "user", "assistant", "tool")
 
 

@@ -16,6 +16,7 @@ import torch
 from vengine.attention.base import LayerBackends
 from vengine.attention.context import StepContext
 from vengine.engine.sequence import Sequence
+from vengine.kernels.common import accuracy_targets
 from vengine.models.llama import LlamaForCausalLM
 from vengine.offload.kv_pool import KVPool
 
@@ -109,6 +110,7 @@ class ModelRunner:
             "positions": positions,
             "tables": tables,
             "slots": slot_pages * self.page_size + positions % self.page_size,
+            "targets": accuracy_targets([(s.params.epsilon, s.params.delta) for s in seqs]),
         }
         seq_ids = tuple(s.seq_id for s in seqs)
         self.pool.wait_writes()  # prefill's side-stream writes land before decode reads them
@@ -140,6 +142,7 @@ class ModelRunner:
             block_tables=inputs["tables"],
             context_lens=inputs["positions"] + 1,
             seq_ids=seq_ids,
+            targets=inputs["targets"],
         )
         hidden = self.model(inputs["input_ids"], inputs["positions"], ctx, self.backends)
         return self.model.compute_logits(hidden), self.backends.step_stats()

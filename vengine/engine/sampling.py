@@ -23,6 +23,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # this request's attention guarantee (vAttention: relative error epsilon with probability
+    # 1 - delta); None: the engine's VAttention settings. Full attention is exact: no effect.
+    epsilon: float | None = None
+    delta: float | None = None
 
     def __post_init__(self) -> None:
         # Checked in full here because a value that passes Python's comparisons but not torch's
@@ -52,6 +56,10 @@ class SamplingParams:
             raise bad("repetition_penalty", "a number in [0.001, 1000]")
         if self.seed is not None and not is_int(self.seed, -2**63):
             raise bad("seed", "an int in [-2**63, 2**63) or None")
+        for name in ("epsilon", "delta"):
+            value = getattr(self, name)
+            if value is not None and (not in_range(value, 0, 1) or value in (0, 1)):
+                raise bad(name, "in (0, 1) or None (the engine's)")
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", "a bool")
         if isinstance(self.stop, str):

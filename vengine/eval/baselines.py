@@ -210,5 +210,5 @@ class _OracleBackend(VAttentionBackend):
         s, _ = p.exact()
         r = vattention_decode(p.q, p.k_pool, p.v_pool, p.block_tables, p.context_lens, p.codes,
                               self.cfg, self.generator, oracle_kernels(self.kernels, s),
-                              softcap=p.softcap)
+                              softcap=p.softcap, target=ctx.targets)
         return replace(r, out=r.out.to(q.dtype))

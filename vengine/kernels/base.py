@@ -89,14 +89,16 @@ class KernelBackend(Protocol):
 
     def pilot_budget(self, s_b: Tensor, count_b: Tensor, pa_b: Tensor, pr_b: Tensor, m_f: Tensor,
                      l_f: Tensor, cap: Tensor, n_r: Tensor, epsilon: float, delta: float,
-                     dev_b: Tensor | None = None
+                     dev_b: Tensor | None = None, target: Tensor | None = None
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The second sample's size from the pilot (s_b [B, Hq, W] its scores, count_b [B, Hkv],
         pa_b, pr_b [B, Hkv, W]; m_f, l_f [B, Hq] the exact rows' partials; cap, n_r [B, Hkv];
         dev_b [B, Hq, W] the rows' relative squared deviations for the output guarantee):
         m, d_f [B, Hq], c [B, Hkv], the pilot rows' log weights [B, Hkv, W], over_eps [B, Hq]
         (1 where the cap kept a head from its budget) and missed [B, Hq] (1 where a pilot row
-        holds at least epsilon of the head's mass). reference.pilot_budget derives it."""
+        holds at least epsilon of the head's mass). target [B, 3] (common.accuracy_targets):
+        per-sequence epsilon and delta, NaN where the layer's apply. reference.pilot_budget
+        derives it."""
 
     def finish(self, part_f: Partial, part_b: Partial, part_s: Partial, m: Tensor, d_f: Tensor
                ) -> tuple[Tensor, Tensor]:

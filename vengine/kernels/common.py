@@ -183,13 +183,14 @@ def compact(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]
     return rows[..., :width], counts
 
 
-def sigma_upper_factor(n: torch.Tensor, alpha: float) -> torch.Tensor:
-    """sqrt((n-1) / chi2_alpha(n-1)): a sample std times this bounds sigma with prob 1 - alpha.
+def sigma_upper_factor(n: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+    """sqrt((n-1) / chi2_alpha(n-1)): a sample std times this bounds sigma with prob 1 - alpha;
+    alpha a float, or a tensor of normal quantiles z_alpha (broadcast against n: one per sequence).
 
     chi2 quantile by the Wilson-Hilferty approximation (accurate to ~1% from 10 degrees of freedom).
     """
     k = (n - 1).clamp(min=1)
-    z = NormalDist().inv_cdf(alpha)
+    z = NormalDist().inv_cdf(alpha) if isinstance(alpha, float) else alpha
     chi2 = k * (1 - 2 / (9 * k) + z * torch.sqrt(2 / (9 * k))) ** 3
     return torch.sqrt(k / chi2.clamp(min=1e-3))
 
@@ -198,6 +199,27 @@ def sample_z(delta: float) -> float:
     """z_{1-delta/4}: the sample's normal quantile once delta is split with the pilot's variance
     bound (which takes delta/2; see KernelBackend.pilot_budget)."""
     return NormalDist().inv_cdf(1 - delta / 4)
+
+
+def accuracy_targets(pairs: list[tuple[float | None, float | None]]) -> torch.Tensor:
+    """[B, 3] float32: each sequence's (epsilon, z_{1-delta/4}, z_{delta/2}) for pilot_budget, from
+    its (epsilon, delta); NaN where it has none (the layer's own settings apply). Quantiles on the
+    host, once per step, so that no layer computes them."""
+    nan = float("nan")
+    rows = [(nan if eps is None else eps,
+             nan if delta is None else sample_z(delta),
+             nan if delta is None else NormalDist().inv_cdf(delta / 2)) for eps, delta in pairs]
+    return torch.tensor(rows, dtype=torch.float32).view(len(pairs), 3)
+
+
+def per_sequence_target(target: torch.Tensor | None, epsilon: float, delta: float, B: int,
+                        device: torch.device) -> torch.Tensor:
+    """[B, 3]: accuracy_targets' rows with their NaNs replaced by (epsilon, delta)'s."""
+    default = torch.tensor([epsilon, sample_z(delta), NormalDist().inv_cdf(delta / 2)],
+                           device=device)
+    if target is None:
+        return default.expand(B, 3)
+    return torch.where(torch.isnan(target), default, target)
 
 
 def merge_partials(parts: list[Partial]) -> torch.Tensor:

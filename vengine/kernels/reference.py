@@ -10,7 +10,8 @@ from torch import Tensor
 from vengine.kernels.base import KeyCodes, Partial, Proposal, Resident
 from vengine.kernels.common import (PROPOSAL_FLOOR, compact, decode_keys, encode_pages,
                                     gather_rows, mask_range, merge_partials, pool_rows,
-                                    pool_write, sample_z, sigma_upper_factor, soft_cap)
+                                    pool_write, per_sequence_target, sigma_upper_factor,
+                                    soft_cap)
 
 
 def store_rows(k: Tensor, v: Tensor, slots: Tensor, k_pool: Tensor, v_pool: Tensor,
@@ -172,7 +173,7 @@ def partial_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: T
 
 def pilot_budget(s_b: Tensor, count_b: Tensor, pa_b: Tensor, pr_b: Tensor, m_f: Tensor,
                  l_f: Tensor, cap: Tensor, n_r: Tensor, epsilon: float, delta: float,
-                 dev_b: Tensor | None = None
+                 dev_b: Tensor | None = None, target: Tensor | None = None
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The second sample's size from the pilot. The residual R is sampled twice: the pilot
     (Poisson, probability pa per row), then a Poisson sample with probability min(1, c * pr); D_hat
@@ -195,6 +196,9 @@ def pilot_budget(s_b: Tensor, count_b: Tensor, pa_b: Tensor, pr_b: Tensor, m_f: 
     (|o| D)^2; z bounds its norm too (a Gaussian vector's squared norm over its mean has the
     tail of chi2 with one degree of freedom at most, beyond ~1.54 times the mean).
 
+    target [B, 3] (common.accuracy_targets): a sequence's own epsilon and delta, where it has
+    them, in place of the layer's (epsilon, delta).
+
     Unbiased: c depends on the pilot, so a pilot row's inclusion probability
     1 - (1 - pa)(1 - min(1, c pr)) is taken with c_{-i}, the budget computed without that row;
     given the other rows, row i is then in the union with exactly the probability it is weighted
@@ -216,14 +220,15 @@ def pilot_budget(s_b: Tensor, count_b: Tensor, pa_b: Tensor, pr_b: Tensor, m_f: 
     if dev_b is not None:
         a = a * torch.where(live, dev_b.view(B, Hkv, G, W), 0.0)
     d_f = (l_f * torch.exp(m_f - m)).view(B, Hkv, G)
-    z = sample_z(delta)
+    eps, z, za = per_sequence_target(target, epsilon, delta, B, s_b.device).unbind(1)  # [B] each
     nb = count_b.float()
 
     def need(d, a_sum, n_pilot):
         """c of each head [B, Hkv, G, ...]; a pilot of fewer than 2 rows asks for everything."""
         more = (None,) * (d.dim() - 3)  # the trailing dims past G
-        infl = (sigma_upper_factor(n_pilot, delta / 2) ** 2)[(..., None) + more]
-        c = infl * a_sum / ((epsilon * d / z) ** 2).clamp(min=1e-30)
+        infl = (sigma_upper_factor(n_pilot, za.view(B, 1)) ** 2)[(..., None) + more]
+        bound = (eps / z).view(B, 1, 1, *(1,) * len(more)) * d
+        c = infl * a_sum / (bound ** 2).clamp(min=1e-30)
         return torch.where(n_pilot[(..., None) + more] >= 2, c, float("inf"))
 
     D, A = d_f + e.sum(-1), a.sum(-1)  # [B, Hkv, G]
@@ -232,7 +237,8 @@ def pilot_budget(s_b: Tensor, count_b: Tensor, pa_b: Tensor, pr_b: Tensor, m_f: 
     c_loo = need((D[..., None] - e).clamp(min=0), A[..., None] - a, nb - 1).amax(2)
     pi_b = 1 - (1 - pa_b) * (1 - torch.clamp(torch.minimum(c_loo, cap[..., None]) * pr_b, max=1))
     over_eps = (c_head > c[..., None] * (1 + 1e-4)) & (c < n_r / PROPOSAL_FLOOR)[..., None]
-    missed = (torch.where(live, x, 0.0).amax(-1) >= epsilon * D).float().view(B, Hq)
+    missed = torch.where(live, x, 0.0).amax(-1) >= eps.view(B, 1, 1) * D
+    missed = missed.float().view(B, Hq)
     return (m, d_f.view(B, Hq), c, -torch.log(pi_b.clamp(min=1e-30)),
             over_eps.float().view(B, Hq), missed)
 

@@ -137,7 +137,7 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
         finally:
             watcher.cancel()
             done(handle)
-        return response(rid, chat, settings.model_id, final, attention)
+        return response(rid, chat, settings.model_id, final, attention, req.params)
 
     def done(handle: Handle) -> None:
         """The response is over, however it ended: abort the request if it still runs."""
@@ -163,7 +163,7 @@ def build_app(llm: Any, settings: ServerSettings) -> FastAPI:
             if final is not None:
                 handle.done = True
                 last = chunk(rid, chat, model, finish_reason=final.finish_reason)
-                yield _sse(last | {"vengine": extras(final, attention)})
+                yield _sse(last | {"vengine": extras(final, attention, handle.params)})
                 if include_usage:
                     yield _sse({**last, "choices": [], "usage": usage(final)})
                 break

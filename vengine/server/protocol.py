@@ -56,8 +56,8 @@ class Request:
 def parse_request(body: Any, chat: bool, model_id: str, defaults: dict[str, Any],
                   attention: Any) -> Request:
     """Check body field by field; defaults: the server's sampling flags (SamplingParams kwargs)
-    for what the body leaves out; attention: the served spec, which per-request epsilon/delta
-    must match (the kernels take one epsilon per engine, not one per sequence)."""
+    for what the body leaves out; attention: the served spec (per-request epsilon/delta need
+    vAttention)."""
     if not isinstance(body, dict):
         raise APIError(400, f"the body must be a JSON object, got {type(body).__name__}")
     model = _field(body, "model", str)
@@ -121,6 +121,8 @@ def _sampling(body: dict, defaults: dict[str, Any]) -> SamplingParams:
         "repetition_penalty": _field(body, "repetition_penalty", (int, float)),
         "seed": _field(body, "seed", int),
         "ignore_eos": _field(body, "ignore_eos", bool),
+        "epsilon": _field(body, "epsilon", (int, float)),
+        "delta": _field(body, "delta", (int, float)),
     }
     stop = body.get("stop")
     if stop is not None:
@@ -145,17 +147,9 @@ def _sampling(body: dict, defaults: dict[str, Any]) -> SamplingParams:
 
 def _check_attention(body: dict, attention: Any) -> None:
     for name in ("epsilon", "delta"):
-        value = _field(body, name, (int, float))
-        if value is None:
-            continue
-        if not isinstance(attention, VAttention):
+        if body.get(name) is not None and not isinstance(attention, VAttention):
             raise APIError(400, f"{name}: this server runs exact attention (--attention full); "
                            f"{name} applies only to vattention", name)
-        served = getattr(attention, name)
-        if value != served:
-            raise APIError(400, f"{name}: per-request values are not supported (the attention "
-                           f"kernels take one {name} per engine); this server runs {name}="
-                           f"{served}: omit it, pass {served}, or restart with --{name}", name)
 
 
 def _messages(value: Any) -> list[dict[str, str]]:
@@ -220,15 +214,16 @@ def usage(final: Any) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": final.cached_tokens}}
 
 
-def extras(final: Any, attention: Any) -> dict[str, Any]:
-    """vengine's own fields: what the attention did for this request and how fast it went."""
+def extras(final: Any, attention: Any, params: SamplingParams) -> dict[str, Any]:
+    """vengine's own fields: what the attention did for this request (under its own epsilon and
+    delta, or the served ones) and how fast it went."""
     s = final.stats
     out: dict[str, Any] = {"attention": "vattention" if isinstance(attention, VAttention)
                            else "full", "cached_tokens": final.cached_tokens,
                            "prefilled_tokens": final.prompt_tokens - final.cached_tokens}
     if isinstance(attention, VAttention):
-        out |= {"epsilon": attention.epsilon, "delta": attention.delta,
-                "guarantee": attention.guarantee}
+        out |= {"epsilon": params.epsilon or attention.epsilon,
+                "delta": params.delta or attention.delta, "guarantee": attention.guarantee}
     for key in ("density", "certificate_violation_rate", "predictor_miss_rate", "sparse_steps",
                 "time_to_first_token_s", "decode_tokens_per_s", "seconds"):
         if key in s:
@@ -236,7 +231,8 @@ def extras(final: Any, attention: Any) -> dict[str, Any]:
     return out
 
 
-def response(rid: str, chat: bool, model_id: str, final: Any, attention: Any) -> dict[str, Any]:
+def response(rid: str, chat: bool, model_id: str, final: Any, attention: Any,
+             params: SamplingParams) -> dict[str, Any]:
     """The non-streamed body."""
     choice: dict[str, Any] = {"index": 0, "finish_reason": final.finish_reason, "logprobs": None}
     if chat:
@@ -245,7 +241,7 @@ def response(rid: str, chat: bool, model_id: str, final: Any, attention: Any) ->
         choice["text"] = final.text
     return {"id": rid, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model_id, "choices": [choice],
-            "usage": usage(final), "vengine": extras(final, attention)}
+            "usage": usage(final), "vengine": extras(final, attention, params)}
 
 
 def chunk(rid: str, chat: bool, model_id: str, text: str | None = None,

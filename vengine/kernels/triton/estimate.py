@@ -14,13 +14,23 @@ from vengine.kernels.triton.common import _p2
 
 
 @triton.jit
-def _budget_kernel(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, dev_b, m_out, d_f_out, c_out,
-                   logw_out, over_out, missed_out, W, Z, ZA, EPS, FLOOR, G: tl.constexpr,
-                   GP: tl.constexpr, BW: tl.constexpr, HAS_DEV: tl.constexpr):
+def _budget_kernel(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, dev_b, target, m_out, d_f_out,
+                   c_out, logw_out, over_out, missed_out, W, HKV, Z_ALL, ZA_ALL, EPS_ALL, FLOOR,
+                   G: tl.constexpr, GP: tl.constexpr, BW: tl.constexpr, HAS_DEV: tl.constexpr,
+                   HAS_TARGET: tl.constexpr):
     """One (sequence, KV head): reference.pilot_budget. s_b, dev_b (read if HAS_DEV) [NBH, G, W];
     pa_b, pr_b, logw_out [NBH, W]; the per-head tensors [NBH, G]; count_b, cap, n_r, c_out
-    [NBH]."""
+    [NBH]; target [B, 3] (read if HAS_TARGET): the sequence's (EPS, Z, ZA), NaN: the layer's."""
     bh = tl.program_id(0).to(tl.int64)
+    EPS, Z, ZA = EPS_ALL, Z_ALL, ZA_ALL
+    if HAS_TARGET:
+        own = target + (bh // HKV) * 3
+        t = tl.load(own)
+        EPS = tl.where(t == t, t, EPS_ALL)  # NaN != NaN
+        t = tl.load(own + 1)
+        Z = tl.where(t == t, t, Z_ALL)
+        t = tl.load(own + 2)
+        ZA = tl.where(t == t, t, ZA_ALL)
     g = tl.arange(0, GP)
     gm = g < G
     nb = tl.load(count_b + bh).to(tl.float32)
@@ -121,7 +131,7 @@ def _finish_kernel(m_f, l_f, acc_f, m_b, l_b, acc_b, m_s, l_s, acc_s, m, d_f, ou
 
 
 def pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, epsilon: float, delta: float,
-                 dev_b=None):
+                 dev_b=None, target=None):
     """The second sample's size from the pilot, one program per group (reference.pilot_budget):
     m, d_f, c, logw_b, over_eps and missed."""
     B, Hq, W = s_b.shape
@@ -134,9 +144,10 @@ def pilot_budget(s_b, count_b, pa_b, pr_b, m_f, l_f, cap, n_r, epsilon: float, d
     _budget_kernel[(B * Hkv,)](
         s_b.contiguous(), count_b.contiguous(), pa_b.contiguous(), pr_b.contiguous(),
         m_f.contiguous(), l_f.contiguous(), cap.float().contiguous(), n_r.float().contiguous(),
-        s_b if dev_b is None else dev_b.contiguous(), m, d_f, c, logw, over, missed, W,
-        sample_z(delta), NormalDist().inv_cdf(delta / 2), epsilon, PROPOSAL_FLOOR, G, _p2(G, 1),
-        256, dev_b is not None)
+        s_b if dev_b is None else dev_b.contiguous(),
+        s_b if target is None else target.float().contiguous(), m, d_f, c, logw, over, missed, W,
+        Hkv, sample_z(delta), NormalDist().inv_cdf(delta / 2), epsilon, PROPOSAL_FLOOR, G,
+        _p2(G, 1), 256, dev_b is not None, target is not None)
     return m, d_f, c, logw, over, missed
 
 
