@@ -6,7 +6,6 @@ Production code (offload/, attention/, eval/) imports these from here; reference
 
 from __future__ import annotations
 
-import functools
 from statistics import NormalDist
 from typing import NamedTuple
 
