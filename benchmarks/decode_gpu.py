@@ -302,6 +302,28 @@ def offloaded(model, pool, B: int, context: int, args, base, ids, positions, tab
     return rows
 
 
+def profile_step(model, pool, backend: VAttentionBackend, context: int) -> str:
+    """torch.profiler's table of three whole eager decode steps at batch 1 (every layer: norms,
+    GEMVs, RoPE, stores, selection, attention, LM head): where the step's time goes beside the
+    selection and the fetch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    L = model.config.num_layers
+    runner = ModelRunner(model, pool, LayerBackends([backend] * L), DEV, cuda_graphs=False)
+    seq = Sequence(0, [1] * (context + 1), SamplingParams())
+    seq.block_table, seq.num_cached = list(range(context // PAGE + 1)), context
+    for _ in range(2):  # compiled and warm
+        runner.decode([seq])
+        seq.num_cached = context
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            runner.decode([seq])
+            seq.num_cached = context
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=45)
+
+
 def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: float) -> list[dict]:
     cfg = model.config
     L = cfg.num_layers
@@ -437,6 +459,8 @@ def main() -> None:
                    "KV head) at --sweep-context, batch 1: how the step scales with density")
     p.add_argument("--profile", default="", help="also write torch.profiler's kernel table of "
                    "one layer of this backend (e.g. eps0.1) at --sweep-context (next to --out)")
+    p.add_argument("--profile-step", default="", help="also write torch.profiler's table of three "
+                   "whole eager decode steps of this backend (e.g. eps0.1) at --sweep-context")
     p.add_argument("--sweep-context", type=int, default=131072)
     p.add_argument("--epsilons", default="0.05,0.1,0.25", help="verified modes, epsilon = delta")
     p.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto",
@@ -478,6 +502,10 @@ def main() -> None:
         tables = torch.arange(args.sweep_context // PAGE + 1, device=DEV)[None]
         table = profile_layer(cfg, backends[args.profile], tables, args.sweep_context)
         Path(args.out).with_suffix(".profile.txt").write_text(table)
+        print(table, flush=True)
+    if args.profile_step:
+        table = profile_step(model, pool, backends[args.profile_step], args.sweep_context)
+        Path(args.out).with_suffix(".step_profile.txt").write_text(table)
         print(table, flush=True)
     for n in (int(x) for x in args.prefill.split(",") if x):
         torch.cuda.reset_peak_memory_stats()

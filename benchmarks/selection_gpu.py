@@ -1,5 +1,6 @@
 """The selection's slowest kernels at 128K (docs/decode_gpu_eps0.1.profile.txt): key_scores (the
-predictor over every row's key codes) by positions per program and warps, and partial_attention
+predictor over every row's key codes) by positions per program and warps, the group ranking
+(group_scores against key_scores + torch ops), and partial_attention
 over a context-wide row buffer of a few thousand rows (the second sample's shape), each checked
 against the shipped setting (and key_scores against the torch reference) before it is timed;
 with --baseline, an earlier commit's kernels beside them in the same run. Llama-3.1-8B shapes (8 KV heads, 4 query heads each,
@@ -21,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import DEV, git_commit, median_ms, save  # noqa: E402
 from vengine.kernels import reference  # noqa: E402
-from vengine.kernels.common import encode_pages  # noqa: E402
+from vengine.kernels.common import encode_pages, ranked  # noqa: E402
 from vengine.kernels.triton import attend, predict  # noqa: E402
 
 
@@ -69,6 +70,28 @@ def main() -> None:
         diff = (run() - ref).abs().max().item()
         rows.append({"kernel": "key_scores", "block": block, "num_warps": warps,
                      "ms": median_ms(run, args.repeats), "max_diff": diff})
+        print(rows[-1], flush=True)
+    # the ranking the top-k picks from: key_scores then common.ranked's torch ops (the step
+    # before group_scores), against group_scores' three kernels
+    lens = hi
+    window = 128
+
+    def ranked_torch():
+        s_hat = predict.key_scores(q, codes, tables, 0, lens // P * P, D ** -0.5)
+        return ranked(s_hat, Hkv, 128, lens - window)
+
+    def ranked_fused():
+        return predict.group_scores(q, codes, tables, lens // P * P, 128, lens - window,
+                                    D ** -0.5)
+
+    want = ranked_torch()
+    for name, fn in (("ranking: key_scores + torch ops", ranked_torch),
+                     ("ranking: group_scores", ranked_fused)):
+        got = fn()
+        finite = want.isfinite()
+        assert torch.equal(got.isfinite(), finite), name
+        rows.append({"kernel": name, "ms": median_ms(fn, args.repeats),
+                     "max_diff": (got - want)[finite].abs().max().item()})
         print(rows[-1], flush=True)
     # partial_attention over a row buffer as wide as the context holding a few thousand rows
     # (the second sample's shape), K/V in GPU memory: the combine reads only live splits

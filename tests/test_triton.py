@@ -105,6 +105,25 @@ def test_key_scores_match_reference(P, D, Hkv, G, bits):
         check(f"key_scores {dtype}", tri, ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("P,Hkv,G,cap", [(16, 2, 3, 0.0), (64, 1, 7, 0.0), (16, 3, 1, 2.0),
+                                         (16, 2, 4, 0.0)])
+def test_group_scores_match_reference(P, Hkv, G, cap):
+    """The predictor's ranking (each group's log weights of the key scores, masked to the
+    ranked range) against the reference's: a sequence shorter than a page (no coded rows: every
+    score -inf), a cap that binds, groups of 1 to 7 heads."""
+    p = shuffled_problem(Hkv=Hkv, G=G, D=64, P=P)
+    lens = p.context_lens.clone()
+    lens[-1] = P - 3  # nothing coded yet
+    hi, rank_hi, scale = lens // P * P, lens - P, 1 / math.sqrt(64)
+    q = p.q * 4.0
+    ref = reference.group_scores(q, p.codes, p.block_tables, hi, 5, rank_hi, scale, cap)
+    tri = triton_gpu.group_scores(q.to(DEV), tuple(c.to(DEV) for c in p.codes),
+                                  p.block_tables.to(DEV), hi.to(DEV), 5, rank_hi.to(DEV), scale,
+                                  cap)
+    assert ref[:-1].isfinite().any() and not ref[-1].isfinite().any()
+    check("group_scores", tri, ref, atol=1e-4)
+
+
 def test_soft_capped_kernels_match_reference():
     """Gemma 2's cap on every score, in the three kernels that compute scores: row_scores,
     partial_attention (from K, and from the capped scores) and key_scores, against the

@@ -33,8 +33,8 @@ def test_backends_provide_every_kernel_op(name):
     p = random_problem(B=1, n=100)
     assert protocol_mismatches(oracle_kernels(backend, p.exact()[0])) == []
     ops = {n: getattr(reference, n) for n in ("store_rows", "pick_top", "exact_rows", "finish")}
-    bad = protocol_mismatches(SimpleNamespace(**ops, key_scores=lambda q, codes: q))
-    assert "key_scores(q, codes)" in bad and "pilot_rows: missing" in bad and len(bad) == 7
+    bad = protocol_mismatches(SimpleNamespace(**ops, group_scores=lambda q, codes: q))
+    assert "group_scores(q, codes)" in bad and "pilot_rows: missing" in bad and len(bad) == 7
 
 
 @pytest.mark.parametrize("Hkv,G,D,P,n", [(1, 1, 64, 16, 333), (2, 4, 32, 64, 1001), (3, 3, 64, 16, 700)])

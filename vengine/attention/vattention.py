@@ -3,7 +3,7 @@
 Per decode step, layer, sequence and KV head (the query heads of a GQA group share one row set):
 1. exact rows F: sink, recent window, and the group's predicted top-k: the rows with the largest
    predicted weight, each head's softmax weight of q . k_hat (k_hat: the key decoded from its
-   few-bit code, kept on the GPU) summed over the group (common.group_log_weights);
+   few-bit code, kept on the GPU) summed over the group (kernels.group_scores);
 2. residual R = the other rows (n_R of them), sampled by importance: the proposal pr
    (reference.proposal) is the predicted weights with a uniform floor. A pilot Poisson sample
    of R (row i with probability min(1, m * pr_i), E|pilot| <= m = VAttention.pilot rows) gives
@@ -34,8 +34,7 @@ from vengine.attention.config import VAttention
 from vengine.attention.context import StepContext
 from vengine.attention.full import pool_decode_attention, prefill_attention
 from vengine.kernels import get_kernels
-from vengine.kernels.common import (PROPOSAL_FLOOR, gather_rows, group_log_weights, mask_range,
-                                    merge_partials)
+from vengine.kernels.common import PROPOSAL_FLOOR, gather_rows, merge_partials
 from vengine.models.config import ModelConfig
 from vengine.offload.kv_pool import KeyCodePool, KVPool, ResidentPages
 
@@ -118,8 +117,8 @@ def vattention_decode(
     k_max = min(cfg.top_k_rows(S), max(S - cfg.sink - window, 0))
     # every coded row (all but the unfinished page) scored: sink and window rows normalise each
     # head's predicted softmax, so a head whose mass sits there ranks the rest by what is left
-    s_hat = kernels.key_scores(q, codes, block_tables, 0, context_lens // P * P, scale, softcap)
-    scores = mask_range(group_log_weights(s_hat, Hkv), cfg.sink, context_lens - window)
+    scores = kernels.group_scores(q, codes, block_tables, context_lens // P * P, cfg.sink,
+                                  context_lens - window, scale, softcap)
     picked = kernels.pick_top(scores, k_max, cfg.top_k_rows(context_lens))
     width_f = min(S, cfg.sink + window + k_max)
     rows_f, count_f = kernels.exact_rows(picked, context_lens, S, cfg.sink, window, width_f)

@@ -21,7 +21,7 @@ from vengine.attention.vattention import DecodeResult, VAttentionBackend, vatten
 from vengine.errors import ConfigError
 from vengine.eval.activations import DecodeProblem
 from vengine.kernels.base import KernelBackend
-from vengine.kernels.common import group_log_weights, mask_range, pool_rows
+from vengine.kernels.common import group_log_weights, mask_range, pool_rows, ranked
 from vengine.kernels.reference import key_scores
 
 
@@ -52,7 +52,7 @@ def predicted_group_scores(p: DecodeProblem) -> torch.Tensor:
 
 
 class _OracleKernels:
-    """kernels with key_scores replaced by the exact scores s [B, Hq, S]; every other op is the
+    """kernels whose group_scores rank the exact scores s [B, Hq, S]; every other op is the
     wrapped backend's."""
 
     def __init__(self, kernels: KernelBackend, s: torch.Tensor) -> None:
@@ -63,9 +63,11 @@ class _OracleKernels:
         self.row_scores, self.partial_attention = kernels.row_scores, kernels.partial_attention
         self.pilot_budget, self.finish = kernels.pilot_budget, kernels.finish
 
-    def key_scores(self, q: torch.Tensor, codes, block_tables: torch.Tensor, lo: int,
-                   hi: torch.Tensor, scale: float, softcap: float = 0.0) -> torch.Tensor:
-        return mask_range(self.s.clamp(min=-1e30), lo, hi)
+    def group_scores(self, q: torch.Tensor, codes, block_tables: torch.Tensor, hi: torch.Tensor,
+                     sink: int, rank_hi: torch.Tensor, scale: float, softcap: float = 0.0
+                     ) -> torch.Tensor:
+        return ranked(mask_range(self.s.clamp(min=-1e30), 0, hi), codes[0].shape[1], sink,
+                      rank_hi)
 
 
 def oracle_kernels(kernels: KernelBackend, s: torch.Tensor) -> KernelBackend:

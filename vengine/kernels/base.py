@@ -40,11 +40,13 @@ class KernelBackend(Protocol):
         layer's pools (and their pages' GPU copies), then encode into codes each page whose
         last row was written (none where codes is None: exact attention keeps none)."""
 
-    def key_scores(self, q: Tensor, codes: KeyCodes, block_tables: Tensor, lo: int, hi: Tensor,
-                   scale: float, softcap: float = 0.0) -> Tensor:
-        """Predicted scores [B, Hq, S] of positions lo <= s < hi[b] (-inf elsewhere): q . k_hat
-        * scale, k_hat decoded from the codes; softcap (here, in row_scores and
-        partial_attention): Gemma 2's cap, common.soft_cap of every score, 0 for none."""
+    def group_scores(self, q: Tensor, codes: KeyCodes, block_tables: Tensor, hi: Tensor,
+                     sink: int, rank_hi: Tensor, scale: float, softcap: float = 0.0) -> Tensor:
+        """The ranking [B, Hkv, S] the top-k picks from: each GQA group's predicted log weights
+        (common.ranked) of the predicted scores q . k_hat * scale of positions s < hi[b] (k_hat
+        decoded from the codes; each backend's key_scores), -inf outside sink <= s < rank_hi[b].
+        softcap (here, in row_scores and partial_attention): Gemma 2's cap, common.soft_cap of
+        every score, 0 for none."""
 
     def pick_top(self, scores: Tensor, k_max: int, k_rows: Tensor) -> Tensor:
         """picked [B, Hkv, S + 1] int8 from scores [B, Hkv, S]: 1 at each (b, h)'s k_rows[b]

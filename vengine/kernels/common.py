@@ -71,6 +71,12 @@ def group_log_weights(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return torch.logsumexp(s - lse, 2)
 
 
+def ranked(s_hat: torch.Tensor, num_kv_heads: int, lo: int, hi: torch.Tensor) -> torch.Tensor:
+    """The group's predicted log weights of the scores s_hat [B, Hq, S] (group_log_weights),
+    -inf outside lo <= s < hi[b]: what the top-k picks from (KernelBackend.group_scores)."""
+    return mask_range(group_log_weights(s_hat, num_kv_heads), lo, hi)
+
+
 FP8_MAX = 448.0  # the largest finite float8 e4m3 value
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from vengine.kernels import reference
 from vengine.kernels.base import KeyCodes, Partial, Resident
-from vengine.kernels.common import soft_cap
+from vengine.kernels.common import ranked, soft_cap
 
 store_rows = reference.store_rows
 pick_top = reference.pick_top
@@ -135,6 +135,13 @@ def _partial_attention(q, k_pool, v_pool, tables, rows, counts, logw, has_w, sca
 
 def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
+
+
+def group_scores(q: Tensor, codes: KeyCodes, block_tables: Tensor, hi: Tensor, sink: int,
+                 rank_hi: Tensor, scale: float, softcap: float = 0.0) -> Tensor:
+    """reference.group_scores over this backend's key_scores."""
+    return ranked(key_scores(q, codes, block_tables, 0, hi, scale, softcap), codes[0].shape[1],
+                  sink, rank_hi)
 
 
 def key_scores(q: Tensor, codes: KeyCodes, block_tables: Tensor, lo: int, hi: Tensor,

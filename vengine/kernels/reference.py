@@ -10,8 +10,8 @@ from torch import Tensor
 from vengine.kernels.base import KeyCodes, Partial, Proposal, Resident
 from vengine.kernels.common import (PROPOSAL_FLOOR, compact, decode_keys, encode_pages,
                                     gather_rows, mask_range, merge_partials, pool_rows,
-                                    pool_write, per_sequence_target, sigma_upper_factor,
-                                    soft_cap)
+                                    pool_write, per_sequence_target, ranked,
+                                    sigma_upper_factor, soft_cap)
 
 
 def store_rows(k: Tensor, v: Tensor, slots: Tensor, k_pool: Tensor, v_pool: Tensor,
@@ -49,6 +49,14 @@ def key_scores(q: Tensor, codes: KeyCodes, block_tables: Tensor, lo: int, hi: Te
     S = k_hat.shape[2]
     s = torch.einsum("bhgd,bhsd->bhgs", q.float().view(B, Hkv, Hq // Hkv, D), k_hat) * scale
     return mask_range(soft_cap(s, softcap).reshape(B, Hq, S), lo, hi)
+
+
+def group_scores(q: Tensor, codes: KeyCodes, block_tables: Tensor, hi: Tensor, sink: int,
+                 rank_hi: Tensor, scale: float, softcap: float = 0.0) -> Tensor:
+    """The predictor's ranking [B, Hkv, S]: each GQA group's log weights (common.ranked) of the
+    key_scores of positions s < hi[b], -inf outside sink <= s < rank_hi[b]."""
+    return ranked(key_scores(q, codes, block_tables, 0, hi, scale, softcap), codes[0].shape[1],
+                  sink, rank_hi)
 
 
 def pick_top(scores: Tensor, k_max: int, k_rows: Tensor) -> Tensor:

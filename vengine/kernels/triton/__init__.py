@@ -15,9 +15,10 @@ lists, proposal), attend (the fetch: row scores, partial attention), estimate (b
 
 from vengine.kernels.triton.attend import partial_attention, row_scores
 from vengine.kernels.triton.estimate import finish, pilot_budget
-from vengine.kernels.triton.predict import key_scores, pick_top
+from vengine.kernels.triton.predict import group_scores, key_scores, pick_top
 from vengine.kernels.triton.select import exact_rows, pilot_rows, proposal_params, second_rows
 from vengine.kernels.triton.store import store_rows
 
-__all__ = ["exact_rows", "finish", "key_scores", "partial_attention", "pick_top", "pilot_budget",
-           "pilot_rows", "proposal_params", "row_scores", "second_rows", "store_rows"]
+__all__ = ["exact_rows", "finish", "group_scores", "key_scores", "partial_attention", "pick_top",
+           "pilot_budget", "pilot_rows", "proposal_params", "row_scores", "second_rows",
+           "store_rows"]

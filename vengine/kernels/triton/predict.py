@@ -15,10 +15,11 @@ BLOCK_S = 64  # positions per key_scores program, at most a page (with 4 warps t
 
 
 @triton.jit
-def _key_kernel(q, codes, scales, tables, hi, out, lo, S, scale, cap, st0, c0, c1, c2, s0, s1,
-                s2, HKV: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
+def _key_kernel(q, codes, scales, tables, hi, out, stats, lo, S, scale, cap, st0, c0, c1, c2, s0,
+                s1, s2, HKV: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
                 GP: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr, BITS: tl.constexpr,
-                BLOCK: tl.constexpr, CAP: tl.constexpr, INTERPRET: tl.constexpr):
+                BLOCK: tl.constexpr, CAP: tl.constexpr, STATS: tl.constexpr,
+                INTERPRET: tl.constexpr):
     """BLOCK positions of one page and (sequence, KV head), scored against the group's G queries
     without decoding the keys: q . k_hat = q . lo + (q * step) . level, lo and step the page's
     per-channel scales. Channel c's code is bit c % 8 of byte c // 8 in each bit plane (NB =
@@ -27,7 +28,8 @@ def _key_kernel(q, codes, scales, tables, hi, out, lo, S, scale, cap, st0, c0, c
     dot of [BLOCK, 8 * NBP] levels (exact in bf16) with q * step in the same order (split into
     two bf16 halves: f32 accuracy) gives the scores. Why: rows as the dot's M side and one dot
     instead of one per bit position measured 1.9x faster at 128K on the H200 (docs/benchmarks.md).
-    q [B*Hkv*G, D] contiguous, out [B*Hkv, G, S] f32."""
+    q [B*Hkv*G, D] contiguous, out [B*Hkv, G, S] f32; with STATS, each head's (max, sum of exp)
+    over the block to stats [B*Hkv*G, blocks, 2] (group_scores' softmax normalisers)."""
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // HKV, bh % HKV
     first = tl.program_id(1) * BLOCK
@@ -56,9 +58,52 @@ def _key_kernel(q, codes, scales, tables, hi, out, lo, S, scale, cap, st0, c0, c
         qs_hi = qs.to(tl.bfloat16)
         qs_lo = (qs - qs_hi.to(tl.float32)).to(tl.bfloat16)
         acc = tl.dot(lv, tl.trans(qs_hi), tl.dot(lv, tl.trans(qs_lo)))  # [BLOCK, GP]
-    x = _soft_cap((base[None, :] + acc) * scale, cap, CAP)
-    tl.store(out + (bh * G + g[None, :]) * S + s[:, None],
-             tl.where(scored[:, None], x, float("-inf")), mask=(g[None, :] < G) & (s < S)[:, None])
+    x = tl.where(scored[:, None], _soft_cap((base[None, :] + acc) * scale, cap, CAP),
+                 float("-inf"))
+    tl.store(out + (bh * G + g[None, :]) * S + s[:, None], x,
+             mask=(g[None, :] < G) & (s < S)[:, None])
+    if STATS:
+        mx = tl.max(x, 0)  # [GP]
+        total = tl.sum(tl.exp(x - tl.maximum(mx, -3.4028234663852886e38)[None, :]), 0)
+        at = stats + ((bh * G + g) * tl.num_programs(1) + tl.program_id(1)) * 2
+        tl.store(at, mx, mask=g < G)
+        tl.store(at + 1, total, mask=g < G)
+
+
+@triton.jit
+def _head_lse_kernel(stats, lse, n_blocks, BLOCK: tl.constexpr):
+    """One query head: the logsumexp of its scores from the blocks' (max, sum of exp); -inf
+    scores everywhere give -inf."""
+    h = tl.program_id(0).to(tl.int64)
+    m = tl.full([], float("-inf"), tl.float32)
+    total = tl.zeros([], tl.float32)
+    for j0 in range(0, n_blocks, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        mx = tl.load(stats + (h * n_blocks + j) * 2, mask=j < n_blocks, other=float("-inf"))
+        se = tl.load(stats + (h * n_blocks + j) * 2 + 1, mask=j < n_blocks, other=0.0)
+        new = tl.maximum(m, tl.max(mx, 0))
+        safe = tl.maximum(new, -3.4028234663852886e38)
+        total = total * tl.exp(m - safe) + tl.sum(se * tl.exp(mx - safe), 0)
+        m = new
+    tl.store(lse + h, tl.maximum(m, -3.4028234663852886e38) + tl.maximum(tl.log(total), -1e30))
+
+
+@triton.jit
+def _group_kernel(s_hat, lse, rank_hi, out, S, SINK, HKV: tl.constexpr, G: tl.constexpr,
+                  GP: tl.constexpr, BLOCK: tl.constexpr):
+    """BLOCK positions of one (sequence, KV head): common.group_log_weights of the heads' scores
+    (each head's weight the exp of its score less its lse), -inf outside SINK <= s <
+    rank_hi[b]."""
+    bh = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    g = tl.arange(0, GP)
+    x = tl.load(s_hat + (bh * G + g[:, None]) * S + s[None, :],
+                mask=(g < G)[:, None] & (s < S)[None, :], other=float("-inf"))
+    y = x - tl.load(lse + bh * G + g, mask=g < G, other=0.0)[:, None]  # [GP, BLOCK]
+    top = tl.maximum(tl.max(y, 0), -3.4028234663852886e38)
+    r = top + tl.log(tl.sum(tl.exp(y - top[None, :]), 0))
+    keep = (s >= SINK) & (s < tl.load(rank_hi + bh // HKV))
+    tl.store(out + bh * S + s, tl.where(keep, r, float("-inf")), mask=s < S)
 
 
 @triton.jit
@@ -97,6 +142,12 @@ def key_scores(q: torch.Tensor, codes: tuple, block_tables: torch.Tensor, lo: in
     """q [B, Hq, D] and codes (base.KeyCodes) read through block_tables -> [B, Hq, S] f32:
     q . k_hat * scale, -inf outside lo <= s < hi[b] (reference.key_scores). Each program reads
     its `block` positions' codes (within one page) once for the G query heads of the group."""
+    return _key_scores(q, codes, block_tables, lo, hi, scale, softcap, block, num_warps)[0]
+
+
+def _key_scores(q, codes, block_tables, lo, hi, scale, softcap, block=BLOCK_S, num_warps=4,
+                stats=False):
+    """key_scores, and with stats each head's per-block (max, sum of exp) [B*Hq, blocks, 2]."""
     B, Hq, D = q.shape
     packed, scales = codes
     _, Hkv, P, nbytes = packed.shape
@@ -106,11 +157,32 @@ def key_scores(q: torch.Tensor, codes: tuple, block_tables: torch.Tensor, lo: in
     out = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
     G, block = Hq // Hkv, min(block, P)
     assert P % block == 0, "a block of positions lies in one page"
-    _key_kernel[(B * Hkv, triton.cdiv(S, block))](
-        q.contiguous(), packed, scales, block_tables, hi.contiguous(), out, lo, S, scale,
+    n_blocks = triton.cdiv(S, block)
+    part = torch.empty(B * Hq, n_blocks, 2, dtype=torch.float32, device=q.device) if stats else out
+    _key_kernel[(B * Hkv, n_blocks)](
+        q.contiguous(), packed, scales, block_tables, hi.contiguous(), out, part, lo, S, scale,
         softcap or 1.0, block_tables.stride(0), *packed.stride()[:3], *scales.stride()[:3], Hkv,
-        G, P, D, _p2(G), D // 8, _p2(D // 8), nbytes * 8 // D, block, bool(softcap),
+        G, P, D, _p2(G), D // 8, _p2(D // 8), nbytes * 8 // D, block, bool(softcap), stats,
         _INTERPRET, num_warps=num_warps)
+    return out, part
+
+
+def group_scores(q: torch.Tensor, codes: tuple, block_tables: torch.Tensor, hi: torch.Tensor,
+                 sink: int, rank_hi: torch.Tensor, scale: float, softcap: float = 0.0
+                 ) -> torch.Tensor:
+    """reference.group_scores in three kernels: the key scores with each block's softmax
+    normalisers beside, each head's lse from those, then the group's log weights, masked, in
+    one pass over the scores. Why: the torch ops of group_log_weights and mask_range (four
+    reductions and as many elementwise passes over [B, Hq, S]) cost ~100 us per layer at 128K."""
+    B, Hq, _ = q.shape
+    Hkv = codes[0].shape[1]
+    s_hat, part = _key_scores(q, codes, block_tables, 0, hi, scale, softcap, stats=True)
+    lse = torch.empty(B * Hq, dtype=torch.float32, device=q.device)
+    _head_lse_kernel[(B * Hq,)](part, lse, part.shape[1], 1024)
+    S, G, block = s_hat.shape[-1], Hq // Hkv, 1024
+    out = torch.empty(B, Hkv, S, dtype=torch.float32, device=q.device)
+    _group_kernel[(B * Hkv, triton.cdiv(S, block))](s_hat, lse, rank_hi.contiguous(), out, S,
+                                                    sink, Hkv, G, _p2(G, 1), block)
     return out
 
 
