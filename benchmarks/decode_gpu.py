@@ -26,6 +26,7 @@ Writes JSON (--out); the last line printed is the JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -405,6 +406,11 @@ def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: floa
                                                  + (4 if pool.fp8 else 0))  # fp8: K, V scales
             res = backend.resident  # the GPU copies of sink and window pages, all slots
             res_bytes = 0 if res is None else 2 * res.k.numel() * res.k.element_size()
+            hit = stats.get("row_cache_hit_rate", 0.0)
+            if backend.row_cache is not None:  # the predicted rows it read from the cache
+                res_bytes += backend.row_cache.nbytes
+                pcie -= (L * B * cfg.num_kv_heads * hit * backend.cfg.top_k_rows(context + 1)
+                         * 2 * cfg.head_dim * pool.dtype.itemsize)
             rows.append({**base, "mode": f"c vengine {name}" + (" graph" if graphs else ""),
                          "ms_per_step": ms, "density": stats["density"],
                          "certificate_violation_rate": stats["certificate_violation_rate"],
@@ -412,7 +418,9 @@ def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: floa
                          "rest_ms": ms - L * split["layer_ms"], "pcie_bytes_per_step": pcie,
                          "pcie_gbs": pcie / (L * split["fetch_ms"]) / 1e6,
                          "gpu_kv_bytes_per_token": code_bytes + res_bytes / (B * (context + 1)),
-                         "graph_error": runner.graph_error})
+                         "row_cache_hit_rate": hit, "graph_error": runner.graph_error})
+            if backend.row_cache is not None:  # the layer split runs without the cache
+                rows[-1].update(select_ms=None, fetch_attn_ms=None, rest_ms=None, pcie_gbs=None)
             for i in range(B):
                 backend.free(i)
             del runner, step, seqs
@@ -422,7 +430,7 @@ def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: floa
     for r in rows:
         if r["ms_per_step"]:
             r["tokens_per_s"] = B * 1e3 / r["ms_per_step"]
-        if "pcie_gbs" in r:
+        if r.get("pcie_gbs") is not None:
             r["pcie_fraction_of_bulk"] = r["pcie_gbs"] / bulk_gbs
     return rows
 
@@ -463,6 +471,10 @@ def main() -> None:
                    "whole eager decode steps of this backend (e.g. eps0.1) at --sweep-context")
     p.add_argument("--sweep-context", type=int, default=131072)
     p.add_argument("--epsilons", default="0.05,0.1,0.25", help="verified modes, epsilon = delta")
+    p.add_argument("--row-cache", default="", help="also these verified modes (epsilon = delta) "
+                   "with a row cache (VAttention.row_cache: the exact rows of the step before "
+                   "kept on the GPU); each step here repeats the one before, so its hit rate is "
+                   "the upper bound")
     p.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto",
                    help="(c)'s host KV rows: bf16, or fp8 (e4m3, a scale per row); with fp8, "
                         "(b) (which copies bf16 layers) is not run")
@@ -485,6 +497,10 @@ def main() -> None:
     for eps in (float(x) for x in args.epsilons.split(",")):
         backends[f"eps{eps}"] = VAttentionBackend(clt_budget(eps), pool, cfg, DEV)
         backends[f"eps{eps}"].codes = codes
+    for eps in (float(x) for x in args.row_cache.split(",") if x):
+        spec = dataclasses.replace(clt_budget(eps), row_cache=max(B for _, B in configs))
+        backends[f"eps{eps} row cache"] = VAttentionBackend(spec, pool, cfg, DEV)
+        backends[f"eps{eps} row cache"].codes = codes
     for k in (float(x) for x in args.sweep_top_k.split(",") if x):
         name = f"fixed top_k={k} (unverified)"
         backends[name] = VAttentionBackend(fixed_budget(k), pool, cfg, DEV)

@@ -246,3 +246,20 @@ def test_sliding_window_models_on_gpu_as_transformers(hf_tok, tmp_path, case, po
         out = llm.generate(prompt, max_new_tokens=24, ignore_eos=True)[0].token_ids
         assert llm.runner.graph_error is None and llm.runner.graphs, attention
         assert out == hf, f"{case} {attention} on cuda"
+
+
+def test_row_cache_keeps_the_tokens_and_reads_repeated_rows_on_the_gpu():
+    """VAttention(row_cache=1) on the pinned pool, in CUDA graphs: the same greedy tokens as
+    without it (where rows are read from does not change what is attended), and from the second
+    decode step on, predicted top-k rows come from the cache (hit rate printed)."""
+    spec = vengine.VAttention(epsilon=0.1, delta=0.1, sink=64, window=64, top_k=0.03,
+                              pilot=256, seed=0)
+    llms = [vengine.LLM(device="cuda", max_context=8192, attention=dataclasses.replace(
+        spec, row_cache=n)) for n in (0, 1)]
+    ids = llms[0].tokenizer.encode(corpus_text())[:4000]
+    plain, cached = (llm.generate(ids, max_new_tokens=32, ignore_eos=True)[0] for llm in llms)
+    print(f"4K row cache: hit rate {cached.stats['row_cache_hit_rate']:.3f}, density "
+          f"{cached.stats['density']:.3f}")
+    assert llms[1].runner.graph_error is None and llms[1].runner.graphs
+    assert cached.token_ids == plain.token_ids
+    assert cached.stats["row_cache_hit_rate"] > 0.3 and plain.stats["row_cache_hit_rate"] == 0

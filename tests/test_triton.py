@@ -495,3 +495,58 @@ def test_partial_attention_reads_pinned_host_pool_over_uva():
     refs_lowp = reference.partial_attention(p.q.half(), k16, v16, p.block_tables, *args)
     for name, a, r, rl in zip(["m", "l", "acc"], outs, refs, refs_lowp):
         check(f"uva {name}", a, r, rl)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_row_cache_reads_the_rows_held_and_holds_the_new_list(fp8):
+    """Two steps over overlapping row lists through a RowCache: the second step's result is
+    the pool's attention over its rows although every row it held from the first is NaN in the
+    pool (so each one was read from the cache), the rows it did not hold come from the pool, and
+    after commit the cache holds exactly the second list. Triton and the reference alike."""
+    from vengine.offload.row_cache import NONE, RowCache
+
+    p = shuffled_problem(Hkv=2, G=4, D=64, P=16, n=300)
+    rows1, counts1 = row_lists(p, 0.4, width=150, seed=1)
+    rows2, counts2 = row_lists(p, 0.4, width=150, seed=2)
+    scale = 0.125
+    k_pool, v_pool = p.k_pool.to(DEV), p.v_pool.to(DEV)
+    if fp8:
+        k_pool, v_pool = (Fp8Rows(*fp8_quantise(x)) for x in (k_pool, v_pool))
+    tables, q = p.block_tables.to(DEV), p.q.to(DEV)
+    want = reference.partial_attention(q, k_pool, v_pool, tables, rows2.to(DEV),
+                                       counts2.to(DEV), None, scale)
+    for backend in (reference, triton_gpu):
+        cache = RowCache(1, 2, 2, 160, 64, torch.float8_e4m3fn if fp8 else torch.float32, DEV)
+        cache.begin_step([7, 8])
+        for rows, counts in ((rows1, counts1), (rows2, counts2)):
+            rows, counts = rows.to(DEV), counts.to(DEV)
+            held = cache.lookup(0, rows, counts)
+            if rows is not rows1:
+                hits = held[0] >= 0
+                assert 0 < hits.sum() < (torch.arange(150, device=DEV) < counts[..., None]).sum()
+                k_nan, v_nan = (_poison(x, tables, rows, hits) for x in (k_pool, v_pool))
+                got = backend.partial_attention(q, k_nan, v_nan, tables, rows, counts, None,
+                                                scale, cache=held)
+            else:
+                assert (held[0] < 0).all()  # nothing held yet
+                backend.partial_attention(q, k_pool, v_pool, tables, rows, counts, None, scale,
+                                          cache=held)
+            cache.commit(0, rows, counts)
+        for name, a, r in zip(["m", "l", "acc"], got, want):
+            check(f"{backend.__name__} cached {name}", a, r)
+        live = torch.arange(150) < counts2[..., None]
+        assert torch.equal(cache.rows[0, :, :, :150].cpu(), torch.where(live, rows2, NONE))
+        cache.begin_step([7, 9])  # position 1 holds another sequence now: its rows go
+        assert (cache.rows[0, 1] == NONE).all() and (cache.rows[0, 0, :, :1] != NONE).all()
+
+
+def _poison(pool, tables, rows, hits):
+    """A copy of pool with the rows listed where hits set to NaN (e4m3's NaN, 0x7f, for
+    Fp8Rows: their scales stay the pool's on the GPU, cached or not)."""
+    fp8 = isinstance(pool, Fp8Rows)
+    out = (pool.rows.view(torch.uint8) if fp8 else pool).clone()
+    P = pool.shape[2]
+    b, h, i = hits.nonzero(as_tuple=True)
+    r = rows[b, h, i]
+    out[tables[b, r // P], h, r % P] = 0x7F if fp8 else float("nan")
+    return Fp8Rows(out.view(torch.float8_e4m3fn), pool.scale) if fp8 else out

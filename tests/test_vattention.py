@@ -14,6 +14,7 @@ from helpers import (CAPTURED, CFG, SYNTHETIC, decode, protocol_mismatches, rand
                      row_lists, slack, violation_rate)
 
 from vengine.attention.config import VAttention
+from vengine.attention.vattention import vattention_decode
 from vengine.eval.baselines import (oracle_kernels, relative_errors, topk_attention,
                                     uniform_attention)
 from vengine.kernels import get_kernels, numba_cpu, reference
@@ -348,3 +349,27 @@ def test_vattention_with_key_codes_beats_topk_and_uniform(captured, epsilon, del
     print("key-code predictor, mean relative output error at equal density:", mean)
     assert mean["vattention"] < mean["top-k"]
     assert mean["vattention"] < mean["uniform"]
+
+
+def test_row_cache_changes_where_rows_are_read_not_the_result():
+    """Three decode steps of a growing context through a RowCache (the engine keeps one for a
+    host pool on a GPU): each step's output, estimate and density equal the uncached decode's
+    bit for bit (same draws), and from the second step on most predicted top-k rows come from
+    the cache, the rows a step repeats from the step before."""
+    from vengine.offload.row_cache import RowCache
+
+    cfg = VAttention(epsilon=0.1, delta=0.1, sink=16, window=16, top_k=0.05, pilot=32, seed=0)
+    p = random_problem(B=2, Hkv=2, G=2, D=32, P=16, n=600, sharpness=4.0)
+    cache = RowCache(1, 2, 2, 128, 32, torch.float32, torch.device("cpu"))
+    cache.begin_step([0, 1])
+    for step in range(3):
+        lens = p.context_lens - 40 + 20 * step  # the same sequences, 20 tokens on each step
+        q = p.q + 0.05 * step  # the query drifts a little, as a model's does
+        args = (q, p.k_pool, p.v_pool, p.block_tables, lens, p.codes, cfg)
+        plain = vattention_decode(*args, torch.Generator().manual_seed(step), reference)
+        cached = vattention_decode(*args, torch.Generator().manual_seed(step), reference,
+                                   row_cache=cache, layer=0)
+        for name in ("out", "d_hat", "density", "over_eps"):
+            assert torch.equal(getattr(plain, name), getattr(cached, name)), (step, name)
+        hit = cached.reused.sum() / cached.predicted.sum()
+        assert plain.reused.sum() == 0 and (hit == 0 if step == 0 else hit > 0.5), (step, hit)

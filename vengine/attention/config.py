@@ -34,6 +34,11 @@ class VAttention:
     exact_below: a decode step whose padded context (the batch's longest, in whole pages) is at
         most this many rows attends exactly (None: exact_width's rule). Exact is within any
         epsilon; below that width selection costs more than it saves.
+    row_cache: decode batch positions (sequences) whose exact rows (sink, window, top-k) stay
+        on the GPU from one step to the next, with the KV in host memory on a GPU: a step reads
+        over PCIe only the exact rows it did not read the step before (offload.row_cache). The
+        rows attended and the result do not change; GPU memory grows by about
+        4 * (sink + window + top_k rows) * the KV bytes of a row per layer and position.
     """
 
     epsilon: float = 0.05
@@ -47,6 +52,7 @@ class VAttention:
     seed: int | None = None
     max_sample: float | None = None
     exact_below: int | None = None
+    row_cache: int = 0
 
     def __post_init__(self) -> None:
         for name in ("epsilon", "delta"):
@@ -65,6 +71,7 @@ class VAttention:
         check_seed(self.seed, "VAttention.seed")
         if self.exact_below is not None:
             check_int(self.exact_below, "VAttention.exact_below", lo=0)
+        check_int(self.row_cache, "VAttention.row_cache", lo=0)
         if self.max_sample is not None:
             check_float(self.max_sample, "VAttention.max_sample", 0, 1, lo_open=True,
                         want="a number in (0, 1] or None")

@@ -37,6 +37,7 @@ from vengine.kernels import get_kernels
 from vengine.kernels.common import PROPOSAL_FLOOR, gather_rows, merge_partials
 from vengine.models.config import ModelConfig
 from vengine.offload.kv_pool import KeyCodePool, KVPool, ResidentPages
+from vengine.offload.row_cache import RowCache
 
 RESIDENT_SEQUENCES = 8  # GPU copies of the sink and window pages for this many sequences
 
@@ -49,6 +50,8 @@ class DecodeResult:
     density: torch.Tensor  # [B, Hkv] attended rows / context length
     over_eps: torch.Tensor  # [B, Hq] the cap kept the head from its budget (0/1)
     missed: torch.Tensor  # [B, Hq] the pilot found a heavy row outside the top-k (0/1)
+    reused: torch.Tensor  # [B, Hkv] predicted top-k rows read from the row cache, and
+    predicted: torch.Tensor  # [B, Hkv] all of them (reused / predicted: its hit rate)
 
 
 @functools.cache
@@ -94,6 +97,8 @@ def vattention_decode(
     resident: tuple | None = None,
     softcap: float = 0.0,
     target: torch.Tensor | None = None,
+    row_cache: RowCache | None = None,
+    layer: int = 0,
 ) -> DecodeResult:
     """One layer of vAttention decode. q [B, Hq, D]; k/v_pool [pages, Hkv, P, D] (one layer, in
     GPU memory, CPU memory or a UVA view of pinned host memory); codes: the keys' codes
@@ -104,7 +109,8 @@ def vattention_decode(
     (ResidentPages.layer: the sink and window), which the kernels read instead of the pool.
     softcap: Gemma 2's cap on every score (common.soft_cap; 0: none), in the predicted scores
     too, so that the proposal follows the capped weights. target [B, 3]: each sequence's own
-    epsilon and delta (StepContext.targets), NaN where cfg's apply."""
+    epsilon and delta (StepContext.targets), NaN where cfg's apply. row_cache: GPU copies of
+    the exact rows of the step before (this layer's), read instead of the pool's."""
     B, Hq, D = q.shape
     dev, P = q.device, k_pool.shape[2]
     Hkv, S = k_pool.shape[1], block_tables.shape[1] * P
@@ -123,6 +129,12 @@ def vattention_decode(
     width_f = min(S, cfg.sink + window + k_max)
     rows_f, count_f = kernels.exact_rows(picked, context_lens, S, cfg.sink, window, width_f)
     n_r = (n - count_f).float()  # [B, Hkv]
+    cached = None
+    if row_cache is not None and row_cache.covers(B, width_f):
+        cached = row_cache.lookup(layer, rows_f, count_f)
+    live_f = torch.arange(width_f, device=dev) < count_f[..., None]
+    predicted = live_f & (rows_f >= cfg.sink) & (rows_f < (n - window)[..., None])
+    reused = (predicted & (cached[0] >= 0)).sum(-1) if cached else torch.zeros_like(count_f)
 
     # 2. the pilot: a Poisson sample of the residual, row i with probability
     # min(1, size * pr_i) (pr: the proposal, kernels.proposal_params), E|pilot| <= size;
@@ -137,7 +149,9 @@ def vattention_decode(
         s_b = kernels.row_scores(q, k_pool, block_tables, rows_b, count_b, scale,
                                  resident, softcap)  # [B, Hq, width_b]
     part_f = kernels.partial_attention(q, k_pool, v_pool, block_tables, rows_f, count_f, None,
-                                       scale, resident, softcap=softcap)
+                                       scale, resident, softcap=softcap, cache=cached)
+    if cached:
+        row_cache.commit(layer, rows_f, count_f)
     join(dev)
 
     # 3. the second sample's size c per group (kernels.pilot_budget); with c at its cap every
@@ -167,7 +181,8 @@ def vattention_decode(
     join(dev)
     out, d_hat = kernels.finish(part_f, part_b, part_s, m, d_f)
     density = (count_f + count_b + count_s).float() / n.float()
-    return DecodeResult(out.to(q.dtype), m, d_hat, density, over_eps, missed)
+    return DecodeResult(out.to(q.dtype), m, d_hat, density, over_eps, missed, reused.float(),
+                        predicted.sum(-1).float())
 
 
 def output_deviations(q, k_pool, v_pool, block_tables, rows_b, count_b, pa_b, s_b, part_f,
@@ -186,6 +201,14 @@ def output_deviations(q, k_pool, v_pool, block_tables, rows_b, count_b, pa_b, s_
     v = gather_rows(v_pool, block_tables, rows_b).float()[:, :, None]  # [B, Hkv, 1, W, D]
     dev = ((v - o) ** 2).sum(-1) / (o * o).sum(-1).clamp(min=1e-30)
     return dev.view(B, Hq, W)
+
+
+def cache_width(cfg: VAttention, pool: KVPool, mc: ModelConfig) -> int:
+    """Entries per (layer, position, KV head) of a row cache: the exact rows of the longest
+    context a sequence can have (the pool's, at most the model's)."""
+    P = pool.page_size
+    longest = min(pool.num_pages * P, mc.max_position_embeddings + P)
+    return min(longest, cfg.sink + max(cfg.window, P) + cfg.top_k_rows(longest))
 
 
 def make_vattention(settings: VAttention, pool: KVPool, cfg: ModelConfig,
@@ -213,6 +236,11 @@ class VAttentionBackend:
             per_seq = -(-cfg.sink // P) + -(-cfg.window // P) + 1
             slots = min(pool.num_pages, RESIDENT_SEQUENCES * per_seq)
             self.resident = ResidentPages(pool, slots, device)
+        self.row_cache = None  # the exact rows of the step before, for cfg.row_cache sequences
+        if self.resident is not None and cfg.row_cache:
+            self.row_cache = RowCache(mc.num_layers, cfg.row_cache, pool.k.shape[2],
+                                      cache_width(cfg, pool, mc), pool.k.shape[-1], pool.dtype,
+                                      device)
         self.generator = torch.Generator(device)  # a CUDA graph registers it (graph-safe Philox)
         self.generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
         self._layer_stats: list[tuple[torch.Tensor, ...]] = []  # this step's, so far
@@ -222,11 +250,15 @@ class VAttentionBackend:
     def begin_step(self, seqs: Sequence[SequenceView], is_prefill: bool) -> None:
         """The GPU copies follow each decoding sequence's sink and window pages (the context after
         this step's token); a prefill writes host pages only, so its sequence's copies go."""
+        if self.row_cache is not None and not is_prefill:
+            self.row_cache.begin_step([s.seq_id for s in seqs])
         if self.resident is None:
             return
         if is_prefill:
             for s in seqs:
                 self.resident.drop_sequence(s.seq_id)
+                if self.row_cache is not None:
+                    self.row_cache.drop(s.seq_id)
             return
         P, wanted = self.pool.page_size, []
         for s in seqs:
@@ -255,12 +287,12 @@ class VAttentionBackend:
         if ctx.block_tables.shape[1] * self.pool.page_size <= self.exact_width:
             out = pool_decode_attention(self.pool, layer, q, ctx, self.softcap)
             B, Hq = q.shape[:2]
-            zeros = q.new_zeros(B, Hq, dtype=torch.float32)
-            self._layer_stats.append((q.new_ones(B, self.pool.k.shape[2], dtype=torch.float32),
-                                      zeros, zeros))
+            zeros, Hkv = q.new_zeros(B, Hq, dtype=torch.float32), self.pool.k.shape[2]
+            self._layer_stats.append((q.new_ones(B, Hkv, dtype=torch.float32), zeros, zeros,
+                                      zeros[:, :Hkv], zeros[:, :Hkv]))
             return out
         r = self.estimate(layer, q, ctx)
-        self._layer_stats.append((r.density, r.over_eps, r.missed))
+        self._layer_stats.append((r.density, r.over_eps, r.missed, r.reused, r.predicted))
         return r.out
 
     def estimate(self, layer: int, q: torch.Tensor, ctx: StepContext) -> DecodeResult:
@@ -278,6 +310,8 @@ class VAttentionBackend:
             self.resident_layer(layer),
             self.softcap,
             ctx.targets,
+            self.row_cache,
+            layer,
         )
 
     def resident_layer(self, layer: int) -> tuple | None:
@@ -285,18 +319,20 @@ class VAttentionBackend:
         return None if self.resident is None else self.resident.layer(layer)
 
     def step_stats(self) -> torch.Tensor | None:
-        """[B, 4]: density summed over the step's layers, heads over epsilon, heads whose pilot
-        found a missed heavy row, heads. One reduction per step, not a few kernels per layer;
-        under a CUDA graph, the graph's output."""
+        """[B, 6]: density summed over the step's layers, heads over epsilon, heads whose pilot
+        found a missed heavy row, heads, predicted top-k rows read from the row cache, and all
+        of them. One reduction per step, not a few kernels per layer; under a CUDA graph, the
+        graph's output."""
         if not self._layer_stats:
             return None
-        density = torch.stack([d for d, _, _ in self._layer_stats]).mean(2).sum(0)
-        over = torch.stack([o for _, o, _ in self._layer_stats]).sum((0, 2))
-        missed = torch.stack([x for _, _, x in self._layer_stats]).sum((0, 2))
+        density, over, missed, reused, predicted = (torch.stack(x) for x in
+                                                    zip(*self._layer_stats))
         self.layers_served = len(self._layer_stats)
+        over, missed = over.sum((0, 2)), missed.sum((0, 2))
         heads = torch.full_like(over, self.layers_served * self._layer_stats[0][1].shape[1])
         self._layer_stats = []
-        return torch.stack([density, over, missed, heads], 1)
+        return torch.stack([density.mean(2).sum(0), over, missed, heads, reused.sum((0, 2)),
+                            predicted.sum((0, 2))], 1)
 
     def end_step(self, seq_ids: tuple[int, ...], stats: torch.Tensor | None) -> None:
         """Fold a step's statistics into each sequence's totals; device tensors throughout, read
@@ -314,21 +350,25 @@ class VAttentionBackend:
         steps; certificate_violation_rate: heads whose epsilon was not guaranteed (max_sample
         bound); predictor_miss_rate: heads whose pilot found a row outside the top-k holding at
         least epsilon of the attention (still estimated without bias; a high rate says the
-        predictor, not the sampler, sets the density)."""
+        predictor, not the sampler, sets the density); row_cache_hit_rate: the predicted top-k
+        rows read from the row cache rather than over PCIe (0 without one)."""
         total, steps = self._seq_stats.get(seq_id), self._steps.get(seq_id, 0)
         if total is None:
             return {"density": 1.0, "certificate_violation_rate": 0.0,
-                    "predictor_miss_rate": 0.0, "sparse_steps": 0}
-        density_sum, over, missed, heads = total.tolist()
+                    "predictor_miss_rate": 0.0, "sparse_steps": 0, "row_cache_hit_rate": 0.0}
+        density_sum, over, missed, heads, reused, predicted = total.tolist()
         return {
             "density": density_sum / (steps * self.layers_served),
             "certificate_violation_rate": over / heads,
             "predictor_miss_rate": missed / heads,
             "sparse_steps": steps,
+            "row_cache_hit_rate": reused / max(predicted, 1.0),
         }
 
     def free(self, seq_id: int) -> None:
         if self.resident is not None:
             self.resident.drop_sequence(seq_id)
+        if self.row_cache is not None:
+            self.row_cache.drop(seq_id)
         self._seq_stats.pop(seq_id, None)
         self._steps.pop(seq_id, None)

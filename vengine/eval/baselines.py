@@ -189,7 +189,8 @@ class _BaselineBackend(VAttentionBackend):
         B, Hq = out.shape[:2]
         density = torch.full((B, p.k_pool.shape[1]), spec.density, device=q.device)
         zeros = torch.zeros(B, Hq, device=q.device)
-        return DecodeResult(out.to(q), ls, d, density, zeros, zeros)
+        none = torch.zeros_like(density)  # no row cache
+        return DecodeResult(out.to(q), ls, d, density, zeros, zeros, none, none)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,12 @@ scores every position from them."""
 Proposal = tuple[Tensor, Tensor, Tensor]
 """(scores [B, Hkv, S], lse [B, Hkv], n_r [B, Hkv]): the sampling proposal
 pr_i = (1 - f) exp(score_i - lse) + f / n_R over the residual R (proposal_params)."""
+Cached = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+"""(src [B, Hkv, R] int32, k_held, v_held, k_new, v_new [B, Hkv, W, D]): GPU copies of the rows
+a list's sequences read the step before (offload.row_cache.RowCache.lookup): row i is read from
+entry src[i] of k_held/v_held where src[i] >= 0, from the pool elsewhere, and written to entry i
+of k_new/v_new either way (rows dtype, W >= R). The values are the pool's, so a backend reading
+from the pool as well gives the same result: only where a row crosses PCIe changes."""
 Partial = tuple[Tensor, Tensor, Tensor]
 """(m [B, Hq], l [B, Hq], acc [B, Hq, D]): unnormalised softmax attention over a row set."""
 
@@ -84,10 +90,12 @@ class KernelBackend(Protocol):
     def partial_attention(self, q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
                           rows: Tensor, counts: Tensor, logw: Tensor | None, scale: float,
                           resident: Resident | None = None, scores: Tensor | None = None,
-                          softcap: float = 0.0) -> Partial:
+                          softcap: float = 0.0, cache: Cached | None = None) -> Partial:
         """Softmax attention over the listed rows with score bias logw, left unnormalised (see
         Partial); scores: the rows' row_scores when known (K is then not read, and they are
-        capped already). An empty list gives m = -inf, l = 0, acc = 0."""
+        capped already). cache (not with scores): the rows held from the step before, read
+        from there, and this list's rows written beside them (Cached). An empty list gives
+        m = -inf, l = 0, acc = 0."""
 
     def pilot_budget(self, s_b: Tensor, count_b: Tensor, pa_b: Tensor, pr_b: Tensor, m_f: Tensor,
                      l_f: Tensor, cap: Tensor, n_r: Tensor, epsilon: float, delta: float,

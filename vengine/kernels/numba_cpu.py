@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from vengine.kernels import reference
-from vengine.kernels.base import KeyCodes, Partial, Resident
+from vengine.kernels.base import Cached, KeyCodes, Partial, Resident
 from vengine.kernels.common import ranked, soft_cap
 
 store_rows = reference.store_rows
@@ -169,10 +169,11 @@ def row_scores(q: Tensor, k_pool: Tensor, block_tables: Tensor, rows: Tensor, co
 def partial_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
                       rows: Tensor, counts: Tensor, logw: Tensor | None, scale: float,
                       resident: Resident | None = None, scores: Tensor | None = None,
-                      softcap: float = 0.0) -> Partial:
-    if scores is not None:  # the pilot: its scores are known, the reference reads V only
+                      softcap: float = 0.0, cache: Cached | None = None) -> Partial:
+    if scores is not None or cache is not None:  # the pilot (its scores known: V only), or a
+        # row cache (a GPU pool's): the reference's
         return reference.partial_attention(q, k_pool, v_pool, block_tables, rows, counts, logw,
-                                           scale, scores=scores)
+                                           scale, scores=scores, softcap=softcap, cache=cache)
     B, Hq, D = q.shape
     m, l, acc = torch.empty(B, Hq), torch.empty(B, Hq), torch.empty(B, Hq, D)
     w = _np(logw.float()) if logw is not None else np.zeros((1, 1, 1), np.float32)

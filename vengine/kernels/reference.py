@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vengine.kernels.base import KeyCodes, Partial, Proposal, Resident
-from vengine.kernels.common import (PROPOSAL_FLOOR, compact, decode_keys, encode_pages,
+from vengine.kernels.base import Cached, KeyCodes, Partial, Proposal, Resident
+from vengine.kernels.common import (PROPOSAL_FLOOR, Fp8Rows, compact, decode_keys, encode_pages,
                                     gather_rows, mask_range, merge_partials, pool_rows,
                                     pool_write, per_sequence_target, ranked,
                                     sigma_upper_factor, soft_cap)
@@ -146,35 +146,67 @@ def second_rows(picked: Tensor, u: Tensor, prop: Proposal, size: Tensor, c: Tens
 def row_scores(q: Tensor, k_pool: Tensor, block_tables: Tensor, rows: Tensor, counts: Tensor,
                scale: float, resident: Resident | None = None, softcap: float = 0.0) -> Tensor:
     """Exact scores q . k / sqrt(D) of the listed rows: [B, Hq, R], -inf past counts."""
+    return _scores(q, gather_rows(k_pool, block_tables, rows).float(), counts, scale, softcap)
+
+
+def _scores(q: Tensor, k: Tensor, counts: Tensor, scale: float, softcap: float) -> Tensor:
+    """row_scores of the gathered rows k [B, Hkv, R, D] f32."""
     B, Hq, D = q.shape
-    Hkv, R = rows.shape[1], rows.shape[2]
-    k = gather_rows(k_pool, block_tables, rows).float()
+    Hkv, R = k.shape[1], k.shape[2]
     s = soft_cap(torch.einsum("bhgd,bhrd->bhgr", q.float().view(B, Hkv, Hq // Hkv, D), k) * scale,
                  softcap)
     live = torch.arange(R, device=q.device) < counts[..., None]  # [B, Hkv, R]
     return s.masked_fill(~live[:, :, None], float("-inf")).view(B, Hq, R)
 
 
+def _cached_rows(pool, block_tables: Tensor, rows: Tensor, counts: Tensor, src: Tensor,
+                 held: Tensor, new: Tensor) -> Tensor:
+    """Rows [B, Hkv, R, D] f32 of the pool, those with src >= 0 taken from held (base.Cached);
+    the live ones written to new as the pool stores them (e4m3 for an fp8 pool, whose scales
+    stay the pool's)."""
+    B, Hkv, R = rows.shape
+    P = pool.shape[2]
+    index = (block_tables.gather(1, (rows // P).view(B, -1)).view(B, Hkv, R),
+             torch.arange(Hkv, device=rows.device)[None, :, None], rows % P)
+    fp8 = isinstance(pool, Fp8Rows)
+    bits = (lambda t: t.view(torch.uint8)) if fp8 else (lambda t: t)  # e4m3: no gather on CPU
+    x = bits((pool.rows if fp8 else pool)[index])  # as stored
+    x = torch.where((src >= 0)[..., None],
+                    bits(held).gather(2, src.clamp(min=0).long()[..., None].expand_as(x)), x)
+    live = (torch.arange(R, device=rows.device) < counts[..., None])[..., None]
+    bits(new)[:, :, :R] = torch.where(live, x, bits(new)[:, :, :R])
+    x = x.view(pool.rows.dtype).float() * pool.scale[index].float()[..., None] if fp8 else x.float()
+    return torch.where(live, x, 0.0)  # dead entries: no row (0 * their weight 0)
+
+
 def partial_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
                       rows: Tensor, counts: Tensor, logw: Tensor | None, scale: float,
                       resident: Resident | None = None, scores: Tensor | None = None,
-                      softcap: float = 0.0) -> Partial:
+                      softcap: float = 0.0, cache: Cached | None = None) -> Partial:
     """Softmax attention over the listed rows with score bias logw, left unnormalised; scores:
-    the rows' row_scores when known (the kernels then skip reading K; softcap is in them).
+    the rows' row_scores when known (the kernels then skip reading K; softcap is in them);
+    cache: rows held from the step before (base.Cached), read from there and written beside.
 
     Returns m [B, Hq] (row max of biased scores), l [B, Hq] (sum of exp(s - m)) and
     acc [B, Hq, D] (sum of exp(s - m) v), all float32; an empty list gives m=-inf, l=0, acc=0.
     """
     B, Hq, D = q.shape
     Hkv = rows.shape[1]
-    if scores is None:
-        scores = row_scores(q, k_pool, block_tables, rows, counts, scale, softcap=softcap)
+    if cache is not None:
+        assert scores is None, "a row cache holds K and V: the list's K is read"
+        src, k_held, v_held, k_new, v_new = cache
+        k = _cached_rows(k_pool, block_tables, rows, counts, src, k_held, k_new)
+        v = _cached_rows(v_pool, block_tables, rows, counts, src, v_held, v_new)
+        scores = _scores(q, k, counts, scale, softcap)
+    else:
+        if scores is None:
+            scores = row_scores(q, k_pool, block_tables, rows, counts, scale, softcap=softcap)
+        v = gather_rows(v_pool, block_tables, rows).float()
     s = scores.view(B, Hkv, Hq // Hkv, -1)
     if logw is not None:
         s = s + logw[:, :, None].float()
     m = s.amax(-1)
     p = torch.exp(s - m.clamp_min(torch.finfo(torch.float32).min)[..., None])
-    v = gather_rows(v_pool, block_tables, rows).float()
     acc = torch.einsum("bhgr,bhrd->bhgd", p, v)
     return m.view(B, Hq), p.sum(-1).view(B, Hq), acc.view(B, Hq, D)
 

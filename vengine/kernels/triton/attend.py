@@ -49,12 +49,15 @@ def _row_kernel(q, k_pool, k_hot, slot_of, k_scale, tables, rows, counts, out, s
 
 @triton.jit
 def _attn_kernel(q, k_pool, v_pool, k_hot, v_hot, slot_of, k_scale, v_scale, tables, rows,
-                 counts, logw, scores, m_out, l_out, acc_out, scale, cap, R, st0, sr0, sr1, sw0,
-                 sw1, sw2, sk0, sk1, sk2, sv0, sv1, sv2, HKV: tl.constexpr, G: tl.constexpr,
-                 P: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, DP: tl.constexpr,
-                 BLOCK: tl.constexpr, CHUNK_: tl.constexpr, HAS_W: tl.constexpr,
-                 HAS_S: tl.constexpr, HOT: tl.constexpr, FP8: tl.constexpr, CAP: tl.constexpr,
-                 INTERPRET: tl.constexpr):
+                 counts, logw, scores, src, k_held, v_held, k_new, v_new, m_out, l_out, acc_out,
+                 scale, cap, R, W, st0, sr0, sr1, sw0, sw1, sw2, sk0, sk1, sk2, sv0, sv1, sv2,
+                 HKV: tl.constexpr, G: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
+                 GP: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, CHUNK_: tl.constexpr,
+                 HAS_W: tl.constexpr, HAS_S: tl.constexpr, HOT: tl.constexpr, FP8: tl.constexpr,
+                 CAP: tl.constexpr, CACHED: tl.constexpr, INTERPRET: tl.constexpr):
+    """With CACHED (base.Cached, src [B*Hkv, R], held/new [B*Hkv, W, D] contiguous): a row with
+    src >= 0 is read from k_held/v_held, the others from the pool (over PCIe), and every live
+    row is written to k_new/v_new at its list index."""
     bh = tl.program_id(0).to(tl.int64)
     split, n_splits = tl.program_id(1), tl.num_programs(1)
     b, h = bh // HKV, bh % HKV
@@ -68,13 +71,26 @@ def _attn_kernel(q, k_pool, v_pool, k_hot, v_hot, slot_of, k_scale, v_scale, tab
         i = r0 + tl.arange(0, BLOCK)
         live = i < end
         row_ptr = rows + b * sr0 + h * sr1 + i
+        fetch = live
+        if CACHED:
+            j = tl.load(src + bh * R + i, mask=live, other=-1).to(tl.int64)
+            hit = j >= 0
+            fetch = live & ~hit
+            d = tl.arange(0, DP)
+            at_held = (bh * W + j)[:, None] * D + d[None, :]
+            at_new = (bh * W + i)[:, None] * D + d[None, :]
+            held = hit[:, None] & (d[None, :] < D)
+            put = live[:, None] & (d[None, :] < D)
         if HAS_S:  # the rows' scores are known (row_scores): K is not read again
             g = tl.arange(0, GP)
             s = tl.load(scores + (bh * G + g[:, None]) * R + i[None, :],
                         mask=(g[:, None] < G) & live[None, :], other=float("-inf"))
         else:
-            k = _load_rows(k_pool, k_hot, slot_of, tables, row_ptr, live, b, h, st0, sk0, sk1,
+            k = _load_rows(k_pool, k_hot, slot_of, tables, row_ptr, fetch, b, h, st0, sk0, sk1,
                            sk2, P, D, DP, HOT)
+            if CACHED:
+                k = tl.where(held, tl.load(k_held + at_held, mask=held, other=0.0), k)
+                tl.store(k_new + at_new, k, mask=put)
             if FP8:  # as in _row_kernel
                 s = _mma(qt, tl.trans(k.to(tl.float32)), INTERPRET)
                 s *= _row_scale(k_scale, tables, row_ptr, live, b, h, st0, HKV, P)[None, :]
@@ -89,8 +105,11 @@ def _attn_kernel(q, k_pool, v_pool, k_hot, v_hot, slot_of, k_scale, v_scale, tab
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
         p = tl.exp(s - m_safe[:, None])
-        v = _load_rows(v_pool, v_hot, slot_of, tables, row_ptr, live, b, h, st0, sv0, sv1, sv2,
+        v = _load_rows(v_pool, v_hot, slot_of, tables, row_ptr, fetch, b, h, st0, sv0, sv1, sv2,
                        P, D, DP, HOT)
+        if CACHED:
+            v = tl.where(held, tl.load(v_held + at_held, mask=held, other=0.0), v)
+            tl.store(v_new + at_new, v, mask=put)
         l = l * alpha + tl.sum(p, axis=1)
         if FP8:  # each V row's scale on its weight
             pv = p * _row_scale(v_scale, tables, row_ptr, live, b, h, st0, HKV, P)[None, :]
@@ -136,6 +155,21 @@ def _combine_kernel(m, l, acc, counts, m_out, l_out, acc_out, NS, CHUNK_: tl.con
     tl.store(acc_out + i * D + d, a_sum, mask=d < D)
 
 
+def _cached(cache, pool: torch.Tensor, rows: torch.Tensor, scores) -> tuple:
+    """base.Cached checked for the kernel (src [B, Hkv, R], the rest [B, Hkv, W, D] with rows
+    contiguous per (sequence, KV head)); dummies when None."""
+    if cache is None:
+        return (rows,) + (pool,) * 4  # never read (CACHED False)
+    assert scores is None, "a row cache holds K and V: the list's K is read"
+    src, *held = cache
+    assert src.shape == rows.shape and src.dtype == torch.int32 and src.is_contiguous()
+    B, Hkv, W, D = held[0].shape
+    for x in held:
+        assert x.shape == held[0].shape and x.dtype == pool.dtype and W >= rows.shape[2]
+        assert x.stride()[1:] == (W * D, D, 1) and x.stride(0) == Hkv * W * D
+    return cache
+
+
 def row_scores(q: torch.Tensor, k_pool: torch.Tensor, block_tables: torch.Tensor,
                rows: torch.Tensor, counts: torch.Tensor, scale: float,
                resident: tuple | None = None, softcap: float = 0.0) -> torch.Tensor:
@@ -163,10 +197,12 @@ def partial_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
                       block_tables: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor,
                       logw: torch.Tensor | None, scale: float, resident: tuple | None = None,
                       scores: torch.Tensor | None = None, softcap: float = 0.0,
-                      chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      cache: tuple | None = None, chunk: int = CHUNK
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unnormalised softmax attention over the listed rows, scores biased by logw [B, Hkv, R];
     rows of pages with a GPU copy (resident: ResidentPages.layer) are read from the copy; given
-    scores (row_scores of the same rows), K is not read.
+    scores (row_scores of the same rows), K is not read; cache (base.Cached): rows held from the
+    step before are read from there, and the list's rows written beside.
 
     Returns m [B, Hq], l [B, Hq], acc [B, Hq, D] (f32; see reference.partial_attention). Each of
     cdiv(R, chunk) splits per (sequence, KV head) handles chunk consecutive list entries.
@@ -186,14 +222,15 @@ def partial_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     w = logw if logw is not None else m  # a dummy pointer when HAS_W is False
     sw = logw.stride() if logw is not None else (0, 0, 0)
     slot_of, k_hot, v_hot = _resident(resident, k_pool, v_pool)
+    src, k_held, v_held, k_new, v_new = _cached(cache, k_pool, rows, scores)
     _attn_kernel[(B * Hkv, n_splits)](
         q.contiguous(), k_pool, v_pool, k_hot, v_hot, slot_of, k_scale, v_scale, block_tables,
-        rows, counts, w,
-        scores if scores is not None else m, m, l, acc, scale, softcap or 1.0, R,
+        rows, counts, w, scores if scores is not None else m, src, k_held, v_held, k_new, v_new,
+        m, l, acc, scale, softcap or 1.0, R, k_held.shape[2] if cache else 0,
         block_tables.stride(0), rows.stride(0), rows.stride(1), *sw, *k_pool.stride()[:3],
         *v_pool.stride()[:3], Hkv, G, P, D, _p2(G), _p2(D), min(BLOCK_R, chunk), chunk,
         logw is not None, scores is not None, resident is not None, fp8, bool(softcap),
-        _INTERPRET)
+        cache is not None, _INTERPRET)
     if n_splits == 1:
         return m[..., 0], l[..., 0], acc[..., 0, :]
     m_all, l_all = torch.empty(B, Hq, dtype=torch.float32, device=dev), torch.empty_like(m[..., 0])
