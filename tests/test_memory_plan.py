@@ -88,3 +88,24 @@ def test_allocator_hands_out_lowest_pages_first_and_reports_growth():
     assert a == [0, 1, 2, 5] and grown == [3, 5, 6], "freed pages first, growth only past them"
     alloc.shrink(a, 16)
     assert a == [0] and alloc.num_free == 10 - 3
+
+
+def test_row_cache_is_counted_as_the_backend_allocates_it():
+    """VAttention(row_cache=2) at 8B shapes, 128K: the plan's fixed GPU bytes grow by exactly
+    what the backend's RowCache holds for a pool of that context (two copies of each exact row's
+    K and V, and its position), and that still fits a 24 GiB card beside the weights."""
+    import torch
+
+    from vengine.offload.row_cache import RowCache
+
+    spec = VAttention(row_cache=2)
+    plain, cached = (gpu_state(LLAMA_8B, VAttention(row_cache=n), 2, 64, True, max_context=131072)
+                     for n in (0, 2))
+    width = spec.exact_rows(131072, 64)
+    cache = RowCache(LLAMA_8B.num_layers, 2, LLAMA_8B.num_kv_heads, width, LLAMA_8B.head_dim,
+                     torch.bfloat16, torch.device("meta"))
+    assert cached.resident_bytes - plain.resident_bytes == cache.nbytes
+    assert 131072 * 0.02 < width < 131072 * 0.03
+    plan_memory(LLAMA_8B, dtype_bytes=2, page_size=64, max_context=CTX, max_batch=2,
+                host_mem=None, host_available=120 * GiB, prefill_chunk=CTX, prefill_piece=8192,
+                kv_on_host=True, gpu_mem=24 * GiB, weights_bytes=WEIGHTS_8B, state=cached)

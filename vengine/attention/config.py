@@ -84,6 +84,14 @@ class VAttention:
             return context_len * 0 + self.top_k
         return int(self.top_k * context_len) if isinstance(self.top_k, float) else self.top_k
 
+    def exact_rows(self, context: int, page_size: int) -> int:
+        """The most rows a decode step of sequences up to this context lists exactly (sink,
+        window of at least a page, top-k of the padded width: a CUDA graph's block table pads
+        the pages by up to an eighth, engine.model_runner.width_bucket): what a row cache keeps
+        per layer, sequence and KV head."""
+        padded = context + context // 8 + 3 * page_size
+        return min(padded, self.sink + max(self.window, page_size) + self.top_k_rows(padded))
+
     def exact_width(self, local_kv: bool = False) -> int:
         """Decode steps whose padded context is at most this many rows attend exactly, unless
         exact_below says otherwise: where the rows every step reads (sink, window, pilot,

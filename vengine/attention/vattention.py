@@ -50,8 +50,8 @@ class DecodeResult:
     density: torch.Tensor  # [B, Hkv] attended rows / context length
     over_eps: torch.Tensor  # [B, Hq] the cap kept the head from its budget (0/1)
     missed: torch.Tensor  # [B, Hq] the pilot found a heavy row outside the top-k (0/1)
-    reused: torch.Tensor  # [B, Hkv] predicted top-k rows read from the row cache, and
-    predicted: torch.Tensor  # [B, Hkv] all of them (reused / predicted: its hit rate)
+    reused: torch.Tensor | None = None  # [B, Hkv] predicted top-k rows read from the row
+    predicted: torch.Tensor | None = None  # cache, and all of them (None without one)
 
 
 @functools.cache
@@ -129,12 +129,12 @@ def vattention_decode(
     width_f = min(S, cfg.sink + window + k_max)
     rows_f, count_f = kernels.exact_rows(picked, context_lens, S, cfg.sink, window, width_f)
     n_r = (n - count_f).float()  # [B, Hkv]
-    cached = None
+    cached = reused = predicted = None
     if row_cache is not None and row_cache.covers(B, width_f):
         cached = row_cache.lookup(layer, rows_f, count_f)
-    live_f = torch.arange(width_f, device=dev) < count_f[..., None]
-    predicted = live_f & (rows_f >= cfg.sink) & (rows_f < (n - window)[..., None])
-    reused = (predicted & (cached[0] >= 0)).sum(-1) if cached else torch.zeros_like(count_f)
+        live_f = torch.arange(width_f, device=dev) < count_f[..., None]
+        top = live_f & (rows_f >= cfg.sink) & (rows_f < (n - window)[..., None])
+        reused, predicted = (top & (cached[0] >= 0)).sum(-1).float(), top.sum(-1).float()
 
     # 2. the pilot: a Poisson sample of the residual, row i with probability
     # min(1, size * pr_i) (pr: the proposal, kernels.proposal_params), E|pilot| <= size;
@@ -181,8 +181,7 @@ def vattention_decode(
     join(dev)
     out, d_hat = kernels.finish(part_f, part_b, part_s, m, d_f)
     density = (count_f + count_b + count_s).float() / n.float()
-    return DecodeResult(out.to(q.dtype), m, d_hat, density, over_eps, missed, reused.float(),
-                        predicted.sum(-1).float())
+    return DecodeResult(out.to(q.dtype), m, d_hat, density, over_eps, missed, reused, predicted)
 
 
 def output_deviations(q, k_pool, v_pool, block_tables, rows_b, count_b, pa_b, s_b, part_f,
@@ -201,14 +200,6 @@ def output_deviations(q, k_pool, v_pool, block_tables, rows_b, count_b, pa_b, s_
     v = gather_rows(v_pool, block_tables, rows_b).float()[:, :, None]  # [B, Hkv, 1, W, D]
     dev = ((v - o) ** 2).sum(-1) / (o * o).sum(-1).clamp(min=1e-30)
     return dev.view(B, Hq, W)
-
-
-def cache_width(cfg: VAttention, pool: KVPool, mc: ModelConfig) -> int:
-    """Entries per (layer, position, KV head) of a row cache: the exact rows of the longest
-    context a sequence can have (the pool's, at most the model's)."""
-    P = pool.page_size
-    longest = min(pool.num_pages * P, mc.max_position_embeddings + P)
-    return min(longest, cfg.sink + max(cfg.window, P) + cfg.top_k_rows(longest))
 
 
 def make_vattention(settings: VAttention, pool: KVPool, cfg: ModelConfig,
@@ -238,9 +229,9 @@ class VAttentionBackend:
             self.resident = ResidentPages(pool, slots, device)
         self.row_cache = None  # the exact rows of the step before, for cfg.row_cache sequences
         if self.resident is not None and cfg.row_cache:
-            self.row_cache = RowCache(mc.num_layers, cfg.row_cache, pool.k.shape[2],
-                                      cache_width(cfg, pool, mc), pool.k.shape[-1], pool.dtype,
-                                      device)
+            width = cfg.exact_rows(pool.max_context, pool.page_size)
+            self.row_cache = RowCache(pool.k.shape[0], cfg.row_cache, pool.k.shape[2], width,
+                                      pool.k.shape[-1], pool.dtype, device)
         self.generator = torch.Generator(device)  # a CUDA graph registers it (graph-safe Philox)
         self.generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
         self._layer_stats: list[tuple[torch.Tensor, ...]] = []  # this step's, so far
@@ -287,9 +278,9 @@ class VAttentionBackend:
         if ctx.block_tables.shape[1] * self.pool.page_size <= self.exact_width:
             out = pool_decode_attention(self.pool, layer, q, ctx, self.softcap)
             B, Hq = q.shape[:2]
-            zeros, Hkv = q.new_zeros(B, Hq, dtype=torch.float32), self.pool.k.shape[2]
-            self._layer_stats.append((q.new_ones(B, Hkv, dtype=torch.float32), zeros, zeros,
-                                      zeros[:, :Hkv], zeros[:, :Hkv]))
+            zeros = q.new_zeros(B, Hq, dtype=torch.float32)
+            self._layer_stats.append((q.new_ones(B, self.pool.k.shape[2], dtype=torch.float32),
+                                      zeros, zeros, None, None))
             return out
         r = self.estimate(layer, q, ctx)
         self._layer_stats.append((r.density, r.over_eps, r.missed, r.reused, r.predicted))
@@ -325,14 +316,17 @@ class VAttentionBackend:
         graph's output."""
         if not self._layer_stats:
             return None
-        density, over, missed, reused, predicted = (torch.stack(x) for x in
-                                                    zip(*self._layer_stats))
+        density, over, missed = (torch.stack([x[i] for x in self._layer_stats])
+                                 for i in range(3))
+        cached = [x[3:] for x in self._layer_stats if x[3] is not None]
+        reuse = tuple(torch.stack([c[i] for c in cached]).sum((0, 2)) for i in (0, 1)) \
+            if cached else ()
         self.layers_served = len(self._layer_stats)
         over, missed = over.sum((0, 2)), missed.sum((0, 2))
         heads = torch.full_like(over, self.layers_served * self._layer_stats[0][1].shape[1])
         self._layer_stats = []
-        return torch.stack([density.mean(2).sum(0), over, missed, heads, reused.sum((0, 2)),
-                            predicted.sum((0, 2))], 1)
+        reuse = reuse or (torch.zeros_like(over), torch.zeros_like(over))
+        return torch.stack([density.mean(2).sum(0), over, missed, heads, *reuse], 1)
 
     def end_step(self, seq_ids: tuple[int, ...], stats: torch.Tensor | None) -> None:
         """Fold a step's statistics into each sequence's totals; device tensors throughout, read

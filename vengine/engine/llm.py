@@ -97,9 +97,11 @@ class LLM:
             kv_on_host=cfg.offloaded,
             gpu_mem=self._gpu_budget if on_gpu else None, weights_bytes=self._weights_bytes,
             state=gpu_state(mc, cfg.attention, dtype_bytes, cfg.page_size, cfg.offloaded, ring,
-                            fp8) if on_gpu else None, kv_bytes=1 if fp8 else dtype_bytes)
+                            fp8, cfg.max_context) if on_gpu else None,
+            kv_bytes=1 if fp8 else dtype_bytes)
         self.pool = KVPool(len(mc.global_layers), mc.num_kv_heads, mc.head_dim, cfg.page_size,
-                           self.memory.num_pages, cfg.dtype, kv_device, pin, fp8, cfg.device)
+                           self.memory.num_pages, cfg.dtype, kv_device, pin, fp8, cfg.device,
+                           cfg.max_context)
         window = WindowAttention(len(windows), windows[0], mc.num_kv_heads, mc.head_dim, slots,
                                  cfg.dtype, cfg.device, mc.attn_softcap or 0.0) if windows else None
         self.backends = make_layer_backends(cfg.attention, self.pool, mc, cfg.device, window)

@@ -103,10 +103,12 @@ def runtime_config(mc: ModelConfig, max_context: int) -> ModelConfig:
 
 
 def gpu_state(mc: ModelConfig, attention, dtype_bytes: int, page_size: int,
-              kv_on_host: bool, ring_bytes: int = 0, kv_fp8: bool = False) -> GpuState:
+              kv_on_host: bool, ring_bytes: int = 0, kv_fp8: bool = False,
+              max_context: int = 0) -> GpuState:
     """What the attention (an EngineConfig.attention: a spec or a tuple of per-layer specs)
     keeps on the GPU per page and per decoded row; ring_bytes: the sliding-window layers';
-    kv_fp8: rows of 1 byte per element, and a bfloat16 scale per row on the GPU."""
+    kv_fp8: rows of 1 byte per element, and a bfloat16 scale per row on the GPU; max_context
+    sizes a row cache (VAttention.row_cache)."""
     specs = attention if isinstance(attention, tuple) else (attention,)
     sparse = next((s for s in specs if isinstance(s, VAttention)), None)
     kv_page = page_size * mc.kv_bytes_per_token(1 if kv_fp8 else dtype_bytes)
@@ -121,6 +123,11 @@ def gpu_state(mc: ModelConfig, attention, dtype_bytes: int, page_size: int,
     if sparse and kv_on_host:
         per_seq = -(-sparse.sink // page_size) + -(-sparse.window // page_size) + 1
         resident = RESIDENT_SEQUENCES * per_seq * kv_page
+        # the row cache: per sequence, layer and KV head, two copies of K and V and a position
+        # of each exact row (offload.row_cache.RowCache)
+        rows = sparse.row_cache * len(mc.global_layers) * sparse.exact_rows(max_context, page_size)
+        row_bytes = mc.num_kv_heads * mc.head_dim * (1 if kv_fp8 else dtype_bytes)
+        resident += rows * (4 * row_bytes + 4 * mc.num_kv_heads)
     return GpuState(codes + (0 if kv_on_host else kv_page), resident + ring_bytes, per_row)
 
 

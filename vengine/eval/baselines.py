@@ -189,8 +189,7 @@ class _BaselineBackend(VAttentionBackend):
         B, Hq = out.shape[:2]
         density = torch.full((B, p.k_pool.shape[1]), spec.density, device=q.device)
         zeros = torch.zeros(B, Hq, device=q.device)
-        none = torch.zeros_like(density)  # no row cache
-        return DecodeResult(out.to(q), ls, d, density, zeros, zeros, none, none)
+        return DecodeResult(out.to(q), ls, d, density, zeros, zeros)
 
 
 @dataclass(frozen=True)

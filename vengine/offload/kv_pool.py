@@ -140,6 +140,7 @@ class KVPool:
         pin: bool = False,
         fp8: bool = False,
         compute_device: torch.device | None = None,
+        max_context: int | None = None,
     ) -> None:
         if fp8:
             dtype = torch.float8_e4m3fn
@@ -157,6 +158,7 @@ class KVPool:
         else:
             self.k, self.v = lazy_zeros(shape, dtype, pin), lazy_zeros(shape, dtype, pin)
         self.num_pages = num_pages
+        self.max_context = max_context or num_pages * page_size  # the longest sequence it holds
         self.layer_pinned = [0] * num_layers  # pages [0, n) of each layer are page-locked
         self._pin_goal = 0  # pages [0, goal) are handed out: pinned before they are touched
         self._pinned: list[tuple[int, int]] = []  # (address, bytes) of each registered range
