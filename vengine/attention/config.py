@@ -35,9 +35,10 @@ class VAttention:
         most this many rows attends exactly (None: exact_width's rule). Exact is within any
         epsilon; below that width selection costs more than it saves.
     row_cache: decode batch positions (sequences) whose exact rows (sink, window, top-k) stay
-        on the GPU from one step to the next, with the KV in host memory on a GPU: a step reads
-        over PCIe only the exact rows it did not read the step before (offload.row_cache). The
-        rows attended and the result do not change; GPU memory grows by about
+        on the compute device from one step to the next (offload.row_cache): with the KV in host
+        memory on a GPU, a step reads over PCIe only the exact rows it did not read the step
+        before (elsewhere it only adds copies; its hit rate is still counted). The rows
+        attended and the result do not change; device memory grows by about
         4 * (sink + window + top_k rows) * the KV bytes of a row per layer and position.
     """
 

@@ -228,7 +228,7 @@ class VAttentionBackend:
             slots = min(pool.num_pages, RESIDENT_SEQUENCES * per_seq)
             self.resident = ResidentPages(pool, slots, device)
         self.row_cache = None  # the exact rows of the step before, for cfg.row_cache sequences
-        if self.resident is not None and cfg.row_cache:
+        if cfg.row_cache:
             width = cfg.exact_rows(pool.max_context, pool.page_size)
             self.row_cache = RowCache(pool.k.shape[0], cfg.row_cache, pool.k.shape[2], width,
                                       pool.k.shape[-1], pool.dtype, device)
