@@ -196,6 +196,8 @@ def test_bad_rows_fail_before_the_model_loads(work, cli, row, needle):
     (("--attention", "vattention", "--delta", "nan"), "--delta must be"),
     (("--attention", "full", "--epsilon", "0.1"), "--epsilon applies only with --attention vattention"),
     (("--attention", "full", "--delta", "0.1"), "--delta applies only with --attention vattention"),
+    (("--row-cache", "-1"), "--row-cache must be an int >= 0"),
+    (("--attention", "full", "--row-cache", "1"), "--row-cache applies only with --attention"),
     (("--guarantee", "joint"), "--guarantee"),
     (("--dtype", "int3"), "--dtype"),
     (("--device", "tpu"), "--device"),

@@ -21,7 +21,8 @@ FLAGS = {
     "top_k": "--top-k", "repetition_penalty": "--repetition-penalty", "seed": "--seed",
     "max_context": "--ctx", "host_mem": "--host-mem", "gpu_mem": "--gpu-mem", "kv": "--kv",
     "kv_dtype": "--kv-dtype", "VAttention.epsilon": "--epsilon",
-    "VAttention.delta": "--delta", "VAttention.guarantee": "--guarantee", "device": "--device", "dtype": "--dtype",
+    "VAttention.delta": "--delta", "VAttention.guarantee": "--guarantee",
+    "VAttention.row_cache": "--row-cache", "device": "--device", "dtype": "--dtype",
     "max_batch": "--batch-size", "threads": "--threads", "attention": "--attention",
 }
 MODEL_HELP = ("HF directory (config.json + *.safetensors), .gguf file, or a hub id 'org/name' "
@@ -45,6 +46,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", type=float, help="vAttention failure probability (default 0.05)")
     p.add_argument("--guarantee", choices=("denominator", "output"),
                    help="what epsilon bounds: the attention denominator (default) or output")
+    p.add_argument("--row-cache", type=int, help="vAttention: keep each step's exact rows on "
+                   "the GPU for this many sequences, so the next step reads over PCIe only the "
+                   "rows it did not read (default 0: off)")
     p.add_argument("--host-mem", help="host KV cap, e.g. 64GiB (default: the batch's full "
                    "contexts, within 3/4 of the available RAM; memory is taken as used)")
     p.add_argument("--gpu-mem", help="GPU memory to plan within, e.g. 24GiB (default: what is "
@@ -99,12 +103,14 @@ def engine_options(args: argparse.Namespace, **options: Any) -> dict[str, Any]:
     from vengine.engine.config import EngineConfig
 
     attention: Any = "full"
-    given = [f for f in ("epsilon", "delta", "guarantee") if getattr(args, f) is not None]
+    given = [f for f in ("epsilon", "delta", "guarantee", "row_cache")
+             if getattr(args, f) is not None]
     try:
         if args.attention == "vattention":
             attention = VAttention(**{f: getattr(args, f) for f in given})
         elif given:
-            raise ConfigError(f"--{given[0]} applies only with --attention vattention")
+            raise ConfigError(f"{FLAGS['VAttention.' + given[0]]} applies only with "
+                              "--attention vattention")
         if args.host_mem:
             options["host_mem"] = args.host_mem
         if args.gpu_mem:
