@@ -43,7 +43,8 @@ def main() -> None:
     args = p.parse_args()
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
-    spec = vengine.VAttention(epsilon=args.epsilon, delta=args.epsilon, seed=0)
+    # every decode step sparse (on the CPU exact attention would serve up to 8K rows)
+    spec = vengine.VAttention(epsilon=args.epsilon, delta=args.epsilon, seed=0, exact_below=0)
     llms = {n: vengine.LLM(model=args.model, device=args.device, attention=dataclasses.replace(
         spec, row_cache=n), max_context=args.context + args.steps + 256,
         kv_dtype=args.kv_dtype) for n in ((1,) if args.no_plain else (0, 1))}
