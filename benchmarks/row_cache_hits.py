@@ -31,7 +31,8 @@ from vengine.eval.activations import corpus_text  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="qwen2.5-coder-0.5b")
+    p.add_argument("--model", default="qwen2.5-coder-0.5b", help="a path or catalog name; "
+                   "\"default\": the default model")
     p.add_argument("--context", type=int, default=16384)
     p.add_argument("--steps", type=int, default=512)
     p.add_argument("--cases", type=int, default=4)
@@ -45,7 +46,8 @@ def main() -> None:
 
     # every decode step sparse (on the CPU exact attention would serve up to 8K rows)
     spec = vengine.VAttention(epsilon=args.epsilon, delta=args.epsilon, seed=0, exact_below=0)
-    llms = {n: vengine.LLM(model=args.model, device=args.device, attention=dataclasses.replace(
+    model = None if args.model == "default" else args.model
+    llms = {n: vengine.LLM(model=model, device=args.device, attention=dataclasses.replace(
         spec, row_cache=n), max_context=args.context + args.steps + 256,
         kv_dtype=args.kv_dtype) for n in ((1,) if args.no_plain else (0, 1))}
     tok = llms[1].tokenizer
