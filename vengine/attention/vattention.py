@@ -240,16 +240,18 @@ class VAttentionBackend:
 
     def begin_step(self, seqs: Sequence[SequenceView], is_prefill: bool) -> None:
         """The GPU copies follow each decoding sequence's sink and window pages (the context after
-        this step's token); a prefill writes host pages only, so its sequence's copies go."""
-        if self.row_cache is not None and not is_prefill:
-            self.row_cache.begin_step([s.seq_id for s in seqs])
+        this step's token); a prefill writes host pages only, so its sequence's copies go (and
+        its row cache entries: a recomputed sequence's rows may differ in their last bits)."""
+        if self.row_cache is not None:  # a prefilled sequence's rows may be new: forgotten
+            for s in seqs if is_prefill else ():
+                self.row_cache.drop(s.seq_id)
+            if not is_prefill:
+                self.row_cache.begin_step([s.seq_id for s in seqs])
         if self.resident is None:
             return
         if is_prefill:
             for s in seqs:
                 self.resident.drop_sequence(s.seq_id)
-                if self.row_cache is not None:
-                    self.row_cache.drop(s.seq_id)
             return
         P, wanted = self.pool.page_size, []
         for s in seqs:
