@@ -103,16 +103,17 @@ def prepare_batch(input_path: Path | None, output_path: Path | None, resume: boo
     return requests, out
 
 
-def run_batch(llm, input_path: Path, out: OutputFile, resume: bool,
+def run_batch(engine, input_path: Path, out: OutputFile, resume: bool,
               requests: list[dict[str, Any]]) -> int:
+    """Generate what --output lacks. engine: an LLM, or a vengine.distributed.EnginePool (its
+    workers generate, this process alone writes): both have `prompt_ids` and `completions`."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     todo = [r for r in requests if not resume or r["id"] not in out.ids]
     for r in todo:  # tokenise and check lengths up front: no surprise after hours of work
         try:
-            ids = llm.chat_ids(r["messages"]) if r["messages"] else r["prompt"]
-            r["ids"] = llm._encode(ids)
+            r["ids"] = engine.prompt_ids(r["messages"] or r["prompt"])
         except VengineError as e:
             raise type(e)(f"{input_path}:{r['line']}: {e}") from None
     finished = out.start(resume)
@@ -127,7 +128,7 @@ def run_batch(llm, input_path: Path, out: OutputFile, resume: bool,
         with progress:
             task = progress.add_task("", total=len(requests), completed=len(requests) - len(todo),
                                      rate=0.0)
-            stream = llm.completions((r["id"], r["ids"], r["params"]) for r in todo)
+            stream = engine.completions((r["id"], r["ids"], r["params"]) for r in todo)
             for key, c in stream:
                 out.append({"id": key, "text": c.text,
                             "prompt_tokens": c.stats["prompt_tokens"],

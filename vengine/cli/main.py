@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=16, help="most requests decoded at once")
     gen.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                      help="skip ids already in --output (default); --no-resume starts it afresh")
+    gen.add_argument("--workers", type=int, help="with --input: engines on Ray, one GPU each "
+                     "(or a share of the CPUs); needs pip install vengine[distributed]")
+    gen.add_argument("--ray-address", help="with --workers: a running Ray cluster's head "
+                     "(host:port, or auto); default: a local cluster for this run")
     info = sub.add_parser("info", help="device, memory budgets, model and kernel backend")
     info.add_argument("--model", help=MODEL_HELP)
     info.add_argument("--device", default="auto")
@@ -98,6 +102,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
         sampling = sampling_flags(args, max_new_tokens=32768)
         options = engine_options(args, max_batch=args.batch_size)
+        pool = pool_config(args)
         resolve_model_flag(args.model)
         requests, out = prepare_batch(args.input, args.output, args.resume, sampling)
         try:
@@ -105,13 +110,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 print(f"nothing to do: {len(requests)} already done in {args.output} "
                       "(--no-resume starts it afresh)", file=sys.stderr)
                 return 0
-            return run_batch(load_llm(options), args.input, out, args.resume,
-                             requests)
+            if pool is None:
+                return run_batch(load_llm(options), args.input, out, args.resume, requests)
+            from vengine.distributed import EnginePool
+
+            with EnginePool(pool, **options) as engine:
+                return run_batch(engine, args.input, out, args.resume, requests)
         finally:
             out.close()
     if args.output is not None:
         raise ConfigError("--output goes with --input (a jsonl file of prompts); "
                           "--prompt prints to stdout")
+    if args.workers is not None or args.ray_address is not None:
+        flag = "--workers" if args.workers is not None else "--ray-address"
+        raise ConfigError(f"{flag} goes with --input (a jsonl file of prompts)")
     sampling = sampling_flags(args)
     options = engine_options(args, max_batch=1)
     resolve_model_flag(args.model)
@@ -121,6 +133,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def pool_config(args: argparse.Namespace):
+    """--workers and --ray-address checked, and Ray importable, before anything else runs;
+    None: no --workers, one engine in this process (Ray never imported)."""
+    if args.workers is None:
+        if args.ray_address is not None:
+            raise ConfigError("--ray-address goes with --workers")
+        return None
+    from vengine.cli.options import as_flag_error
+    from vengine.distributed.cluster import import_ray
+    from vengine.distributed.config import PoolConfig
+
+    try:
+        config = PoolConfig(workers=args.workers, ray_address=args.ray_address)
+        import_ray()
+    except ConfigError as e:
+        raise as_flag_error(e) from None
+    return config
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

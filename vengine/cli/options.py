@@ -24,6 +24,7 @@ FLAGS = {
     "VAttention.delta": "--delta", "VAttention.guarantee": "--guarantee",
     "VAttention.row_cache": "--row-cache", "device": "--device", "dtype": "--dtype",
     "max_batch": "--batch-size", "threads": "--threads", "attention": "--attention",
+    "workers": "--workers", "ray_address": "--ray-address",
 }
 MODEL_HELP = ("HF directory (config.json + *.safetensors), .gguf file, or a hub id 'org/name' "
               "fetched with huggingface_hub (default: SmolLM2-135M-Instruct)")

@@ -178,6 +178,13 @@ class LLM:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def prompt_ids(self, prompt: Prompt | list[dict[str, str]]) -> list[int]:
+        """A prompt's checked token ids: text, token ids, or a conversation through the chat
+        template (what a batch tokenises up front, so that a bad row fails before any work)."""
+        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+            prompt = self.chat_ids(list(prompt))
+        return self._encode(prompt)
+
     # -- requests: what ChatSession and a server drive -----------------------------------------
 
     def new_request(self, ids: list[int], params: SamplingParams, key: Any = None) -> Sequence:
