@@ -37,10 +37,10 @@ class Cluster:
     def __init__(self, config: PoolConfig) -> None:
         self.ray = ray = import_ray()
         self.started, self.temp_dir = False, None
-        if ray.is_initialized():  # the caller's own ray.init (a test, a notebook): use it
-            return
         if config.host_port is not None:
             _probe(config.ray_address, *config.host_port)
+        if ray.is_initialized():  # the caller's own ray.init (a test, a notebook): use it
+            return
         quiet = dict(logging_level=logging.ERROR, log_to_driver=False)
         try:
             if config.ray_address is None:

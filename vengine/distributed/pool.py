@@ -28,7 +28,7 @@ Request = tuple[Any, Prompt, Any]  # (key, prompt, SamplingParams), as LLM.compl
 @dataclass(eq=False)
 class Worker:
     actor: Any
-    info: WorkerInfo
+    info: WorkerInfo | None = None  # once it has loaded its engine
     held: dict[int, Request] = field(default_factory=dict)  # ticket -> request, unfinished
     call: Any = None  # the advance in flight (an ObjectRef), None when idle
 
@@ -43,25 +43,29 @@ class EnginePool:
     """
 
     def __init__(self, config: PoolConfig, **engine_options: Any) -> None:
+        self.workers: list[Worker] = []
+        self.dead: list[WorkerInfo] = []  # workers lost mid-run, their requests given away
         self.cluster = Cluster(config)
         try:
-            ray = self.cluster.ray
-            actor, options = self.cluster.worker_options(config.workers, engine_options)
-            remote = ray.remote(EngineWorker).options(**actor)
-            actors = [remote.remote(options) for _ in range(config.workers)]
-            self.workers = []
-            try:
-                infos = ray.get([a.ready.remote() for a in actors])
-            except ray.exceptions.RayActorError as e:  # died loading (killed, out of memory)
-                raise VengineError(f"a worker died while starting: {one_line(e)[:300]}") from None
-            for a, info in zip(actors, infos):
-                if isinstance(info, VengineError):
-                    raise info
-                self.workers.append(Worker(a, info))
-            self.slots = config.slots or self.workers[0].info.max_batch
+            self._start(config, engine_options)
         except BaseException:
             self.close()
             raise
+
+    def _start(self, config: PoolConfig, engine_options: dict[str, Any]) -> None:
+        ray = self.cluster.ray
+        actor, options = self.cluster.worker_options(config.workers, engine_options)
+        remote = ray.remote(EngineWorker).options(**actor)
+        self.workers = [Worker(remote.remote(options)) for _ in range(config.workers)]
+        try:
+            infos = ray.get([w.actor.ready.remote() for w in self.workers])
+        except ray.exceptions.RayActorError as e:  # died loading (killed, out of memory)
+            raise VengineError(f"a worker died while starting: {one_line(e)[:300]}") from None
+        for w, info in zip(self.workers, infos):
+            if isinstance(info, VengineError):
+                raise info
+            w.info = info
+        self.slots = config.slots or infos[0].max_batch
 
     def __enter__(self) -> EnginePool:
         return self
@@ -70,18 +74,23 @@ class EnginePool:
         self.close()
 
     def close(self) -> None:
-        ray = self.cluster.ray
-        for w in getattr(self, "workers", []):
-            ray.kill(w.actor)
+        for w in self.workers:
+            self.cluster.ray.kill(w.actor)
         self.workers = []
         self.cluster.close()
 
     def prompt_ids(self, prompt: Prompt | list[dict[str, str]]) -> list[int]:
         """A prompt's checked token ids (LLM.prompt_ids, on the first live worker)."""
-        ids = self.cluster.ray.get(self.workers[0].actor.prompt_ids.remote(prompt))
-        if isinstance(ids, VengineError):
-            raise ids
-        return ids
+        while True:
+            w = self.workers[0]
+            try:
+                ids = self.cluster.ray.get(w.actor.prompt_ids.remote(prompt))
+            except self.cluster.ray.exceptions.RayActorError as e:
+                self._drop(w, deque(), e)
+                continue
+            if isinstance(ids, VengineError):
+                raise ids
+            return ids
 
     def peak_memory(self) -> list[dict[str, int]]:
         """Each live worker's peak GPU allocation and resident set, in bytes."""
@@ -91,9 +100,8 @@ class EnginePool:
         """Yield (key, Completion) for (key, prompt, params) requests in the order they finish,
         as LLM.completions does; requests are read only as workers have free slots."""
         ray, exceptions = self.cluster.ray, self.cluster.ray.exceptions
-        incoming = zip(itertools.count(), iter(requests))
+        incoming = zip(itertools.count(), iter(requests))  # (ticket, request): tickets are ours
         returned: deque[tuple[int, Request]] = deque()  # held by a worker that died
-        keys: dict[int, Any] = {}
         in_flight: dict[Any, Worker] = {}
 
         def feed(w: Worker) -> None:
@@ -103,7 +111,7 @@ class EnginePool:
                 if nxt is None:
                     break
                 ticket, request = nxt
-                w.held[ticket], keys[ticket] = request, request[0]
+                w.held[ticket] = request
                 new.append((ticket, *request[1:]))
             if w.held:
                 w.call = w.actor.advance.remote(new)
@@ -125,11 +133,9 @@ class EnginePool:
                     continue
                 except exceptions.RayTaskError as e:  # its own error: the run ends with it
                     raise e.cause if isinstance(e.cause, VengineError) else e from None
-                for ticket, _ in finished:
-                    del w.held[ticket]
-                feed(w)
-                for ticket, completion in finished:
-                    yield keys.pop(ticket), completion
+                done = [(w.held.pop(ticket)[0], completion) for ticket, completion in finished]
+                feed(w)  # before the caller writes: the worker goes on meanwhile
+                yield from done
         finally:  # an abandoned stream: workers drop what they hold once their call returns
             for w in self.workers:
                 if w.held:
@@ -138,6 +144,7 @@ class EnginePool:
 
     def _drop(self, w: Worker, returned: deque, error: Exception) -> None:
         self.workers.remove(w)
+        self.dead.append(w.info)
         self.cluster.ray.kill(w.actor)
         returned.extendleft(reversed(sorted(w.held.items())))
         if not self.workers:
