@@ -1,12 +1,19 @@
 """What the kernel and estimator tests share (test_vattention, test_triton, test_gpu): random paged
 decode problems, row lists, one decode step, the (epsilon, delta) guarantee's violation rate, and
-the structural check of a kernel backend against base.KernelBackend."""
+the structural check of a kernel backend against base.KernelBackend. And the batch tests'
+(test_batch, test_distributed) `vengine generate` killed mid-run."""
 
 from __future__ import annotations
 
 import inspect
+import json
 import math
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -150,3 +157,21 @@ def protocol_mismatches(backend) -> list[str]:
         if params(got[:len(want)]) != params(want) or any(p.default is p.empty for p in extra):
             bad.append(f"{name}{inspect.signature(fn)}")
     return bad
+
+
+def kill_9_mid_run(argv: list[str], out: Path, total: int, torn_id: str, **popen) -> list[dict]:
+    """Run `vengine ARGV` as a process and SIGKILL it once `out` holds two rows: the rows it
+    left (fewer than `total`, or the kill missed the run), then a torn row for `torn_id`
+    appended, as a kill inside write() would leave it."""
+    proc = subprocess.Popen([sys.executable, "-m", "vengine", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, **popen)
+    deadline = time.time() + 240
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = [json.loads(line) for line in out.read_text().splitlines()]
+    assert 2 <= len(partial) < total, "the kill must land mid-run for this test to mean much"
+    with open(out, "a") as f:
+        f.write(f'{{"id": {json.dumps(torn_id)}, "text": "half')
+    return partial

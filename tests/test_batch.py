@@ -10,12 +10,12 @@ import json
 import os
 import pty
 import select
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from helpers import kill_9_mid_run
 
 import vengine
 from vengine.cli.batch import done_ids
@@ -71,17 +71,7 @@ def test_rerun_after_kill_9_finishes_without_loss_or_duplicates(tmp_path, cli):
     write_jsonl(src, [{"id": i, "prompt": f"Write a list of {n + 3} animals:"} for n, i in enumerate(ids)])
     args = ["generate", "--input", str(src), "--output", str(out), "--max-new-tokens", "24",
             "--batch-size", "2"]
-    proc = subprocess.Popen(VENGINE + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=ENV)
-    deadline = time.time() + 240
-    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    partial = read_jsonl(out)
-    assert 2 <= len(partial) < len(ids), "the kill must land mid-run for this test to mean much"
-    with open(out, "a") as f:  # what a kill inside write() would leave: a torn line
-        f.write('{"id": "r7", "text": "half')
+    partial = kill_9_mid_run(args, out, len(ids), "r7", env=ENV)
     r = cli(*args)  # the same command again (in-process: only the killed run must be a process)
     assert r.returncode == 0, r.stderr
     rows = read_jsonl(out)

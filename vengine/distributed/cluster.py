@@ -41,7 +41,7 @@ class Cluster:
             _probe(config.ray_address, *config.host_port)
         if ray.is_initialized():  # the caller's own ray.init (a test, a notebook): use it
             return
-        quiet = dict(logging_level=logging.ERROR, log_to_driver=False)
+        quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
         try:
             if config.ray_address is None:
                 self.temp_dir = tempfile.mkdtemp(prefix="vengine-ray-")

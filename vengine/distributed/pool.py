@@ -146,7 +146,7 @@ class EnginePool:
         self.workers.remove(w)
         self.dead.append(w.info)
         self.cluster.ray.kill(w.actor)
-        returned.extendleft(reversed(sorted(w.held.items())))
+        returned.extendleft(sorted(w.held.items(), reverse=True))  # first in, first again
         if not self.workers:
             raise VengineError(f"every worker died, the last with {type(error).__name__}; the "
                                "rows written are kept: run again to finish the rest") from None
