@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark script; options after the name are "
                            "its own (vengine bench decode --help)")
     bench.add_argument("name", nargs="?", default="decode",
-                       choices=("decode", "decode_gpu", "long_generation", "attention_error"))
+                       choices=("decode", "decode_gpu", "long_generation", "attention_error",
+                                "generate_scale"))
     add_threads_arg(bench)
     bench.add_argument("options", nargs=argparse.REMAINDER, help="the script's own options")
     add_pull_parser(sub)
