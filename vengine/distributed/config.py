@@ -14,18 +14,15 @@ ADDRESS = re.compile(r"auto|\[?[\w.:-]+?\]?:\d{1,5}")  # "auto" or host:port (IP
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """workers: engine actors (one GPU each, or a share of the CPUs). ray_address: a running Ray
-    cluster ("host:port" of its head, or "auto"); None starts a local one for the pool alone.
-    slots: requests each worker holds at once (None: the engine's max_batch)."""
+    """workers: engine actors (one GPU each, or a share of the CPUs), each holding at most its
+    engine's max_batch requests. ray_address: a running Ray cluster ("host:port" of its head, or
+    "auto"); None starts a local one for the pool alone."""
 
     workers: int = 1
     ray_address: str | None = None
-    slots: int | None = None
 
     def __post_init__(self) -> None:
         check_int(self.workers, "workers", 1, 4096)
-        if self.slots is not None:
-            check_int(self.slots, "slots", 1)
         address = self.ray_address
         if address is not None and not (isinstance(address, str) and ADDRESS.fullmatch(address)):
             raise ConfigError(f"ray_address must be host:port (the Ray head's GCS address) or "

@@ -65,7 +65,7 @@ class EnginePool:
             if isinstance(info, VengineError):
                 raise info
             w.info = info
-        self.slots = config.slots or infos[0].max_batch
+        self.slots = infos[0].max_batch  # requests a worker holds: its batch, no queue
 
     def __enter__(self) -> EnginePool:
         return self
