@@ -133,6 +133,7 @@ def test_a_killed_worker_loses_and_duplicates_nothing(cluster, llm, tmp_path, cl
     assert r.returncode == 0, r.stderr
     assert killed and killed[0][1] > 0, "the worker must hold unfinished requests when it dies"
     assert [w.pid for w in pools[0].dead] == [killed[0][0]], "the pool must see it die"
+    assert f"worker pid {killed[0][0]} died mid-run" in r.stderr
     got = read_jsonl(out)
     assert sorted(row["id"] for row in got) == sorted(row["id"] for row in rows), "each id once"
     assert rows_by_id(got) == reference(llm, rows)

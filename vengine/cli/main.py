@@ -116,7 +116,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             from vengine.distributed import EnginePool
 
             with EnginePool(pool, **options) as engine:
-                return run_batch(engine, args.input, out, args.resume, requests)
+                code = run_batch(engine, args.input, out, args.resume, requests)
+            for dead in engine.dead:
+                print(f"vengine: warning: worker pid {dead.pid} died mid-run; its unfinished "
+                      "requests ran on the others", file=sys.stderr)
+            return code
         finally:
             out.close()
     if args.output is not None:
