@@ -54,14 +54,20 @@ def prompts(n: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local Ray cluster for the module: its head's address."""
+    """A local Ray cluster for the module: its head's address. What ray.init changes in this
+    process (environment variables, the SIGTERM handler, sys.excepthook) is put back after."""
     temp = tempfile.mkdtemp(prefix="vray-")  # short: Ray's socket paths must fit 107 bytes
+    env, sigterm, excepthook = dict(os.environ), signal.getsignal(signal.SIGTERM), sys.excepthook
     context = ray.init(address="local", num_cpus=2, include_dashboard=False,
                        object_store_memory=80 * 2**20, _temp_dir=temp,
                        logging_level=logging.ERROR, log_to_driver=False)
     yield context.address_info["gcs_address"]
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
+    os.environ.clear()
+    os.environ.update(env)
+    signal.signal(signal.SIGTERM, sigterm)
+    sys.excepthook = excepthook
 
 
 @pytest.fixture(scope="module")
