@@ -23,6 +23,7 @@ from datetime import date
 
 from vengine.distributed import EnginePool, PoolConfig
 from vengine.engine.sampling import SamplingParams
+from vengine.errors import VengineError
 from vengine.eval.activations import corpus_text
 
 from common import git_commit, save  # benchmarks/common.py (this script's folder)
@@ -85,8 +86,14 @@ def main() -> None:
     print(f"{'workers':>7} {'device':>7} {'seconds':>8} {'tokens/s':>9} {'efficiency':>10} "
           f"{'GPU GiB/worker':>14} {'RSS GiB/worker':>14}", flush=True)
     for workers in sizes:
-        run = run_pool(workers, requests, engine)
-        one = next((r for r in runs if r["workers"] == 1), run if workers == 1 else None)
+        try:
+            run = run_pool(workers, requests, engine)
+        except VengineError as e:  # more workers than GPUs: the sizes that fit still count
+            print(f"{workers:>7} skipped: {e}", flush=True)
+            runs.append({"workers": workers, "skipped": str(e)})
+            continue
+        one = next((r for r in runs if r["workers"] == 1 and "skipped" not in r),
+                   run if workers == 1 else None)
         if one is not None:  # throughput against `workers` times one worker's
             ideal = workers * one["tokens_per_s"]
             run["scaling_efficiency"] = round(run["tokens_per_s"] / ideal, 3)
