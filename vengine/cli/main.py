@@ -16,6 +16,7 @@ from vengine.cli.options import (
     load_llm,
     resolve_model_flag,
     sampling_flags,
+    start_pool,
 )
 from vengine.cli.pull import add_pull_parser, cmd_pull
 from vengine.cli.serve import add_serve_parser, cmd_serve
@@ -113,9 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 return 0
             if pool is None:
                 return run_batch(load_llm(options), args.input, out, args.resume, requests)
-            from vengine.distributed import EnginePool
-
-            with EnginePool(pool, **options) as engine:
+            with start_pool(pool, options) as engine:
                 code = run_batch(engine, args.input, out, args.resume, requests)
             for dead in engine.dead:
                 print(f"vengine: warning: worker pid {dead.pid} died mid-run; its unfinished "

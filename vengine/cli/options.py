@@ -166,3 +166,17 @@ def load_llm(kwargs: dict[str, Any]):
               f"{trained} tokens {Path(source.path).name} was trained on; output past "
               f"{trained} tokens may be poor", file=sys.stderr)
     return llm
+
+
+def start_pool(config, kwargs: dict[str, Any]):
+    """Start the engine workers on Ray (saying so on a terminal: each loads the model)."""
+    from vengine.distributed import EnginePool
+
+    tty = sys.stderr.isatty()
+    if tty:
+        print(f"starting {config.workers} workers on Ray ...", end="", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    pool = EnginePool(config, **kwargs)
+    if tty:
+        print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    return pool
