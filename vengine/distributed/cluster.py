@@ -12,14 +12,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import vengine
 from vengine.distributed.config import PoolConfig
 from vengine.engine.threads import available_cores
 from vengine.errors import ConfigError, one_line
 
 LOCAL_OBJECT_STORE = 256 * 2**20  # rows and prompt ids only: Ray's default is 30% of RAM
 PROBE_TIMEOUT_S = 5.0
-PACKAGE_ROOT = str(Path(vengine.__file__).resolve().parents[1])
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding vengine/
 
 
 def import_ray() -> Any:
