@@ -1,10 +1,10 @@
 """The selection's slowest kernels at 128K (docs/decode_gpu_eps0.1.profile.txt): key_scores (the
 predictor over every row's key codes) by positions per program and warps, the group ranking
-(group_scores against key_scores + torch ops), and partial_attention
-over a context-wide row buffer of a few thousand rows (the second sample's shape), each checked
-against the shipped setting (and key_scores against the torch reference) before it is timed;
-with --baseline, an earlier commit's kernels beside them in the same run. Llama-3.1-8B shapes (8 KV heads, 4 query heads each,
-head dim 128), batch 1, pages of 64.
+(group_scores against key_scores + torch ops), and partial_attention over a context-wide row
+buffer of a few thousand rows (the second sample's shape), each checked against the shipped
+setting (and key_scores against the torch reference) before it is timed; with --baseline, an
+earlier commit's kernels beside them in the same run. Llama-3.1-8B shapes (8 KV heads, 4 query
+heads each, head dim 128), batch 1, pages of 64.
 
     python benchmarks/selection_gpu.py --out docs/selection_gpu.json
 """
