@@ -2,7 +2,8 @@
 
 - The default model's weights: every `vengine.LLM(...)` a test builds still runs the whole
   constructor with its own options (config checks, KV pool, attention backend, runner), but the
-  default GGUF is read and dequantised once per (device, dtype) and its model object reused. The
+  default GGUF is read and dequantised once per (device, dtype, weights) and its model object
+  reused. The
   model is read-only at inference, as `LLM.with_attention` already relies on. Other model paths
   (tiny checkpoints, damaged files) are loaded afresh every time.
 - transformers' tokenizer read from the same GGUF (test_tokenizer, test_models).
@@ -67,12 +68,12 @@ def _default_weights_read_once() -> Iterator[None]:
     real = loader.load_model
     loaded: dict[tuple, Any] = {}
 
-    def load_model(source, device, dtype):
+    def load_model(source, device, dtype, weights="dense"):
         if source.kind != "gguf" or source.path.resolve() != default.resolve():
-            return real(source, device, dtype)
-        key = (str(device), dtype)
+            return real(source, device, dtype, weights)
+        key = (str(device), dtype, weights)
         if key not in loaded:  # a failed load raises and caches nothing
-            loaded[key] = real(source, device, dtype)
+            loaded[key] = real(source, device, dtype, weights)
         return loaded[key]
 
     with pytest.MonkeyPatch.context() as mp:

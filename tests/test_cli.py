@@ -110,6 +110,10 @@ def test_error_bad_temperature(cli):
     assert_cli_error(cli("chat", "--top-p", "0", stdin="hi\n"), "--top-p")
 
 
+def test_error_bad_weights(cli):
+    assert_cli_error(cli("generate", "--weights", "int3", "--prompt", "hi"), "--weights", "int3")
+
+
 def test_error_hub_id_offline(cli, hub_offline):
     assert_cli_error(cli("generate", "--model", "someorg/somemodel", "--prompt", "hi"),
                      "someorg/somemodel")

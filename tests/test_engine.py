@@ -240,7 +240,7 @@ def test_bad_token_ids(llm):
     [(dict(attention="bogus"), "attention"), (dict(max_context="12q"), "max_context"),
      (dict(max_context=4), "max_context"), (dict(dtype="int3"), "dtype"),
      (dict(device="tpu"), "device"), (dict(max_batch=0), "max_batch"),
-     (dict(page_size="big"), "page_size")],
+     (dict(page_size="big"), "page_size"), (dict(weights="int3"), "weights")],
 )
 def test_bad_engine_options(kwargs, flag):
     with pytest.raises(ConfigError) as e:

@@ -162,17 +162,25 @@ def test_greedy_continuation_matches_transformers(llm, hf_tok, hf_model):
                          f"ours: {hf_tok.decode(ours)!r}\nref:  {hf_tok.decode(ref)!r}")
 
 
-def test_bfloat16_argmax_agrees_with_float32(llm, ref_logits):
+@pytest.mark.parametrize("weights", ["dense", "int4", "int8"])
+def test_bfloat16_argmax_agrees_with_float32(llm, ref_logits, weights):
+    """bfloat16 activations with dense, int4 or int8 weights against float32 dense. Measured
+    here (2026-12-08): top-1 agreement 0.947 / 0.937 / 0.937, mean |logit difference| 0.099 /
+    0.149 / 0.258 (int4 repacks the file's Q4_1 blocks exactly; int8 requantises them per
+    row). docs/benchmarks.md has the 400-position and greedy figures."""
     ids, _ = ref_logits["prose"]
     fp32 = llm.logits(ids)
-    bf16_llm = vengine.LLM(device="cpu", dtype="bfloat16")
-    assert next(bf16_llm.model.parameters()).dtype == torch.bfloat16
+    bf16_llm = vengine.LLM(device="cpu", dtype="bfloat16", weights=weights)
+    assert bf16_llm.model.norm.weight.dtype == torch.bfloat16
+    kinds = {type(m).__name__ for m in bf16_llm.model.modules()}
+    assert {"dense": "Linear", "int4": "Int4Linear", "int8": "Int8Linear"}[weights] in kinds
     bf16 = bf16_llm.logits(ids)
     assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
     assert torch.isfinite(bf16).all()
     agree = (bf16.argmax(-1) == fp32.argmax(-1)).float().mean().item()
-    print(f"bf16 argmax agreement with fp32: {agree:.3f}")
-    assert agree >= 0.9
+    diff = (bf16 - fp32).abs().mean().item()
+    print(f"{weights}: argmax agreement with fp32 {agree:.3f}, mean |difference| {diff:.3f}")
+    assert agree >= 0.9 and diff < 0.3
 
 
 # -- tiny random checkpoints saved by transformers ----------------------------------------------

@@ -25,6 +25,7 @@ FLAGS = {
     "VAttention.row_cache": "--row-cache", "device": "--device", "dtype": "--dtype",
     "max_batch": "--batch-size", "threads": "--threads", "attention": "--attention",
     "workers": "--workers", "ray_address": "--ray-address",
+    "weights": "--weights",
 }
 MODEL_HELP = ("HF directory (config.json + *.safetensors), .gguf file, or a hub id 'org/name' "
               "fetched with huggingface_hub (default: SmolLM2-135M-Instruct)")
@@ -60,6 +61,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto",
                    help="how K/V rows are stored: auto (the model dtype) or fp8 (e4m3 with a "
                         "scale per row: half the host memory and PCIe bytes)")
+    p.add_argument("--weights", choices=("auto", "dense", "int8", "int4"), default="auto",
+                   help="how linear weights are held: dense (in --dtype), int8 (per output row) "
+                        "or int4 (groups of 32 where the GGUF stores 5 bits or fewer, int8 "
+                        "elsewhere), the compact ones CPU only; auto: int4 on a CPU in "
+                        "bfloat16, else dense")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default 512, or 32768 with --input")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -120,6 +126,8 @@ def engine_options(args: argparse.Namespace, **options: Any) -> dict[str, Any]:
             options["kv"] = args.kv
         if args.kv_dtype != "auto":
             options["kv_dtype"] = args.kv_dtype
+        if args.weights != "auto":
+            options["weights"] = args.weights
         kwargs = dict(model=args.model, device=args.device, dtype=args.dtype,
                       max_context=args.ctx, attention=attention, threads=args.threads,
                       **options)

@@ -61,6 +61,25 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[dtype]
 
 
+WEIGHTS = ("auto", "dense", "int8", "int4")
+
+
+def resolve_weights(weights: str, device: torch.device, dtype: torch.dtype) -> str:
+    """How linear weights are held: dense (in dtype), int8 (per output row) or int4 (in groups of
+    32 where the GGUF stores 5 bits or fewer per weight, int8 elsewhere); the compact forms run
+    torch's CPU kernels. auto: int4 on a CPU in bfloat16 (decode reads a quarter of the bytes),
+    else dense (float32 reproduces the reference logits)."""
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights: expected one of {', '.join(WEIGHTS)}, got {weights!r}",
+                          field="weights")
+    if weights == "auto":
+        return "int4" if device.type == "cpu" and dtype == torch.bfloat16 else "dense"
+    if weights != "dense" and device.type != "cpu":
+        raise ConfigError(f"weights: {weights} runs on the CPU only (dense on {device.type})",
+                          field="weights")
+    return weights
+
+
 def resolve_attention(attention: Any) -> Any:
     """A registered name, VAttention or plug-in (checked; "vattention" -> VAttention()), or a
     tuple of them, one per layer (its length is checked against the model when it loads)."""
@@ -81,6 +100,7 @@ class EngineConfig:
     gpu_mem: int | str | None = None  # GPU budget the memory plan fits in; None: free at start
     kv: str = "auto"  # where the KV lives: auto (host for sparse attention), host or device
     kv_dtype: str = "auto"  # how rows are stored: auto (dtype) or fp8 (e4m3, a scale per row)
+    weights: str = "auto"  # linear weights: dense (in dtype), int8 or int4 (CPU); resolve_weights
     max_batch: int = 8
     page_size: int = 64
     prefill_chunk: int | None = None  # prompt tokens per prefill forward; None: the whole
@@ -105,6 +125,7 @@ class EngineConfig:
         if self.kv_dtype not in ("auto", "fp8"):
             raise ConfigError(f"kv_dtype: expected auto or fp8, got {self.kv_dtype!r}",
                               field="kv_dtype")
+        object.__setattr__(self, "weights", resolve_weights(self.weights, device, self.dtype))
         for name in ("max_batch", "page_size", "prefill_chunk"):
             check_int(getattr(self, name), name, 1)
         if self.threads is not None:

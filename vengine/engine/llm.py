@@ -67,7 +67,8 @@ class LLM:
         set_threads(cfg.threads)  # before the load: dequantising runs on these threads too
         before = torch.cuda.memory_allocated(cfg.device) if cfg.device.type == "cuda" else 0
         self._gpu_budget = cfg.gpu_mem or available_memory(cfg.device)  # free at start
-        self.model, self.tokenizer = load_model(resolve_model(model), cfg.device, cfg.dtype)
+        self.model, self.tokenizer = load_model(resolve_model(model), cfg.device, cfg.dtype,
+                                                 cfg.weights)
         scaling = self.model.config.rope_scaling
         if scaling is not None and scaling.kind == "longrope":  # fixed by the context, as vLLM
             self.model.init_rope(cfg.device, long=cfg.max_context > scaling.original_max_position)

@@ -19,8 +19,11 @@ from torch import nn
 
 from vengine.errors import ModelLoadError
 from vengine.models.config import ModelConfig
+from vengine.models.quant import QuantEmbedding
 
 Attend = Callable[..., torch.Tensor]  # (layer, q, k, v, ctx) -> attention output [T, Hq, D]
+# (parameter name, weight, bias or None) -> the module that replaces a linear layer
+Compact = Callable[[str, torch.Tensor, "torch.Tensor | None"], nn.Module]
 
 
 def rope_inv_freq(cfg: ModelConfig, local: bool = False, long: bool = False) -> torch.Tensor:
@@ -184,7 +187,7 @@ class DecoderLayer(nn.Module):
 
 
 # HF parameter names -> (our parameter, shard index or None) for the fused projections.
-_PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
@@ -248,12 +251,17 @@ class LlamaForCausalLM(nn.Module):
         return torch.tanh(logits / cap) * cap if cap else logits
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors in, fusing q/k/v and gate/up; every parameter must be set."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], device: torch.device,
+                     compact: Compact | None = None) -> None:
+        """Copy HF-named tensors in, fusing q/k/v and gate/up; every parameter must be set.
+        Parameters still on the meta device are allocated on `device` at their first write.
+        compact(name, weight, bias): a module to replace each linear layer (and the embedding)
+        with as soon as its weight is whole, so that only one dense weight is held at a time."""
         cfg, params = self.config, dict(self.named_parameters())
         kv = cfg.num_kv_heads * cfg.head_dim
         shard_rows = {"qkv_proj": [cfg.num_heads * cfg.head_dim, kv, kv],
                       "gate_up_proj": [cfg.intermediate_size] * 2}
+        expected = {(n, s) for n in params for s in self._shards(n, shard_rows)}
         seen: set[tuple[str, int | None]] = set()
         for name, tensor in weights:
             if name == "rope_freqs":  # llama.cpp's llama3 frequency factors
@@ -262,14 +270,14 @@ class LlamaForCausalLM(nn.Module):
             name = name.removeprefix("model.")
             parts = name.split(".")
             shard = None
-            if len(parts) >= 2 and parts[-2] in _PACKED:
-                parts[-2], shard = _PACKED[parts[-2]]
+            if len(parts) >= 2 and parts[-2] in PACKED:
+                parts[-2], shard = PACKED[parts[-2]]
             target = ".".join(parts)
             if target == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
             if target not in params:
                 continue  # e.g. rotary_emb.inv_freq in old checkpoints
-            param = params[target]
+            param = params[target] = self._allocated(target, params[target], device)
             if shard is None:  # whole (Phi-3 ships qkv_proj and gate_up_proj fused)
                 dest = param
                 seen.update((target, i) for i in self._shards(target, shard_rows))
@@ -282,12 +290,35 @@ class LlamaForCausalLM(nn.Module):
                 )
             dest.copy_(tensor)
             seen.add((target, shard))
-        expected = {(n, s) for n in params for s in self._shards(n, shard_rows)}
+            owner, _, attr = target.rpartition(".")
+            if (compact is not None and attr == "weight" and owner != "embed_tokens"
+                    and isinstance(self.get_submodule(owner), nn.Linear)
+                    and all((target, i) in seen for i in self._shards(target, shard_rows))):
+                self.set_submodule(owner, compact(target, param, self.get_submodule(owner).bias))
+                del params[target]  # the dense weight goes with the last reference to it
         if cfg.tie_word_embeddings:
             expected.discard(("lm_head.weight", None))
         missing = sorted(n for n, _ in expected - seen)
         if missing:
             raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
+        self.tie_weights()  # the embedding was allocated after tie_weights shared it
+        if compact is not None:  # the embedding reads its rows from a compact copy
+            table = self.embed_tokens.weight
+            head = compact("embed_tokens.weight", table, None)
+            if cfg.tie_word_embeddings:
+                self.lm_head = head
+            self.embed_tokens = QuantEmbedding(head, table.dtype)
+
+    def _allocated(self, target: str, param: nn.Parameter, device: torch.device) -> nn.Parameter:
+        """param itself, or where it is still on the meta device a new one on `device` put in
+        its place (uninitialised: the caller writes it)."""
+        if not param.is_meta:
+            return param
+        owner, _, attr = target.rpartition(".")
+        real = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device),
+                            requires_grad=False)
+        self.get_submodule(owner)._parameters[attr] = real
+        return real
 
     @staticmethod
     def _shards(name: str, shard_rows: dict[str, list[int]]) -> list[int | None]:

