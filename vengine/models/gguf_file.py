@@ -13,12 +13,14 @@ that here so that every model in vengine uses the HF (rotate-half) layout.
 from __future__ import annotations
 
 import functools
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from vengine.errors import ModelLoadError
 
@@ -97,6 +99,14 @@ class GGUFFile:
                                                                      row_bytes)
             self.tensors.append(GGUFTensor(name, ttype, tuple(dims), data))
 
+    def release(self, t: GGUFTensor) -> None:
+        """Drop the mapped pages of t's bytes from this process's memory (they are read again
+        from the file if touched): a tensor's file pages count in RSS until then."""
+        page = mmap.PAGESIZE
+        begin = t.data.ctypes.data - self.buf.ctypes.data
+        start, end = begin // page * page, -(-(begin + t.data.nbytes) // page) * page
+        self.buf._mmap.madvise(mmap.MADV_DONTNEED, start, min(end, len(self.buf)) - start)
+
     def _unpack(self, raw, fmt: str) -> tuple:
         values = struct.unpack_from(fmt, raw, self._pos)
         self._pos += struct.calcsize(fmt)
@@ -162,14 +172,21 @@ def gguf_rope_factors(reader: GGUFFile) -> dict[str, tuple[float, ...]] | None:
 _PERMUTED = ("llama", "smollm3")
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Inverse of llama.cpp's convert_hf_to_gguf `permute` for Q/K weights (rows = heads x dim)."""
     rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(reader, path: str | Path, n_head: int, n_kv_head: int, arch: str):
-    """Yield (gguf_name, float32 numpy array in HF layout) for every tensor."""
+CHUNK = 1 << 20  # weights dequantised at a time: float32 temporaries stay at 4 MiB
+
+
+def gguf_tensors(reader: GGUFFile, path: str | Path, n_head: int, n_kv_head: int, arch: str,
+                 dtype: torch.dtype = torch.float32):
+    """Yield (gguf_name, torch tensor in `dtype`, HF layout) for every tensor. Each is
+    dequantised CHUNK weights at a time straight into its `dtype` tensor, and the file's pages
+    it was read from are dropped (MADV_DONTNEED) once it is: a load holds one tensor's worth
+    of float32 at most, not the whole file's mapped bytes plus every dequantised tensor."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -183,17 +200,23 @@ def gguf_tensors(reader, path: str | Path, n_head: int, n_kv_head: int, arch: st
                 f"supported: {', '.join(supported_quants())}"
             )
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists ne0 (columns) first
-        try:
-            w = dequantize(t.data, qtype).reshape(shape)
-            w = w.astype(np.float32) if w.dtype != np.float32 or not w.flags.writeable else w
-        except (ValueError, IndexError) as e:
-            raise ModelLoadError(f"{path}: tensor {t.name} is truncated or corrupt ({e})") from None
-        if not np.isfinite(w).all():
-            raise ModelLoadError(f"{path}: tensor {t.name} {NON_FINITE}")
-        if arch in ("gemma2", "gemma3") and t.name.endswith("norm.weight"):
-            w = w - 1.0  # llama.cpp's converter stores Gemma's (1 + w) norms as 1 + w
+        out = torch.empty(shape, dtype=dtype)
+        rows, data = out.view(-1, shape[-1]), t.data.reshape(-1, t.data.shape[-1])
+        step = max(1, CHUNK // shape[-1])
+        for r in range(0, rows.shape[0], step):
+            try:
+                w = dequantize(data[r:r + step], qtype).reshape(-1, shape[-1])
+            except (ValueError, IndexError) as e:
+                raise ModelLoadError(f"{path}: tensor {t.name} is truncated or corrupt ({e})"
+                                     ) from None
+            if not np.isfinite(w).all():
+                raise ModelLoadError(f"{path}: tensor {t.name} {NON_FINITE}")
+            if arch in ("gemma2", "gemma3") and t.name.endswith("norm.weight"):
+                w = w - 1.0  # llama.cpp's converter stores Gemma's (1 + w) norms as 1 + w
+            rows[r:r + step] = torch.from_numpy(np.require(w, np.float32, "W"))
+        reader.release(t)
         if arch in _PERMUTED and t.name.endswith("attn_q.weight"):
-            w = _unpermute(w, n_head)
+            out = _unpermute(out, n_head)
         elif arch in _PERMUTED and t.name.endswith("attn_k.weight"):
-            w = _unpermute(w, n_kv_head)
-        yield t.name, w
+            out = _unpermute(out, n_kv_head)
+        yield t.name, out

@@ -277,7 +277,8 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if target not in params:
                 continue  # e.g. rotary_emb.inv_freq in old checkpoints
-            param = params[target] = self._allocated(target, params[target], device)
+            param = params[target] = self._allocated(target, params[target], device,
+                                                     tensor if shard is None else None)
             if shard is None:  # whole (Phi-3 ships qkv_proj and gate_up_proj fused)
                 dest = param
                 seen.update((target, i) for i in self._shards(target, shard_rows))
@@ -288,7 +289,8 @@ class LlamaForCausalLM(nn.Module):
                 raise ModelLoadError(
                     f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
                 )
-            dest.copy_(tensor)
+            if dest is not tensor:
+                dest.copy_(tensor)
             seen.add((target, shard))
             owner, _, attr = target.rpartition(".")
             if (compact is not None and attr == "weight" and owner != "embed_tokens"
@@ -309,14 +311,18 @@ class LlamaForCausalLM(nn.Module):
                 self.lm_head = head
             self.embed_tokens = QuantEmbedding(head, table.dtype)
 
-    def _allocated(self, target: str, param: nn.Parameter, device: torch.device) -> nn.Parameter:
+    def _allocated(self, target: str, param: nn.Parameter, device: torch.device,
+                   whole: torch.Tensor | None) -> nn.Parameter:
         """param itself, or where it is still on the meta device a new one on `device` put in
-        its place (uninitialised: the caller writes it)."""
+        its place: `whole` itself where it fits exactly (no copy of a large embedding), else
+        uninitialised storage that the caller writes."""
         if not param.is_meta:
             return param
         owner, _, attr = target.rpartition(".")
-        real = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device),
-                            requires_grad=False)
+        fits = (whole is not None and whole.shape == param.shape and whole.dtype == param.dtype
+                and whole.device == device and whole.is_contiguous())
+        data = whole if fits else torch.empty(param.shape, dtype=param.dtype, device=device)
+        real = nn.Parameter(data, requires_grad=False)
         self.get_submodule(owner)._parameters[attr] = real
         return real
 

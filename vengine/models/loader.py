@@ -150,8 +150,8 @@ def load_model(
         tokenizer = Tokenizer.from_gguf(meta)
         arch = meta.get("general.architecture", "")
         low_bits = _low_bit_params(reader, arch)
-        numpy_weights = gguf_tensors(reader, source.path, cfg.num_heads, cfg.num_kv_heads, arch)
-        tensors = ((_hf_name(n, arch), torch.from_numpy(w)) for n, w in numpy_weights)
+        tensors = ((_hf_name(n, arch), w) for n, w in gguf_tensors(
+            reader, source.path, cfg.num_heads, cfg.num_kv_heads, arch, dtype))
     else:
         config_path = source.path / "config.json"
         try:

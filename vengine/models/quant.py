@@ -24,23 +24,32 @@ DENSE_FROM = 8  # this many tokens or more: dequantise and run one dense matmul
 _ACT = torch.bfloat16
 
 
+CHUNK_ROWS = 1024  # rows quantised at a time: a vocabulary's float32 copy is never whole
+
+
 def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] float -> (int8 [N, K], float32 scale [N]): w ~ q * scale, symmetric per row."""
-    w = w.float()
-    scale = w.abs().amax(1).clamp_min(1e-30) / 127
-    return (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
+    q, scale = torch.empty(w.shape, dtype=torch.int8), torch.empty(w.shape[0])
+    for r in range(0, w.shape[0], CHUNK_ROWS):  # a load-time loop
+        c = w[r:r + CHUNK_ROWS].to(torch.float32, copy=True)
+        scale[r:r + CHUNK_ROWS] = s = c.abs().amax(1).clamp_min(1e-30) / 127
+        q[r:r + CHUNK_ROWS] = c.div_(s[:, None]).round_().clamp_(-127, 127)
+    return q, scale
 
 
 def int4_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] float -> (q int32 [N, K] in 0..15, scales_and_zeros float32 [K/32, N, 2]) with
     w ~ (q - 8) * scale + zero, scale = (max - min) / 15 over each group of 32 inputs."""
     N, K = w.shape
-    g = w.float().view(N, K // GROUP, GROUP)
-    lo, hi = g.amin(-1), g.amax(-1)
-    scale = ((hi - lo) / 15).clamp_min(1e-30)
-    q = ((g - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.int32)
-    zero = lo + 8 * scale
-    return q.view(N, K), torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+    q, sz = torch.empty(N, K, dtype=torch.int32), torch.empty(K // GROUP, N, 2)
+    for r in range(0, N, CHUNK_ROWS):  # a load-time loop
+        g = w[r:r + CHUNK_ROWS].to(torch.float32, copy=True).view(-1, K // GROUP, GROUP)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp_min(1e-30)
+        g = g.sub_(lo[..., None]).div_(scale[..., None]).round_().clamp_(0, 15)
+        q[r:r + CHUNK_ROWS] = g.view(-1, K)
+        sz[:, r:r + CHUNK_ROWS] = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1)
+    return q, sz
 
 
 def int4_fits(shape: tuple[int, ...]) -> bool:
