@@ -50,13 +50,10 @@ def test_compact_linear_matches_a_dense_matmul_over_its_weight(cls, tokens):
     x = torch.randn(2, tokens, 96, generator=gen)
     y = layer(x)
     assert y.shape == (2, tokens, 128) and y.dtype == torch.float32
-    if 2 * tokens >= DENSE_FROM:  # the dense path: the same float32 matmul
-        ref = x @ dense.T + bias
-        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
-    else:  # torch's kernel: bfloat16 activations and output
-        ref = x.bfloat16().float() @ dense.T + bias
-        err = (y - ref).abs().max().item()
-        assert err <= 2 ** -7 * ref.abs().max().item(), err
+    # bfloat16 inputs (activations, and the weight's values on the dense path), float32 output
+    ref = x.bfloat16().float() @ layer.dense(torch.bfloat16).float().T + bias
+    err = (y - ref).abs().max().item()
+    assert err <= 2 ** -7 * ref.abs().max().item(), err
 
 
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])

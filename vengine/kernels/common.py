@@ -130,13 +130,17 @@ def paged_rows(pool, block_tables: torch.Tensor, dtype: torch.dtype | None = Non
                ) -> torch.Tensor:
     """pool [pages, Hkv, P, ...] -> each sequence's rows in token order [B, Hkv, S, ...]
     (an Fp8Rows pool dequantised to dtype)."""
+    H = (pool.rows if isinstance(pool, Fp8Rows) else pool).shape[1]
+    # (page, head) indices [B, Hkv, n]: the gather lands in [B, Hkv, n, P, ...] order, so the
+    # result is a view of it (a transpose after it copied every row twice: 1.8x the time)
+    idx = (block_tables[:, None, :], torch.arange(H, device=block_tables.device)[None, :, None])
     if isinstance(pool, Fp8Rows):
         dtype = dtype or torch.float32
-        x = pool.rows[block_tables].to(dtype) * pool.scale[block_tables].to(dtype)[..., None]
+        x = pool.rows[idx].to(dtype) * pool.scale[idx].to(dtype)[..., None]
     else:
-        x = pool[block_tables]  # [B, max_pages, Hkv, P, ...]
-    B, n, H, P = x.shape[:4]
-    return x.transpose(1, 2).reshape(B, H, n * P, *x.shape[4:])
+        x = pool[idx]
+    B, _, n, P = x.shape[:4]
+    return x.reshape(B, H, n * P, *x.shape[4:])
 
 
 def gather_rows(pool, block_tables: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
