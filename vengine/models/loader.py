@@ -165,10 +165,8 @@ def load_model(
     _materialize(model, device, lazy=weights != "dense")
     model.tie_weights()
     model.init_rope(device)  # RoPE frequencies stay fp32
-    compact = None
-    if weights != "dense":
-        def compact(name: str, w: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
-            return quantise(w, bias, int4=weights == "int4" and name in low_bits)
+    compact = None if weights == "dense" else (
+        lambda name, w, bias: quantise(w, bias, int4=weights == "int4" and name in low_bits))
     model.load_weights(tensors, device, compact)
     return model.eval(), tokenizer
 
