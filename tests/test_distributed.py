@@ -10,6 +10,7 @@ joins it by address. Greedy results are compared with one engine in this process
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -23,7 +24,6 @@ import time
 from pathlib import Path
 
 import pytest
-import ray  # the test extra installs it (vengine[distributed])
 import torch
 from helpers import kill_9_mid_run
 
@@ -33,6 +33,9 @@ from vengine.engine.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--batch-size", "2", "--ctx", "1024"]
+
+
+ISGENERATOR = inspect.isgenerator  # before any `import ray` (the cluster fixture restores it)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -54,10 +57,15 @@ def prompts(n: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local Ray cluster for the module: its head's address. What ray.init changes in this
-    process (environment variables, the SIGTERM handler, sys.excepthook) is put back after."""
+    """A local Ray cluster for the module: its head's address. What importing Ray and ray.init
+    change in this process (environment variables, the SIGTERM handler, sys.excepthook, and
+    inspect.isgenerator, which `import ray` replaces by a wrapper whose __module__ is None: the
+    eval corpus, read from the standard library's docstrings, must not change after this
+    module) is put back after."""
     temp = tempfile.mkdtemp(prefix="vray-")  # short: Ray's socket paths must fit 107 bytes
     env, sigterm, excepthook = dict(os.environ), signal.getsignal(signal.SIGTERM), sys.excepthook
+    import ray  # here, not at collection: the test extra installs it (vengine[distributed])
+
     context = ray.init(address="local", num_cpus=2, include_dashboard=False,
                        object_store_memory=80 * 2**20, _temp_dir=temp,
                        logging_level=logging.ERROR, log_to_driver=False)
@@ -68,6 +76,7 @@ def cluster():
     os.environ.update(env)
     signal.signal(signal.SIGTERM, sigterm)
     sys.excepthook = excepthook
+    inspect.isgenerator = ISGENERATOR
 
 
 @pytest.fixture(scope="module")

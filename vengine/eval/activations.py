@@ -36,9 +36,8 @@ def corpus_text() -> str:
 def _docs(module, name: str) -> list[str]:
     parts = [inspect.getdoc(module) or ""]
     for _, obj in sorted(vars(module).items()):
-        if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(
-            obj, "__module__", ""
-        ).startswith(name):
+        owner = getattr(obj, "__module__", None)  # None where a library wrapped it (Ray)
+        if (inspect.isclass(obj) or inspect.isfunction(obj)) and str(owner).startswith(name):
             parts.append(inspect.getdoc(obj) or "")
     return parts
 
