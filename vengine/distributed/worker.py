@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vengine.engine.llm import LLM, Prompt, _checked
+from vengine.engine.llm import LLM, Prompt, checked_params
 from vengine.engine.sequence import Completion
 from vengine.errors import VengineError
 
@@ -53,7 +53,7 @@ class EngineWorker:
         finished ones. An error aborts whatever this worker holds (the driver ends the run)."""
         try:
             for key, prompt, params in requests:
-                seq = self.llm.new_request(self.llm.prompt_ids(prompt), _checked(params), key)
+                seq = self.llm.new_request(self.llm.prompt_ids(prompt), checked_params(params), key)
                 self.core.add(seq)
             while self.core.has_work():
                 finished = [(e.seq.key, self.llm.completion(e.seq)) for e in self.core.step()

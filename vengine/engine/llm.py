@@ -33,7 +33,9 @@ from vengine.offload.kv_pool import KVPool
 Prompt = str | list[int]
 
 
-def _checked(params: Any) -> SamplingParams:
+def checked_params(params: Any) -> SamplingParams:
+    """params, if it is a SamplingParams (a request's, from user code or a Ray driver); a one-line
+    ConfigError naming `params` otherwise."""
     if not isinstance(params, SamplingParams):
         raise ConfigError(f"params: expected vengine.SamplingParams, got {type(params).__name__}",
                           field="params")
@@ -151,7 +153,7 @@ class LLM:
 
         Requests are read lazily, as slots free up, so the iterable may be long or endless.
         """
-        seqs = (self.new_request(self._encode(p), _checked(params), key)
+        seqs = (self.new_request(self._encode(p), checked_params(params), key)
                 for key, p, params in requests)
         for event in self.run(seqs):
             if event.finished:
