@@ -77,7 +77,8 @@ def main() -> None:
               else f"CPU, {torch.get_num_threads()} threads")
     result = {"device": device, "date": date.today().isoformat(),
               "commit": git_commit(), "command": "python " + " ".join(sys.argv),
-              "model": args.model, "settings": dataclasses.asdict(spec), "cases": cases,
+              "model": args.model, "settings": dataclasses.asdict(spec),
+              "cached_row_cache": 1, "cases": cases,
               "hit_rate_median": statistics.median(hits), "hit_rate_min": min(hits),
               "all_same_tokens": None if args.no_plain else all(c["same_tokens"] for c in cases)}
     save(result, args.out)
