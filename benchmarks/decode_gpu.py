@@ -420,7 +420,9 @@ def run_config(model, pool, backends, B: int, context: int, args, bulk_gbs: floa
                          "gpu_kv_bytes_per_token": code_bytes + res_bytes / (B * (context + 1)),
                          "row_cache_hit_rate": hit, "graph_error": runner.graph_error})
             if backend.row_cache is not None:  # the layer split runs without the cache
-                rows[-1].update(select_ms=None, fetch_attn_ms=None, rest_ms=None, pcie_gbs=None)
+                rows[-1].update(select_ms=None, fetch_attn_ms=None, rest_ms=None, pcie_gbs=None,
+                                pcie_note="derived: the uncached layer's bytes less the hit "
+                                "rate times the top-k rows' K and V")
             for i in range(B):
                 backend.free(i)
             del runner, step, seqs

@@ -105,6 +105,9 @@ def test_row_cache_is_counted_as_the_backend_allocates_it():
     cache = RowCache(LLAMA_8B.num_layers, 2, LLAMA_8B.num_kv_heads, width, LLAMA_8B.head_dim,
                      torch.bfloat16, torch.device("meta"))
     assert cached.resident_bytes - plain.resident_bytes == cache.nbytes
+    on_gpu = [gpu_state(LLAMA_8B, VAttention(row_cache=n), 2, 64, False, max_context=131072)
+              for n in (0, 2)]  # KV on the GPU: the backend still allocates the cache
+    assert on_gpu[1].resident_bytes - on_gpu[0].resident_bytes == cache.nbytes
     assert 131072 * 0.02 < width < 131072 * 0.03
     plan_memory(LLAMA_8B, dtype_bytes=2, page_size=64, max_context=CTX, max_batch=2,
                 host_mem=None, host_available=120 * GiB, prefill_chunk=CTX, prefill_piece=8192,

@@ -123,8 +123,9 @@ def gpu_state(mc: ModelConfig, attention, dtype_bytes: int, page_size: int,
     if sparse and kv_on_host:
         per_seq = -(-sparse.sink // page_size) + -(-sparse.window // page_size) + 1
         resident = RESIDENT_SEQUENCES * per_seq * kv_page
-        # the row cache: per sequence, layer and KV head, two copies of K and V and a position
-        # of each exact row (offload.row_cache.RowCache)
+    if sparse:  # the row cache, wherever the KV is (the backend allocates it wherever asked):
+        # per sequence, layer and KV head, two copies of K and V and a position of each exact
+        # row (offload.row_cache.RowCache)
         rows = sparse.row_cache * len(mc.global_layers) * sparse.exact_rows(max_context, page_size)
         row_bytes = mc.num_kv_heads * mc.head_dim * (1 if kv_fp8 else dtype_bytes)
         resident += rows * (4 * row_bytes + 4 * mc.num_kv_heads)
